@@ -1,0 +1,72 @@
+# WebMACS-TS — `make help` lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+PYTHON  ?= python3
+STAMP   := $(VENV)/.deps-stamp
+CORE_SRC := $(shell find core-rs/src -name '*.rs') core-rs/Cargo.toml Cargo.toml
+CORE_SO := py/webmacs/_core.abi3.so
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Everything pyproject names, plus test extras; the package itself is built by `make build`.
+	$(PY) -c 'import tomllib;d=tomllib.load(open("pyproject.toml","rb"))["project"];print("\n".join(d["dependencies"]+d["optional-dependencies"]["test"]+["maturin>=1.7,<2"]))' > $(VENV)/requirements.txt
+	$(PIP) install -q -r $(VENV)/requirements.txt
+	touch $@
+
+.PHONY: deps
+deps: $(STAMP) ## create .venv with the Python dependencies
+
+$(CORE_SO): $(STAMP) $(CORE_SRC) pyproject.toml
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q
+	touch $(CORE_SO)
+
+.PHONY: build
+build: $(CORE_SO) ## build the Rust engine into the package (release)
+
+.PHONY: timescaledb
+timescaledb: ## install the timescaledb extension if missing (builds it on Debian/Ubuntu)
+	bash py/webmacs/db/provision-timescaledb.sh
+
+.PHONY: run
+run: build timescaledb ## start the server on http://127.0.0.1:8000 with the local TimescaleDB
+	$(VENV)/bin/webmacs serve
+
+.PHONY: test
+test: build timescaledb ## run every test: cargo (core) and pytest (API, WebSocket, engine) on a real TimescaleDB
+	cargo test -q -p webmacs-core
+	$(VENV)/bin/pytest -q
+
+.PHONY: lint
+lint: build ## clippy, rustfmt check, mypy stubtest of the extension
+	cargo clippy -p webmacs-core --all-targets -- -D warnings
+	cargo clippy -p webmacs-core --features python -- -D warnings
+	cargo fmt --check
+	$(PY) -m mypy.stubtest webmacs._core
+
+.PHONY: db-up db-down db-status
+db-up: build timescaledb ## start the local cluster (./.webmacs, port 55432)
+	$(VENV)/bin/webmacs db up
+db-down: ## stop the local cluster
+	$(VENV)/bin/webmacs db down
+db-status: ## show the local cluster's state
+	$(VENV)/bin/webmacs db status
+
+.PHONY: bench bench-ingest bench-query
+bench: bench-ingest bench-query ## run all benchmarks (results: BENCHMARKS.md)
+bench-ingest: build timescaledb ## ingest benchmark: engine vs COPY limit vs pure Python
+	$(PY) benches/ingest.py
+bench-query: build timescaledb ## analyst benchmark: series and exports vs direct SQL/COPY
+	$(PY) benches/query.py
+
+.PHONY: clean
+clean: ## remove build outputs (keeps the local cluster)
+	rm -rf target $(VENV) $(CORE_SO)

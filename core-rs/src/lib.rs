@@ -1,0 +1,14 @@
+//! WebMACS-TS core: the ingestion engine behind the Python package `webmacs`.
+//!
+//! The core knows nothing of Python; bindings live in `py/` behind the `python` feature.
+
+pub mod error;
+pub mod frame;
+
+#[cfg(feature = "python")]
+pub mod py;
+
+pub use error::CoreError;
+
+/// Version of the core crate, exported to Python as `webmacs._core.__version__`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

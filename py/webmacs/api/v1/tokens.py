@@ -1,0 +1,67 @@
+"""API tokens (spec §3.7): `wm_` tokens shown once, stored as SHA-256."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from webmacs.deps import Conn, CurrentUser
+from webmacs.pagination import Page, Paging, Status
+from webmacs.repositories import users as users_repo
+from webmacs.security import hash_api_token, new_api_token
+
+router = APIRouter(prefix="/tokens", tags=["tokens"])
+
+
+class TokenCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=255)
+    expires_at: datetime | None = None
+
+
+class TokenCreated(BaseModel):
+    public_id: str
+    name: str
+    token: str
+    expires_at: datetime | None
+    created_at: datetime
+
+
+class TokenResponse(BaseModel):
+    public_id: str
+    name: str
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    created_at: datetime
+    user_public_id: str
+
+
+@router.get("", response_model=Page[TokenResponse])
+async def list_tokens(user: CurrentUser, conn: Conn, paging: Paging) -> Page[TokenResponse]:
+    total, rows = await users_repo.tokens_page(
+        conn, user_id=None if user.admin else user.id, limit=paging.limit, offset=paging.offset
+    )
+    return Page.of(paging, total, [TokenResponse.model_validate(r) for r in rows])
+
+
+@router.post("", response_model=TokenCreated, status_code=201)
+async def create_token(body: TokenCreate, user: CurrentUser, conn: Conn) -> TokenCreated:
+    token = new_api_token()
+    row = await users_repo.create_token(
+        conn, user_id=user.id, name=body.name, token_hash=hash_api_token(token), expires_at=body.expires_at
+    )
+    # Echo expires_at as given (a naive value stays naive on create, as the reference does).
+    return TokenCreated(public_id=row["public_id"], name=row["name"], token=token, expires_at=body.expires_at,
+                        created_at=row["created_at"])
+
+
+@router.delete("/{public_id}", response_model=Status)
+async def delete_token(public_id: str, user: CurrentUser, conn: Conn) -> Status:
+    row = await users_repo.token_by_public_id(conn, public_id=public_id)
+    if row is None:
+        raise HTTPException(404, "API token not found.")
+    if not user.admin and row["user_id"] != user.id:
+        raise HTTPException(403, "Cannot delete another user's token.")
+    await users_repo.delete_token(conn, token_id=row["id"])
+    return Status.ok("API token deleted.")

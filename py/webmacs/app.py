@@ -1,0 +1,111 @@
+"""The application factory: `create_app(settings)` with a lifespan that owns the pool and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from psycopg_pool import AsyncConnectionPool
+
+import webmacs
+from webmacs.api.health import router as health_router
+from webmacs.api.v1 import api_router
+from webmacs.db import migrate
+from webmacs.errors import install_handlers
+from webmacs.middleware import RateLimitMiddleware, RequestIdMiddleware
+from webmacs.repositories import logs as logs_repo
+from webmacs.repositories import users as users_repo
+from webmacs.security import hash_password
+from webmacs.settings import DEV_SECRET_WARNING, Settings
+
+log = logging.getLogger("webmacs")
+
+
+async def _seed(pool: AsyncConnectionPool, settings: Settings) -> None:
+    """Create the initial admin when there are no users; write the start-up log entry (spec §3.9)."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock(7765626)")  # one seeder among concurrent processes
+        if await users_repo.count(conn) == 0:
+            ph = await asyncio.to_thread(hash_password, settings.initial_admin_password, settings.webmacs_bcrypt_rounds)
+            await users_repo.create(conn, email=settings.initial_admin_email.strip(),
+                                    username=settings.initial_admin_username, password_hash=ph, role="admin")
+            log.info("seeded initial admin %s", settings.initial_admin_email)
+        admin = await users_repo.first_admin(conn)
+        await logs_repo.create(conn, content=f"WebMACS Backend v{webmacs.__version__} started.", logging_type="info",
+                               user_public_id=admin["public_id"] if admin else None)
+
+
+async def _purge_blacklist(pool: AsyncConnectionPool, settings: Settings) -> None:
+    """Hourly: forget blacklisted JWTs that have expired anyway."""
+    while True:
+        await asyncio.sleep(3600)
+        try:
+            async with pool.connection() as conn:
+                cutoff = datetime.now(UTC) - timedelta(minutes=settings.access_token_expire_minutes)
+                await users_repo.purge_blacklist(conn, older_than=cutoff)
+        except Exception:
+            log.exception("blacklist purge failed")
+
+
+def database_url(settings: Settings) -> str:
+    """The configured DATABASE_URL, or the project-managed local cluster (started if needed)."""
+    if settings.database_url:
+        return settings.database_url
+    from webmacs.db.cluster import Cluster
+
+    return Cluster(settings.webmacs_home, settings.webmacs_db_port).up()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.weak_secret:
+            log.warning(DEV_SECRET_WARNING)
+        url = await asyncio.to_thread(database_url, settings)
+        await asyncio.to_thread(migrate.apply, url, settings.webmacs_chunk_interval)
+        pool = AsyncConnectionPool(
+            url, min_size=1, max_size=settings.webmacs_pool_size, open=False,
+            kwargs={"options": "-c timezone=UTC"}, name="webmacs-api",
+        )
+        await pool.open(wait=True, timeout=30)
+        app.state.pool = pool
+        app.state.database_url = url
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await _seed(pool, settings)
+            tasks.append(asyncio.create_task(_purge_blacklist(pool, settings)))
+            for hook in app.state.startup_hooks:
+                await hook(app)
+            yield
+        finally:
+            for hook in reversed(app.state.shutdown_hooks):
+                with contextlib.suppress(Exception):
+                    await hook(app)
+            for t in tasks:
+                t.cancel()
+            await pool.close()
+
+    app = FastAPI(title="WebMACS-TS", version=webmacs.__version__, lifespan=lifespan,
+                  description="Time-series-first, WebMACS-compatible backend.")
+    app.state.settings = settings
+    app.state.started_at = time.monotonic()
+    # Services register start/stop hooks here (engine, webhook dispatcher, retention…).
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+    install_handlers(app)
+    app.include_router(health_router)
+    app.include_router(api_router())
+    # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
+    app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"], max_age=600)
+    app.add_middleware(RequestIdMiddleware)
+    return app

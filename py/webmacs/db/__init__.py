@@ -1,0 +1,1 @@
+"""Database access: the local cluster, migrations and the connection pool."""

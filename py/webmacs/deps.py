@@ -1,0 +1,133 @@
+"""Typed FastAPI dependencies: settings, a pooled connection in a transaction, the current user by role."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from webmacs.repositories import users as users_repo
+from webmacs.security import API_TOKEN_PREFIX, decode_access_token, hash_api_token
+from webmacs.settings import Settings
+
+ROLE_LEVEL = {"viewer": 1, "operator": 2, "admin": 3}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_pool(request: Request) -> AsyncConnectionPool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
+    # The transaction commits when the handler returns and before the response is sent
+    # (scope="function"): a success is never reported for a write that then fails to commit.
+    async with request.app.state.pool.connection() as conn:
+        yield conn
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+Conn = Annotated[AsyncConnection, Depends(_conn, scope="function")]
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    public_id: str
+    email: str
+    username: str
+    role: str
+    registered_on: datetime
+    sso_provider: str | None
+    #: The raw bearer credential (logout blacklists it).
+    token: str
+
+    @property
+    def admin(self) -> bool:
+        return self.role == "admin"
+
+    def at_least(self, role: str) -> bool:
+        return ROLE_LEVEL.get(self.role, 0) >= ROLE_LEVEL[role]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], token: str) -> User:
+        return cls(
+            id=row["id"], public_id=row["public_id"], email=row["email"], username=row["username"],
+            role=row["role"], registered_on=row["registered_on"], sso_provider=row["sso_provider"], token=token,
+        )
+
+
+class AuthError(Exception):
+    """Credential failure with the spec's HTTP detail and WebSocket close reason."""
+
+    def __init__(self, detail: str, ws_reason: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.ws_reason = ws_reason
+
+
+async def authenticate(conn: AsyncConnection, settings: Settings, token: str) -> User:
+    """Resolve a bearer credential (JWT or `wm_` API token) to its user, or raise AuthError (spec §3.1, §7)."""
+    if token.startswith(API_TOKEN_PREFIX):
+        row = await users_repo.token_owner(conn, token_hash=hash_api_token(token))
+        if row is None:
+            raise AuthError("Invalid API token.", "Invalid API token")
+        if row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+            raise AuthError("API token has expired.", "API token expired")
+        user = await users_repo.by_id(conn, user_id=row["user_id"]) if row["u_id"] is not None else None
+        if user is None:
+            raise AuthError("Token owner not found.", "User not found")
+        await users_repo.touch_token(conn, token_id=row["token_id"])
+        return User.from_row(user, token)
+    claims = decode_access_token(token, key=settings.secret_key_effective, algorithm=settings.algorithm)
+    # HTTP checks the blacklist first, WebSockets decode first (spec §3.1 vs §7); both fail the same
+    # credentials, only the order of the two messages differs for a revoked *and* expired token.
+    if await users_repo.is_blacklisted(conn, token=token):
+        raise AuthError("Token has been revoked.", "Token has been revoked")
+    if claims is None:
+        raise AuthError("Invalid or expired token.", "Invalid or expired token")
+    user = await users_repo.by_id(conn, user_id=int(claims["sub"]))
+    if user is None:
+        raise AuthError("User not found.", "User not found")
+    return User.from_row(user, token)
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() != "bearer" or not credentials:
+        raise HTTPException(401, "Authentication required.", headers={"WWW-Authenticate": "Bearer"})
+    return credentials
+
+
+async def current_user(request: Request, conn: Conn, settings: SettingsDep) -> User:
+    token = _bearer(request)
+    try:
+        return await authenticate(conn, settings, token)
+    except AuthError as e:
+        raise HTTPException(401, e.detail) from e
+
+
+async def operator_user(user: Annotated[User, Depends(current_user)]) -> User:
+    if not user.at_least("operator"):
+        raise HTTPException(403, "Operator privileges required.")
+    return user
+
+
+async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+    if not user.admin:
+        raise HTTPException(403, "Admin privileges required.")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+OperatorUser = Annotated[User, Depends(operator_user)]
+AdminUser = Annotated[User, Depends(admin_user)]

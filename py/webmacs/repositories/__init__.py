@@ -1,0 +1,1 @@
+"""SQL for each resource: keyword-only async functions, `%(name)s` parameters, no string-built SQL."""

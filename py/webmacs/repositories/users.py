@@ -1,0 +1,189 @@
+"""Users, API tokens and the JWT blacklist."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, errors
+from psycopg.rows import dict_row
+
+from webmacs.errors import Conflict, NotFound
+
+USER_COLUMNS = "id, public_id, email, username, password_hash, role, registered_on, sso_provider"
+
+
+async def by_id(conn: AsyncConnection, *, user_id: int) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {USER_COLUMNS} FROM users WHERE id = %(id)s", {"id": user_id})
+    return await cur.fetchone()
+
+
+async def by_email(conn: AsyncConnection, *, email: str) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {USER_COLUMNS} FROM users WHERE email = %(email)s", {"email": email})
+    return await cur.fetchone()
+
+
+async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {USER_COLUMNS} FROM users WHERE public_id = %(p)s", {"p": public_id})
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound.entity("User", public_id)
+    return row
+
+
+async def count(conn: AsyncConnection) -> int:
+    cur = await conn.execute("SELECT count(*) FROM users")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, list[dict[str, Any]]]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        f"SELECT {USER_COLUMNS}, count(*) OVER () AS _total FROM users ORDER BY id LIMIT %(l)s OFFSET %(o)s",
+        {"l": limit, "o": offset},
+    )
+    rows = await cur.fetchall()
+    total = rows[0]["_total"] if rows else await count(conn)
+    return total, rows
+
+
+async def create(conn: AsyncConnection, *, email: str, username: str, password_hash: str, role: str) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    try:
+        async with conn.transaction():
+            await cur.execute(
+                "INSERT INTO users (email, username, password_hash, role)"
+                " VALUES (%(email)s, %(username)s, %(ph)s, %(role)s) RETURNING " + USER_COLUMNS,
+                {"email": email, "username": username, "ph": password_hash, "role": role},
+            )
+    except errors.UniqueViolation as e:
+        raise Conflict.exists("User") from e
+    row = await cur.fetchone()
+    assert row is not None  # INSERT … RETURNING always yields the row
+    return row
+
+
+async def update(conn: AsyncConnection, *, user_id: int, changes: dict[str, Any]) -> None:
+    # Column names come from a fixed allow-list, never from the request.
+    allowed = {"email", "username", "password_hash", "role"}
+    cols = [c for c in changes if c in allowed]
+    if not cols:
+        return
+    from psycopg import sql
+
+    stmt = sql.SQL("UPDATE users SET {} WHERE id = %(id)s").format(
+        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
+    )
+    try:
+        async with conn.transaction():
+            await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": user_id})
+    except errors.UniqueViolation as e:
+        raise Conflict.exists("User") from e
+
+
+async def delete(conn: AsyncConnection, *, public_id: str) -> None:
+    async with conn.transaction():
+        cur = await conn.execute("SELECT id FROM users WHERE public_id = %(p)s FOR UPDATE", {"p": public_id})
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound.entity("User", public_id)
+        uid = row[0]
+        # The user's events and experiments go with the user; so do their datapoints (no FK on the hypertable).
+        await conn.execute(
+            "DELETE FROM datapoints WHERE event_id IN (SELECT id FROM events WHERE user_public_id = %(p)s)"
+            " OR experiment_id IN (SELECT id FROM experiments WHERE user_public_id = %(p)s)",
+            {"p": public_id},
+        )
+        await conn.execute("DELETE FROM users WHERE id = %(id)s", {"id": uid})
+
+
+async def first_admin(conn: AsyncConnection) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {USER_COLUMNS} FROM users WHERE role = 'admin' ORDER BY id LIMIT 1")
+    return await cur.fetchone()
+
+
+# --- JWT blacklist ---
+
+async def is_blacklisted(conn: AsyncConnection, *, token: str) -> bool:
+    cur = await conn.execute("SELECT 1 FROM blacklist_tokens WHERE token = %(t)s", {"t": token})
+    return await cur.fetchone() is not None
+
+
+async def blacklist(conn: AsyncConnection, *, token: str) -> None:
+    await conn.execute(
+        "INSERT INTO blacklist_tokens (token) VALUES (%(t)s) ON CONFLICT (token) DO NOTHING", {"t": token}
+    )
+
+
+async def purge_blacklist(conn: AsyncConnection, *, older_than: datetime) -> int:
+    cur = await conn.execute("DELETE FROM blacklist_tokens WHERE blacklisted_on < %(t)s", {"t": older_than})
+    return cur.rowcount
+
+
+# --- API tokens ---
+
+TOKEN_COLUMNS = "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id"
+
+
+async def token_owner(conn: AsyncConnection, *, token_hash: str) -> dict[str, Any] | None:
+    """The token row joined with its owner (owner columns prefixed `u_`), or None when unknown."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "SELECT t.id AS token_id, t.expires_at, t.user_id, u.id AS u_id FROM api_tokens t"
+        " LEFT JOIN users u ON u.id = t.user_id WHERE t.token_hash = %(h)s",
+        {"h": token_hash},
+    )
+    return await cur.fetchone()
+
+
+async def touch_token(conn: AsyncConnection, *, token_id: int) -> None:
+    await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %(id)s", {"id": token_id})
+
+
+async def create_token(
+    conn: AsyncConnection, *, user_id: int, name: str, token_hash: str, expires_at: datetime | None
+) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        "INSERT INTO api_tokens (name, token_hash, user_id, expires_at) VALUES (%(n)s, %(h)s, %(u)s, %(e)s)"
+        " RETURNING public_id, name, expires_at, created_at",
+        {"n": name, "h": token_hash, "u": user_id, "e": expires_at},
+    )
+    row = await cur.fetchone()
+    assert row is not None  # INSERT … RETURNING always yields the row
+    return row
+
+
+async def tokens_page(
+    conn: AsyncConnection, *, user_id: int | None, limit: int, offset: int
+) -> tuple[int, list[dict[str, Any]]]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        f"SELECT {TOKEN_COLUMNS}, count(*) OVER () AS _total FROM api_tokens t JOIN users u ON u.id = t.user_id"
+        " WHERE (%(u)s::int IS NULL OR t.user_id = %(u)s::int)"
+        " ORDER BY t.created_at DESC, t.id DESC LIMIT %(l)s OFFSET %(o)s",
+        {"u": user_id, "l": limit, "o": offset},
+    )
+    rows = await cur.fetchall()
+    if rows:
+        return rows[0]["_total"], rows
+    c = await conn.execute(
+        "SELECT count(*) FROM api_tokens WHERE (%(u)s::int IS NULL OR user_id = %(u)s::int)", {"u": user_id}
+    )
+    r = await c.fetchone()
+    return (int(r[0]) if r else 0), []
+
+
+async def token_by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any] | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute("SELECT id, user_id FROM api_tokens WHERE public_id = %(p)s", {"p": public_id})
+    return await cur.fetchone()
+
+
+async def delete_token(conn: AsyncConnection, *, token_id: int) -> None:
+    await conn.execute("DELETE FROM api_tokens WHERE id = %(id)s", {"id": token_id})

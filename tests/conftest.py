@@ -1,0 +1,169 @@
+"""Shared fixtures: a throwaway TimescaleDB cluster per test session and a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+from webmacs.app import create_app
+from webmacs.db.cluster import Cluster
+from webmacs.settings import Settings
+
+SECRET = "test-secret-key-that-is-long-enough-0123456789"
+ADMIN_EMAIL = "admin@webmacs.io"
+ADMIN_PASSWORD = "admin123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    home = Path(tempfile.mkdtemp(prefix="webmacs-test-"))
+    home.chmod(0o755)  # the postgres user must be able to enter it when tests run as root
+    c = Cluster(home, free_port())
+    c.up()
+    try:
+        yield c
+    finally:
+        c.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def db_url(cluster: Cluster) -> str:
+    return cluster.url()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[psycopg.Connection]:
+    """A direct autocommit connection for arranging and asserting database state."""
+    with psycopg.connect(db_url, autocommit=True, options="-c timezone=UTC") as conn:
+        yield conn
+
+
+@dataclass
+class Server:
+    url: str
+    app: Any
+    settings: Settings
+    thread: threading.Thread
+    server: uvicorn.Server
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(settings: Settings) -> Server:
+    """Run the app under uvicorn in a thread on a free loopback port; returns once it accepts requests."""
+    port = free_port()
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server failed to start")
+        time.sleep(0.05)
+    return Server(f"http://127.0.0.1:{port}", app, settings, thread, server)
+
+
+def make_settings(db_url: str, tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "secret_key": SECRET,
+        "env": "test",
+        "webmacs_bcrypt_rounds": 4,
+        "webmacs_update_dir": tmp / "updates",
+        "webmacs_plugin_dir": tmp / "plugins",
+        "webmacs_home": tmp / "home",
+    }
+    values.update(overrides)
+    (tmp / "updates").mkdir(parents=True, exist_ok=True)
+    (tmp / "plugins").mkdir(parents=True, exist_ok=True)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(make_settings(db_url, tmp_path_factory.mktemp("server")))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def login(client: httpx.Client, email: str, password: str) -> str:
+    r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    return str(r.json()["access_token"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def admin_token(server: Server) -> str:
+    with httpx.Client(base_url=server.url) as c:
+        return login(c, ADMIN_EMAIL, ADMIN_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def admin(admin_token: str) -> dict[str, str]:
+    return bearer(admin_token)
+
+
+def _user_with_role(server: Server, admin_headers: dict[str, str], role: str) -> dict[str, str]:
+    email = f"{unique(role)}@example.com"
+    with httpx.Client(base_url=server.url) as c:
+        r = c.post("/api/v1/users", headers=admin_headers,
+                   json={"email": email, "username": unique(role), "password": "password123", "role": role})
+        assert r.status_code == 201, r.text
+        return bearer(login(c, email, "password123"))
+
+
+@pytest.fixture(scope="session")
+def operator(server: Server, admin: dict[str, str]) -> dict[str, str]:
+    return _user_with_role(server, admin, "operator")
+
+
+@pytest.fixture(scope="session")
+def viewer(server: Server, admin: dict[str, str]) -> dict[str, str]:
+    return _user_with_role(server, admin, "viewer")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_proxy() -> None:
+    # Tests talk to loopback only; never route them through a proxy from the environment.
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
