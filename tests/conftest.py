@@ -67,6 +67,16 @@ class Server:
     thread: threading.Thread
     server: uvicorn.Server
 
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's event loop from the test thread and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result(timeout)
+
+    def refresh_catalog(self) -> None:
+        """Make the ingest engine see rows a test inserted directly with SQL."""
+        self.call(self.app.state.catalog_refresh())
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
@@ -167,3 +177,39 @@ def viewer(server: Server, admin: dict[str, str]) -> dict[str, str]:
 def _no_proxy() -> None:
     # Tests talk to loopback only; never route them through a proxy from the environment.
     os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+
+@dataclass
+class ActiveEvent:
+    id: int
+    public_id: str
+    name: str
+    plugin_instance_id: int
+
+
+@pytest.fixture
+def make_active_event(db: psycopg.Connection, server: Server) -> Any:
+    """Factory: an event mapped to an enabled plugin instance (writable per the phantom-data guard, spec §6),
+    created with SQL so engine and rule tests do not depend on the plugins API."""
+
+    def make(name: str | None = None, *, min_value: float = 0.0, max_value: float = 100.0, unit: str = "u",
+             enabled: bool = True) -> ActiveEvent:
+        name = name or unique("ev")
+        ev = db.execute(
+            "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, %s, %s, %s, 'sensor')"
+            " RETURNING id, public_id", (name, min_value, max_value, unit),
+        ).fetchone()
+        assert ev is not None
+        pi = db.execute(
+            "INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, %s)"
+            " RETURNING id", (unique("inst"), enabled),
+        ).fetchone()
+        assert pi is not None
+        db.execute(
+            "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+            " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', %s, %s)", (pi[0], unit, ev[1]),
+        )
+        server.refresh_catalog()
+        return ActiveEvent(ev[0], ev[1], name, pi[0])
+
+    return make

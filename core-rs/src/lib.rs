@@ -2,6 +2,7 @@
 //!
 //! The core knows nothing of Python; bindings live in `py/` behind the `python` feature.
 
+pub mod downsample;
 pub mod error;
 pub mod frame;
 

@@ -53,6 +53,10 @@ async def _purge_blacklist(pool: AsyncConnectionPool, settings: Settings) -> Non
             log.exception("blacklist purge failed")
 
 
+async def _no_catalog() -> None:
+    return None
+
+
 def database_url(settings: Settings) -> str:
     """The configured DATABASE_URL, or the project-managed local cluster (started if needed)."""
     if settings.database_url:
@@ -78,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await pool.open(wait=True, timeout=30)
         app.state.pool = pool
         app.state.database_url = url
+        app.state.loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
         try:
             await _seed(pool, settings)
@@ -100,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Services register start/stop hooks here (engine, webhook dispatcher, retention…).
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
+    # Replaced by the ingest engine at start-up: re-reads its catalog snapshot (see deps.catalog_changed).
+    app.state.catalog_refresh = _no_catalog
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())

@@ -31,6 +31,16 @@ async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
     # (scope="function"): a success is never reported for a write that then fails to commit.
     async with request.app.state.pool.connection() as conn:
         yield conn
+    # Committed. A handler that changed what the ingest catalog is built from asked for a refresh; doing it
+    # here, before the response, means the client's next ingest already sees the change. (Other processes
+    # learn of it through the `webmacs_catalog` NOTIFY the tables' triggers send.)
+    if getattr(request.state, "catalog_changed", False):
+        await request.app.state.catalog_refresh()
+
+
+def catalog_changed(request: Request) -> None:
+    """Mark this request as having changed events, mappings, plugin instances, experiments or rules."""
+    request.state.catalog_changed = True
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,1 @@
+"""Services behind the routers: ingest engine bridge, webhooks, OTA, plugins, series, exports."""

@@ -1,0 +1,29 @@
+"""Outgoing webhooks (spec §9) as a durable outbox: deliveries are rows first, sent by the dispatcher."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+
+
+def build_payload(event_type: str, **extras: Any) -> str:
+    """The exact body sent and stored: Python `json.dumps` defaults, as the reference (spec §9)."""
+    payload: dict[str, Any] = {"type": event_type, "time": datetime.now(UTC).isoformat()}
+    payload.update({k: v for k, v in extras.items() if v is not None})
+    return json.dumps(payload)
+
+
+async def enqueue(conn: AsyncConnection, *, event_type: str, **extras: Any) -> int:
+    """Record one pending delivery per enabled webhook subscribed to `event_type`, in the caller's
+    transaction (so an experiment start and its webhook commit together). Returns the number queued."""
+    body = build_payload(event_type, **extras)
+    cur = await conn.execute(
+        "INSERT INTO webhook_deliveries (webhook_id, event_type, payload)"
+        " SELECT id, %(t)s, %(b)s FROM webhooks"
+        " WHERE enabled AND events::jsonb ? %(t)s",  # events is validated JSON (API writes only)
+        {"t": event_type, "b": body},
+    )
+    return cur.rowcount
