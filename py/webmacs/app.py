@@ -66,6 +66,20 @@ def database_url(settings: Settings) -> str:
     return Cluster(settings.webmacs_home, settings.webmacs_db_port).up()
 
 
+# Services that hook into the lifespan: each module has `install(app)` registering start/stop hooks.
+SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "webmacs.services.retention"]
+# WebSocket routers (`/ws/...`), each module exposing `router`.
+WS_MODULES = ["webmacs.ws.telemetry", "webmacs.ws.stream"]
+
+
+def _optional_modules(names: list[str]) -> list[object]:
+    import importlib
+    import importlib.util
+
+    # TODO(integration): make strict once every service has landed.
+    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -110,6 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
+    for module in _optional_modules(WS_MODULES):
+        app.include_router(module.router)  # type: ignore[attr-defined]
+    for module in _optional_modules(SERVICE_MODULES):
+        module.install(app)  # type: ignore[attr-defined]
     # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
     app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=True,
