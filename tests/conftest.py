@@ -82,10 +82,11 @@ class Server:
         self.thread.join(timeout=30)
 
 
-def start_server(settings: Settings) -> Server:
-    """Run the app under uvicorn in a thread on a free loopback port; returns once it accepts requests."""
+def start_server(settings: Settings, app: Any = None) -> Server:
+    """Run the app (by default `create_app(settings)`) under uvicorn in a thread on a free loopback port;
+    returns once it accepts requests. Pass `app` to serve an app a test has extended with probe routes."""
     port = free_port()
-    app = create_app(settings)
+    app = app if app is not None else create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -1,0 +1,1 @@
+"""WebSocket endpoints (spec §7) and the authentication they share."""
