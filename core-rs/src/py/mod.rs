@@ -1,5 +1,6 @@
 //! PyO3 bindings: the only place in the crate that knows about Python.
 
+mod downsample;
 mod errors;
 
 use pyo3::prelude::*;
@@ -25,5 +26,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add_function(wrap_pyfunction!(validate_frame, m)?)?;
     errors::register(m)?;
+    downsample::register(m)?;
     Ok(())
 }
