@@ -48,6 +48,31 @@ class Settings(BaseSettings):
     webmacs_host: str = "127.0.0.1"
     webmacs_port: int = 8000
 
+    # --- webhooks (spec §9) and OTA (spec §10) ---
+    #: Hosts (names or IP literals, or CIDR networks) exempt from the webhook/OTA SSRF guard,
+    #: e.g. an internal receiver. Comma-separated or a JSON list.
+    webmacs_webhook_allow_hosts: Annotated[list[str], NoDecode] = []
+    #: Per-attempt timeout of a webhook delivery.
+    webmacs_webhook_timeout_s: float = Field(default=10.0, gt=0)
+    #: Delay before the 2nd, 3rd… attempt (the last value repeats); the reference sleeps 2 s then 4 s.
+    webmacs_webhook_retry_delays_s: Annotated[list[float], NoDecode] = [2.0, 4.0]
+    #: Attempts before a delivery becomes dead_letter.
+    webmacs_webhook_max_attempts: int = Field(default=3, ge=1)
+    #: Deliveries in flight at once in this process.
+    webmacs_webhook_concurrency: int = Field(default=10, ge=1)
+    #: Backstop poll of the outbox when no NOTIFY arrives (seconds).
+    webmacs_webhook_poll_s: float = Field(default=5.0, gt=0)
+    #: Bytes of a receiver's response body read (and discarded) at most.
+    webmacs_webhook_max_response_bytes: int = Field(default=65536, ge=0)
+    #: Largest OTA bundle accepted by upload or download (the reference: 500 MB).
+    webmacs_ota_max_bundle_bytes: int = Field(default=500 * 1024 * 1024, ge=1)
+    #: Timeout of an OTA bundle download (connect and between reads).
+    webmacs_ota_download_timeout_s: float = Field(default=30.0, gt=0)
+    #: Base URL of the GitHub REST API for `GET /ota/check`; empty disables the lookup.
+    webmacs_ota_github_api: str = "https://api.github.com"
+    #: Timeout of the GitHub release lookup.
+    webmacs_ota_github_timeout_s: float = Field(default=8.0, gt=0)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _parse_origins(cls, v: Any) -> Any:
@@ -56,6 +81,23 @@ class Settings(BaseSettings):
             if v.startswith("["):
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("webmacs_webhook_allow_hosts", "webmacs_webhook_retry_delays_s", mode="before")
+    @classmethod
+    def _parse_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("webmacs_webhook_retry_delays_s")
+    @classmethod
+    def _delays_non_negative(cls, v: list[float]) -> list[float]:
+        if any(d < 0 for d in v):
+            raise ValueError("retry delays must be >= 0")
         return v
 
     @field_validator("database_url", mode="before")
