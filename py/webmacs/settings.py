@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     #: Bind address/port of `webmacs serve`.
     webmacs_host: str = "127.0.0.1"
     webmacs_port: int = 8000
+    #: Command that installs an uploaded plugin wheel (the wheel path is appended; split like a shell would).
+    #: Empty: `<this python> -m pip install --no-deps --no-input <wheel>`.
+    webmacs_plugin_install_cmd: str = ""
 
     # --- webhooks (spec §9) and OTA (spec §10) ---
     #: Hosts (names or IP literals, or CIDR networks) exempt from the webhook/OTA SSRF guard,
