@@ -116,7 +116,8 @@ def test_list_paging(client: httpx.Client, admin: dict[str, str]) -> None:
     assert client.get(TOKENS, headers=user["headers"], params={"page_size": 101}).status_code == 422
 
 
-@pytest.mark.parametrize("body", [{}, {"name": ""}, {"name": "x" * 256}, {"name": "ok", "expires_at": "soon"}])
+@pytest.mark.parametrize("body", [{}, {"name": ""}, {"name": "x" * 256}, {"name": "ok", "expires_at": "soon"},
+                                  {"name": "nul\x00name"}])
 def test_create_validates_the_body(client: httpx.Client, viewer: dict[str, str], body: dict[str, Any]) -> None:
     assert client.post(TOKENS, headers=viewer, json=body).status_code == 422
 
@@ -150,7 +151,8 @@ def test_non_admin_cannot_delete_another_users_token(
     assert db.execute("SELECT count(*) FROM api_tokens WHERE public_id = %s", (created["public_id"],)).fetchone() == (0,)
 
 
-@pytest.mark.parametrize("public_id", ["no-such-token", "00000000-0000-0000-0000-000000000000", "' OR 1=1 --"])
+@pytest.mark.parametrize("public_id", ["no-such-token", "00000000-0000-0000-0000-000000000000", "' OR 1=1 --",
+                                       "nul%00id"])
 def test_delete_unknown_token_is_404(client: httpx.Client, viewer: dict[str, str], public_id: str) -> None:
     r = client.delete(f"{TOKENS}/{public_id}", headers=viewer)
     assert r.status_code == 404 and r.json() == {"detail": "API token not found."}

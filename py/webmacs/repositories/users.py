@@ -26,6 +26,8 @@ async def by_email(conn: AsyncConnection, *, email: str) -> dict[str, Any] | Non
 
 
 async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("User", public_id)
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(f"SELECT {USER_COLUMNS} FROM users WHERE public_id = %(p)s", {"p": public_id})
     row = await cur.fetchone()
@@ -86,6 +88,8 @@ async def update(conn: AsyncConnection, *, user_id: int, changes: dict[str, Any]
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("User", public_id)
     async with conn.transaction():
         cur = await conn.execute("SELECT id FROM users WHERE public_id = %(p)s FOR UPDATE", {"p": public_id})
         row = await cur.fetchone()
@@ -180,6 +184,8 @@ async def tokens_page(
 
 
 async def token_by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any] | None:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        return None
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("SELECT id, user_id FROM api_tokens WHERE public_id = %(p)s", {"p": public_id})
     return await cur.fetchone()

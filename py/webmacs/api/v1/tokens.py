@@ -16,7 +16,7 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 
 class TokenCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255)
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00]*$")  # PostgreSQL text cannot hold NUL
     expires_at: datetime | None = None
 
 

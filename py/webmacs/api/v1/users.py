@@ -16,7 +16,8 @@ from webmacs.security import hash_password
 
 router = APIRouter(prefix="/users", tags=["users"])
 
-Username = Annotated[str, StringConstraints(min_length=2, max_length=50)]
+# PostgreSQL text cannot hold NUL: refuse it as invalid input rather than fail at the database.
+Username = Annotated[str, StringConstraints(min_length=2, max_length=50, pattern=r"^[^\x00]*$")]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
 
 
