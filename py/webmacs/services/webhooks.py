@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from psycopg import AsyncConnection
+
+
+class WebhookEventType(StrEnum):
+    """What a webhook subscribes to (spec §2); `system.health_changed` is accepted but never emitted."""
+
+    sensor_threshold_exceeded = "sensor.threshold_exceeded"
+    sensor_reading = "sensor.reading"
+    experiment_started = "experiment.started"
+    experiment_stopped = "experiment.stopped"
+    system_health_changed = "system.health_changed"
 
 
 def build_payload(event_type: str, **extras: Any) -> str:
