@@ -33,8 +33,8 @@ async def enqueue(conn: AsyncConnection, *, event_type: str, **extras: Any) -> i
     body = build_payload(event_type, **extras)
     cur = await conn.execute(
         "INSERT INTO webhook_deliveries (webhook_id, event_type, payload)"
-        " SELECT id, %(t)s, %(b)s FROM webhooks"
-        " WHERE enabled AND events::jsonb ? %(t)s",  # events is validated JSON (API writes only)
+        " SELECT id, %(t)s::text, %(b)s::text FROM webhooks"
+        " WHERE enabled AND webmacs_webhook_subscribes(events, %(t)s::text)",
         {"t": event_type, "b": body},
     )
     return cur.rowcount
