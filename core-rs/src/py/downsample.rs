@@ -1,7 +1,96 @@
 //! Bindings for the series downsamplers (`crate::downsample`).
+//!
+//! Series arrive as packed big-endian arrays (`bytes`), exactly as PostgreSQL's `int8send`/`float8send`
+//! aggregate them, so a query result reaches Rust without one Python object per datapoint.
 
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 
-pub(super) fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use super::detached;
+use crate::downsample::{self, DownsampleError};
+
+fn value_error(e: DownsampleError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+type Selector = fn(&[i64], &[f64], usize) -> Result<Vec<usize>, DownsampleError>;
+
+fn select(
+    py: Python<'_>,
+    select: Selector,
+    times: &PyBackedBytes,
+    values: &PyBackedBytes,
+    max_points: usize,
+) -> PyResult<Vec<usize>> {
+    detached(py, || {
+        let times = downsample::unpack_i64_be(times)?;
+        let values = downsample::unpack_f64_be(values)?;
+        select(&times, &values, max_points)
+    })
+    .map_err(value_error)
+}
+
+/// Indices kept by the WebMACS reference striding (spec §4.2) for a series of `n` points.
+#[pyfunction]
+fn downsample_stride(n: usize, max_points: usize) -> PyResult<Vec<usize>> {
+    downsample::stride(n, max_points).map_err(value_error)
+}
+
+/// Indices kept by Largest-Triangle-Three-Buckets.
+#[pyfunction]
+fn downsample_lttb(
+    py: Python<'_>,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    max_points: usize,
+) -> PyResult<Vec<usize>> {
+    select(py, downsample::lttb, &times, &values, max_points)
+}
+
+/// Indices kept by per-bucket min/max.
+#[pyfunction]
+fn downsample_minmax(
+    py: Python<'_>,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    max_points: usize,
+) -> PyResult<Vec<usize>> {
+    select(py, downsample::minmax, &times, &values, max_points)
+}
+
+/// Indices kept by M4 (first, min, max, last per bucket).
+#[pyfunction]
+fn downsample_m4(
+    py: Python<'_>,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    max_points: usize,
+) -> PyResult<Vec<usize>> {
+    select(py, downsample::m4, &times, &values, max_points)
+}
+
+/// Bucket means as (times in µs, values).
+#[pyfunction]
+fn downsample_avg(
+    py: Python<'_>,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    max_points: usize,
+) -> PyResult<(Vec<i64>, Vec<f64>)> {
+    detached(py, || {
+        let times = downsample::unpack_i64_be(&times)?;
+        let values = downsample::unpack_f64_be(&values)?;
+        downsample::avg(&times, &values, max_points)
+    })
+    .map_err(value_error)
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(downsample_stride, m)?)?;
+    m.add_function(wrap_pyfunction!(downsample_lttb, m)?)?;
+    m.add_function(wrap_pyfunction!(downsample_minmax, m)?)?;
+    m.add_function(wrap_pyfunction!(downsample_m4, m)?)?;
+    m.add_function(wrap_pyfunction!(downsample_avg, m)?)?;
     Ok(())
 }
