@@ -126,8 +126,9 @@ async def vet(url: str, allow: Iterable[str]) -> Target:
     scheme, host, port = split_url(url)
     if _host_allowed(host, allow):
         return Target(scheme, host, port, None)
-    if host == "localhost" or host.endswith(".localhost"):
-        raise Refused(f"host {host} is a loopback name")
+    name = host.rstrip(".")  # "localhost." is the same name, fully qualified
+    if name == "localhost" or name.endswith(".localhost"):
+        raise Refused(f"{host} is a loopback name")
     addresses = await resolve(host, port)
     for ip in addresses:
         if _ip_allowed(ip, allow):
