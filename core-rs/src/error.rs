@@ -2,12 +2,29 @@
 
 use thiserror::Error;
 
+use crate::frame::FrameError;
+
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum CoreError {
-    /// The frame is not a JSON object (the spec drops such connections).
-    #[error("frame is not a JSON object: {0}")]
-    InvalidFrame(String),
-    /// The frame is well-formed but exceeds a configured limit.
+    /// The frame as a whole was refused (not JSON, not an object, too many entries, too many bytes).
     #[error("{0}")]
-    FrameTooLarge(String),
+    Frame(#[from] FrameError),
+    /// The ingest queue is full; nothing of the frame was taken. Retry once a batch has committed.
+    #[error("ingest queue is full ({depth} of {capacity} rows queued)")]
+    QueueFull { depth: usize, capacity: usize },
+    /// The engine was closed; it takes no more data.
+    #[error("the ingest engine is closed")]
+    Closed,
+    /// The database could not be reached or refused a statement the engine cannot do without.
+    #[error("database error: {0}")]
+    Database(String),
+    /// An engine setting is out of range.
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+impl From<tokio_postgres::Error> for CoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CoreError::Database(e.to_string())
+    }
 }

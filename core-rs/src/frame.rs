@@ -1,75 +1,270 @@
-//! Telemetry frame parsing and validation (spec §6, §7.2).
+//! Telemetry frame parsing and validation (spec §6, §7.2): bytes in, points and per-entry reject reasons out.
 
-use crate::error::CoreError;
+use chrono::{DateTime, NaiveDateTime};
 use serde_json::Value;
 
 /// Max datapoints per frame accepted by WebMACS.
 pub const MAX_FRAME_DATAPOINTS: usize = 500;
+/// Default byte limit of one frame (a 500-point frame is ~40 KiB; this leaves room for long ids).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 << 20;
+/// Client timestamps further ahead than this are rejected: a wrong device clock must not poison "latest".
+pub const MAX_FUTURE_US: i64 = 5 * 60 * 1_000_000;
+/// Range accepted for client timestamps: 0001-01-01 .. 9999-12-31 (inside PostgreSQL's timestamptz range).
+const MIN_TS_US: i64 = -62_135_596_800_000_000;
+const MAX_TS_US: i64 = 253_402_300_799_999_999;
 
-/// One datapoint that passed validation.
+/// Why one entry of a frame was not accepted. Every rejection has exactly one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    NotObject,
+    MissingValue,
+    InvalidValue,
+    NonFinite,
+    MissingEvent,
+    UnknownEvent,
+    InactiveEvent,
+    BadTimestamp,
+    FarFutureTimestamp,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 9] = [
+        Reject::NotObject,
+        Reject::MissingValue,
+        Reject::InvalidValue,
+        Reject::NonFinite,
+        Reject::MissingEvent,
+        Reject::UnknownEvent,
+        Reject::InactiveEvent,
+        Reject::BadTimestamp,
+        Reject::FarFutureTimestamp,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::NotObject => "not_object",
+            Reject::MissingValue => "missing_value",
+            Reject::InvalidValue => "invalid_value",
+            Reject::NonFinite => "non_finite",
+            Reject::MissingEvent => "missing_event",
+            Reject::UnknownEvent => "unknown_event",
+            Reject::InactiveEvent => "inactive_event",
+            Reject::BadTimestamp => "bad_timestamp",
+            Reject::FarFutureTimestamp => "far_future_timestamp",
+        }
+    }
+
+    /// Shape errors make a strict (REST) request fail as a whole; catalog misses are dropped silently.
+    pub fn is_shape_error(self) -> bool {
+        !matches!(self, Reject::UnknownEvent | Reject::InactiveEvent)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a whole frame was refused (nothing in it is looked at further).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("frame is not a JSON object")]
+    NotObject,
+    #[error("Batch too large ({0}), max {MAX_FRAME_DATAPOINTS}")]
+    TooMany(usize),
+    #[error("Frame too large ({0} bytes), max {1}")]
+    TooLarge(usize, usize),
+}
+
+impl FrameError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::InvalidJson(_) => "invalid_json",
+            FrameError::NotObject => "not_object",
+            FrameError::TooMany(_) => "too_many",
+            FrameError::TooLarge(..) => "too_large",
+        }
+    }
+}
+
+/// One datapoint that passed validation (the catalog has not been consulted yet).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedPoint {
     pub event_public_id: String,
     pub value: f64,
+    /// Client timestamp, microseconds since the Unix epoch.
+    pub time_us: Option<i64>,
 }
 
 /// The result of parsing one frame.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ParsedFrame {
-    pub points: Vec<ParsedPoint>,
-    /// Entries skipped as invalid (non-object, missing/invalid value or event id).
-    pub invalid: usize,
+    /// Valid points with their index in the `datapoints` array.
+    pub points: Vec<(usize, ParsedPoint)>,
+    /// Invalid entries: index in the array and reason.
+    pub rejects: Vec<(usize, Reject)>,
     /// Number of entries in the `datapoints` array (0 when missing).
     pub total: usize,
+    /// `datapoints` was present and an array.
+    pub has_datapoints: bool,
+    /// The client's frame sequence number, echoed in the ack.
+    pub seq: Option<u64>,
 }
 
-fn value_of(v: &Value) -> Option<f64> {
+fn value_of(v: Option<&Value>) -> Result<f64, Reject> {
     let f = match v {
-        Value::Number(n) => n.as_f64()?,
-        Value::String(s) => s.trim().parse::<f64>().ok()?,
-        _ => return None,
+        None | Some(Value::Null) => return Err(Reject::MissingValue),
+        Some(Value::Number(n)) => n.as_f64().ok_or(Reject::InvalidValue)?,
+        // Numeric strings are accepted, as WebMACS does (Python's float()).
+        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| Reject::InvalidValue)?,
+        Some(_) => return Err(Reject::InvalidValue),
     };
-    f.is_finite().then_some(f)
-}
-
-fn event_id_of(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(if *b { "True".into() } else { "False".into() }),
-        _ => None,
+    if f.is_finite() {
+        Ok(f)
+    } else {
+        Err(Reject::NonFinite)
     }
 }
 
-/// Parse a telemetry frame `{"datapoints":[{"value", "event_public_id"}, ...]}`.
-pub fn parse_frame(bytes: &[u8]) -> Result<ParsedFrame, CoreError> {
-    let doc: Value =
-        serde_json::from_slice(bytes).map_err(|e| CoreError::InvalidFrame(e.to_string()))?;
-    let obj = doc
-        .as_object()
-        .ok_or_else(|| CoreError::InvalidFrame("not an object".into()))?;
+fn event_id_of(v: Option<&Value>) -> Result<String, Reject> {
+    // The reference converts the id with str(); numbers and booleans become their Python spelling.
+    match v {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::Bool(b)) => Ok(if *b { "True".into() } else { "False".into() }),
+        _ => Err(Reject::MissingEvent),
+    }
+}
+
+/// A client timestamp: RFC 3339 (a naive ISO form counts as UTC) or epoch milliseconds.
+pub fn parse_timestamp(v: &Value) -> Result<Option<i64>, Reject> {
+    let us = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => {
+            let s = s.trim();
+            if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+                t.timestamp_micros()
+            } else {
+                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                    .map_err(|_| Reject::BadTimestamp)?
+                    .and_utc()
+                    .timestamp_micros()
+            }
+        }
+        Value::Number(n) => {
+            let ms = n.as_f64().ok_or(Reject::BadTimestamp)?;
+            let us = (ms * 1000.0).round();
+            if !us.is_finite() || us < MIN_TS_US as f64 || us > MAX_TS_US as f64 {
+                return Err(Reject::BadTimestamp);
+            }
+            us as i64
+        }
+        _ => return Err(Reject::BadTimestamp),
+    };
+    if !(MIN_TS_US..=MAX_TS_US).contains(&us) {
+        return Err(Reject::BadTimestamp);
+    }
+    Ok(Some(us))
+}
+
+fn point_of(item: &Value, now_us: i64) -> Result<ParsedPoint, Reject> {
+    let obj = item.as_object().ok_or(Reject::NotObject)?;
+    let value = value_of(obj.get("value"))?;
+    let event_public_id = event_id_of(obj.get("event_public_id"))?;
+    let time_us = match obj.get("timestamp") {
+        None => None,
+        Some(t) => parse_timestamp(t)?,
+    };
+    if let Some(t) = time_us {
+        if t > now_us.saturating_add(MAX_FUTURE_US) {
+            return Err(Reject::FarFutureTimestamp);
+        }
+    }
+    Ok(ParsedPoint {
+        event_public_id,
+        value,
+        time_us,
+    })
+}
+
+/// Python's `json` (and so the WebMACS controller) writes NaN/Infinity as bare tokens, which strict JSON
+/// refuses. Rewrite them (outside strings) into strings so that one bad value is an entry-level
+/// `non_finite` reject instead of a dropped connection.
+fn quote_non_finite_tokens(bytes: &[u8]) -> Option<Vec<u8>> {
+    const TOKENS: [&[u8]; 3] = [b"-Infinity", b"Infinity", b"NaN"];
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if let Some(t) = TOKENS.iter().find(|t| bytes[i..].starts_with(t)) {
+            out.push(b'"');
+            out.extend_from_slice(t);
+            out.push(b'"');
+            i += t.len();
+            changed = true;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    changed.then_some(out)
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, FrameError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let retry =
+                quote_non_finite_tokens(bytes).and_then(|b| serde_json::from_slice(&b).ok());
+            retry.ok_or_else(|| FrameError::InvalidJson(e.to_string()))
+        }
+    }
+}
+
+/// Parse a telemetry frame `{"datapoints":[{"value", "event_public_id", "timestamp"?}, ...], "seq"?}`.
+///
+/// `now_us` (Unix microseconds) bounds client timestamps; `max_bytes` bounds the frame.
+pub fn parse_frame(bytes: &[u8], now_us: i64, max_bytes: usize) -> Result<ParsedFrame, FrameError> {
+    if bytes.len() > max_bytes {
+        return Err(FrameError::TooLarge(bytes.len(), max_bytes));
+    }
+    let doc = parse_json(bytes)?;
+    let obj = doc.as_object().ok_or(FrameError::NotObject)?;
+    let seq = obj.get("seq").and_then(Value::as_u64);
     let Some(Value::Array(items)) = obj.get("datapoints") else {
-        return Ok(ParsedFrame::default());
+        return Ok(ParsedFrame {
+            seq,
+            ..Default::default()
+        });
     };
     if items.len() > MAX_FRAME_DATAPOINTS {
-        return Err(CoreError::FrameTooLarge(format!(
-            "Batch too large ({}), max {}",
-            items.len(),
-            MAX_FRAME_DATAPOINTS
-        )));
+        return Err(FrameError::TooMany(items.len()));
     }
-    let mut out = ParsedFrame { total: items.len(), ..Default::default() };
-    for item in items {
-        let parsed = item.as_object().and_then(|o| {
-            Some(ParsedPoint {
-                value: value_of(o.get("value")?)?,
-                event_public_id: event_id_of(o.get("event_public_id")?)?,
-            })
-        });
-        match parsed {
-            Some(p) => out.points.push(p),
-            None => out.invalid += 1,
+    let mut out = ParsedFrame {
+        total: items.len(),
+        has_datapoints: true,
+        seq,
+        points: Vec::with_capacity(items.len()),
+        rejects: Vec::new(),
+    };
+    for (i, item) in items.iter().enumerate() {
+        match point_of(item, now_us) {
+            Ok(p) => out.points.push((i, p)),
+            Err(r) => out.rejects.push((i, r)),
         }
     }
     Ok(out)
@@ -78,35 +273,150 @@ pub fn parse_frame(bytes: &[u8]) -> Result<ParsedFrame, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_764_000_000_000_000; // 2025-11-24
+    const MAX: usize = DEFAULT_MAX_FRAME_BYTES;
+
+    fn parse(b: &[u8]) -> Result<ParsedFrame, FrameError> {
+        parse_frame(b, NOW, MAX)
+    }
+
+    fn reasons(f: &ParsedFrame) -> Vec<Reject> {
+        f.rejects.iter().map(|r| r.1).collect()
+    }
 
     #[test]
     fn accepts_numbers_and_numeric_strings() {
-        let f = parse_frame(br#"{"datapoints":[{"value":1.5,"event_public_id":"a"},{"value":"42","event_public_id":"b","x":1}]}"#).unwrap();
+        let f = parse(br#"{"datapoints":[{"value":1.5,"event_public_id":"a"},{"value":"42","event_public_id":"b","x":1}]}"#).unwrap();
         assert_eq!(f.points.len(), 2);
-        assert_eq!(f.points[1].value, 42.0);
-        assert_eq!(f.invalid, 0);
+        assert_eq!(f.points[1].1.value, 42.0);
+        assert!(f.rejects.is_empty());
+        assert!(f.has_datapoints);
     }
 
     #[test]
-    fn skips_invalid_entries() {
-        let f = parse_frame(br#"{"datapoints":[1,{"value":null,"event_public_id":"a"},{"value":"x","event_public_id":"a"},{"value":1}]}"#).unwrap();
-        assert!(f.points.is_empty());
-        assert_eq!(f.invalid, 4);
-    }
-
-    #[test]
-    fn rejects_non_objects_and_oversize() {
-        assert!(matches!(parse_frame(b"[1]"), Err(CoreError::InvalidFrame(_))));
-        assert!(matches!(parse_frame(b"nope"), Err(CoreError::InvalidFrame(_))));
-        let big = format!("{{\"datapoints\":[{}]}}", vec!["{}"; 501].join(","));
+    fn every_reject_has_its_reason() {
+        let f = parse(
+            br#"{"datapoints":[1,{"value":null,"event_public_id":"a"},{"value":"x","event_public_id":"a"},
+            {"value":1},{"value":"inf","event_public_id":"a"},{"value":1e400,"event_public_id":"a"},
+            {"value":1,"event_public_id":"a","timestamp":"yesterday"},{"value":[1],"event_public_id":"a"},
+            {"value":1,"event_public_id":{"x":1}}]}"#,
+        );
+        // 1e400 overflows serde_json's f64 parsing: the whole frame is invalid JSON.
+        assert!(matches!(f, Err(FrameError::InvalidJson(_))));
+        let f = parse(
+            br#"{"datapoints":[1,{"value":null,"event_public_id":"a"},{"value":"x","event_public_id":"a"},
+            {"value":1},{"value":"inf","event_public_id":"a"},
+            {"value":1,"event_public_id":"a","timestamp":"yesterday"},{"value":[1],"event_public_id":"a"},
+            {"value":1,"event_public_id":{"x":1}}]}"#,
+        )
+        .unwrap();
+        use Reject::*;
         assert_eq!(
-            parse_frame(big.as_bytes()),
-            Err(CoreError::FrameTooLarge("Batch too large (501), max 500".into()))
+            reasons(&f),
+            vec![
+                NotObject,
+                MissingValue,
+                InvalidValue,
+                MissingEvent,
+                NonFinite,
+                BadTimestamp,
+                InvalidValue,
+                MissingEvent
+            ]
+        );
+        assert_eq!(f.total, 8);
+    }
+
+    #[test]
+    fn python_non_finite_tokens_are_entry_rejects() {
+        let f = parse(br#"{"datapoints":[{"value":NaN,"event_public_id":"a"},{"value":-Infinity,"event_public_id":"NaN"},{"value":2,"event_public_id":"x"}]}"#).unwrap();
+        assert_eq!(reasons(&f), vec![Reject::NonFinite, Reject::NonFinite]);
+        assert_eq!(f.points[0].1.event_public_id, "x");
+    }
+
+    #[test]
+    fn timestamps_rfc3339_naive_and_epoch_ms() {
+        let f = parse(
+            br#"{"datapoints":[{"value":1,"event_public_id":"a","timestamp":"2025-01-01T00:00:00.5Z"},
+            {"value":1,"event_public_id":"a","timestamp":"2025-01-01T01:00:00.5+01:00"},
+            {"value":1,"event_public_id":"a","timestamp":"2025-01-01T00:00:00.5"},
+            {"value":1,"event_public_id":"a","timestamp":1735689600500}]}"#,
+        )
+        .unwrap();
+        let want = 1_735_689_600_500_000;
+        assert!(
+            f.points.iter().all(|(_, p)| p.time_us == Some(want)),
+            "{f:?}"
         );
     }
 
     #[test]
-    fn missing_datapoints_is_empty() {
-        assert_eq!(parse_frame(b"{}").unwrap(), ParsedFrame::default());
+    fn far_future_is_rejected_near_future_accepted() {
+        let near = (NOW / 1000) + 60_000;
+        let far = (NOW / 1000) + 6 * 60_000;
+        let body = format!(
+            r#"{{"datapoints":[{{"value":1,"event_public_id":"a","timestamp":{near}}},{{"value":1,"event_public_id":"a","timestamp":{far}}},{{"value":1,"event_public_id":"a","timestamp":1e300}}]}}"#
+        );
+        let f = parse(body.as_bytes()).unwrap();
+        assert_eq!(f.points.len(), 1);
+        assert_eq!(
+            reasons(&f),
+            vec![Reject::FarFutureTimestamp, Reject::BadTimestamp]
+        );
+    }
+
+    #[test]
+    fn frame_level_errors() {
+        assert_eq!(parse(b"[1]"), Err(FrameError::NotObject));
+        assert!(matches!(parse(b"nope"), Err(FrameError::InvalidJson(_))));
+        assert!(matches!(parse(b""), Err(FrameError::InvalidJson(_))));
+        let big = format!("{{\"datapoints\":[{}]}}", vec!["{}"; 501].join(","));
+        let e = parse(big.as_bytes()).unwrap_err();
+        assert_eq!(e, FrameError::TooMany(501));
+        assert_eq!(e.to_string(), "Batch too large (501), max 500");
+        assert_eq!(parse_frame(b"{}", NOW, 1), Err(FrameError::TooLarge(2, 1)));
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(
+            parse(deep.as_bytes()),
+            Err(FrameError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn missing_datapoints_is_empty_and_seq_is_kept() {
+        assert_eq!(parse(b"{}").unwrap(), ParsedFrame::default());
+        let f = parse(br#"{"seq":7,"datapoints":"x"}"#).unwrap();
+        assert_eq!((f.seq, f.has_datapoints, f.total), (Some(7), false, 0));
+        assert_eq!(parse(br#"{"seq":-1}"#).unwrap().seq, None);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn every_entry_is_accepted_or_rejected(
+            entries in proptest::collection::vec(
+                prop_oneof![
+                    Just("1".to_string()),
+                    Just("null".to_string()),
+                    Just("\"x\"".to_string()),
+                    any::<f64>().prop_map(|v| if v.is_finite() { format!("{{\"value\":{v},\"event_public_id\":\"e\"}}") } else { "{}".into() }),
+                    (any::<i64>(), "[a-z0-9:+.TZ-]{0,30}").prop_map(|(n, s)| format!("{{\"value\":{n},\"event_public_id\":\"{s}\",\"timestamp\":\"{s}\"}}")),
+                    any::<i64>().prop_map(|n| format!("{{\"value\":\"{n}\",\"event_public_id\":{n},\"timestamp\":{n}}}")),
+                ],
+                0..40,
+            )
+        ) {
+            let body = format!("{{\"datapoints\":[{}]}}", entries.join(","));
+            let f = parse(body.as_bytes()).unwrap();
+            prop_assert_eq!(f.points.len() + f.rejects.len(), entries.len());
+            prop_assert_eq!(f.total, entries.len());
+            for (_, p) in &f.points { prop_assert!(p.value.is_finite()); }
+        }
     }
 }

@@ -2,9 +2,15 @@
 //!
 //! The core knows nothing of Python; bindings live in `py/` behind the `python` feature.
 
+pub mod batch;
+pub mod catalog;
 pub mod downsample;
+pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod rules;
+pub mod stats;
+pub mod writer;
 
 #[cfg(feature = "python")]
 pub mod py;

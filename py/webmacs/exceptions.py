@@ -1,5 +1,21 @@
 """Exceptions raised by the engine (`webmacs._core`), re-exported as the public hierarchy."""
 
-from webmacs._core import CoreException, FrameTooLargeError, InvalidFrameError
+from webmacs._core import (
+    ConfigError,
+    CoreException,
+    DatabaseError,
+    EngineClosedError,
+    FrameTooLargeError,
+    InvalidFrameError,
+    QueueFullError,
+)
 
-__all__ = ["CoreException", "FrameTooLargeError", "InvalidFrameError"]
+__all__ = [
+    "ConfigError",
+    "CoreException",
+    "DatabaseError",
+    "EngineClosedError",
+    "FrameTooLargeError",
+    "InvalidFrameError",
+    "QueueFullError",
+]

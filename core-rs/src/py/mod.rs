@@ -1,6 +1,7 @@
 //! PyO3 bindings: the only place in the crate that knows about Python.
 
 mod downsample;
+mod engine;
 mod errors;
 
 use pyo3::prelude::*;
@@ -13,12 +14,34 @@ pub(crate) fn detached<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, f: F) -
     py.detach(f)
 }
 
-/// Parse and validate a telemetry frame; returns (valid points, invalid entries, total entries).
+type ValidatedFrame = (
+    Vec<(String, f64, Option<i64>)>,
+    Vec<(usize, &'static str)>,
+    usize,
+);
+
+/// Parse and validate a frame without a catalog: (valid points, rejected (index, reason), total entries).
 #[pyfunction]
-fn validate_frame(py: Python<'_>, frame: PyBackedBytes) -> PyResult<(Vec<(String, f64)>, usize, usize)> {
-    let parsed = detached(py, || frame::parse_frame(&frame))?;
-    let points = parsed.points.into_iter().map(|p| (p.event_public_id, p.value)).collect();
-    Ok((points, parsed.invalid, parsed.total))
+fn validate_frame(py: Python<'_>, frame: PyBackedBytes) -> PyResult<ValidatedFrame> {
+    let parsed = detached(py, || {
+        frame::parse_frame(
+            &frame,
+            crate::engine::unix_now_us(),
+            frame::DEFAULT_MAX_FRAME_BYTES,
+        )
+    })
+    .map_err(crate::CoreError::from)?;
+    let points = parsed
+        .points
+        .into_iter()
+        .map(|(_, p)| (p.event_public_id, p.value, p.time_us))
+        .collect();
+    let rejects = parsed
+        .rejects
+        .into_iter()
+        .map(|(i, r)| (i, r.code()))
+        .collect();
+    Ok((points, rejects, parsed.total))
 }
 
 #[pymodule]
@@ -26,6 +49,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add_function(wrap_pyfunction!(validate_frame, m)?)?;
     errors::register(m)?;
+    engine::register(m)?;
     downsample::register(m)?;
     Ok(())
 }

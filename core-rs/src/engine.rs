@@ -1,0 +1,742 @@
+//! The engine: frames in, rules and live view updated in-line, rows queued to the writer, commits signalled.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+use crate::batch::{BatchPolicy, BatchSize};
+use crate::catalog::{Catalog, EventEntry};
+use crate::error::CoreError;
+use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
+use crate::rules::{self, Rule, RuleState};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::writer::{self, Row, Writer};
+
+/// The NOTIFY channel the catalog tables' triggers announce changes on (sql/0004).
+pub const CATALOG_CHANNEL: &str = "webmacs_catalog";
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub dsn: String,
+    pub policy: BatchPolicy,
+    /// Rows waiting for the writer before `submit` answers QueueFull.
+    pub queue_capacity: usize,
+    pub max_frame_bytes: usize,
+    /// Throttle of `sensor.reading` firings per event (spec §9: 5 s).
+    pub reading_interval: Duration,
+    /// Throttle of live-stream inclusion per event (spec §6 step 7: 0.2 s).
+    pub broadcast_interval: Duration,
+    /// Bound of the broadcast and firing buffers when Python does not drain them.
+    pub buffer_capacity: usize,
+}
+
+impl EngineConfig {
+    pub fn new(dsn: &str) -> Self {
+        EngineConfig {
+            dsn: dsn.to_owned(),
+            policy: BatchPolicy::default(),
+            queue_capacity: 200_000,
+            max_frame_bytes: frame::DEFAULT_MAX_FRAME_BYTES,
+            reading_interval: Duration::from_secs(5),
+            broadcast_interval: Duration::from_millis(200),
+            buffer_capacity: 100_000,
+        }
+    }
+}
+
+/// What happened to one frame.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Receipt {
+    pub accepted: usize,
+    /// Rejected entries: index in the frame and reason, in index order.
+    pub rejects: Vec<(usize, Reject)>,
+    pub total: usize,
+    pub has_datapoints: bool,
+    pub seq: Option<u64>,
+    /// Wait until `committed_ticket() >= ticket` before acknowledging: then every accepted row is durable.
+    pub ticket: u64,
+}
+
+/// Something Python must act on after a commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Firing {
+    Rule {
+        rule: Arc<Rule>,
+        event_public_id: Arc<str>,
+        value: f64,
+        time_us: i64,
+    },
+    /// A throttled `sensor.reading` webhook (spec §9).
+    Reading {
+        event_public_id: Arc<str>,
+        value: f64,
+        time_us: i64,
+    },
+}
+
+/// One datapoint for the live stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePoint {
+    pub event_public_id: Arc<str>,
+    pub value: f64,
+    pub time_us: i64,
+    pub experiment_public_id: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    value: f64,
+    time_us: i64,
+    experiment_id: Option<i32>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    row: Row,
+    ticket: u64,
+    /// The frame's last row: once it commits, the frame's ticket is done.
+    last_of_ticket: bool,
+    queued_at: Instant,
+}
+
+#[derive(Default)]
+struct IngestState {
+    next_ticket: u64,
+    queue: VecDeque<Queued>,
+    last_server_us: HashMap<i32, i64>,
+    rule_states: HashMap<i32, RuleState>,
+    reading_at: HashMap<i32, Instant>,
+    broadcast_at: HashMap<i32, Instant>,
+    latest: HashMap<i32, Latest>,
+    firings: VecDeque<Firing>,
+    live: VecDeque<LivePoint>,
+}
+
+struct Shared {
+    config: EngineConfig,
+    catalog: ArcSwap<Catalog>,
+    state: Mutex<IngestState>,
+    stats: Stats,
+    committed: AtomicU64,
+    writer_wake: Notify,
+    closing: AtomicBool,
+    abort: AtomicBool,
+    shutdown: Notify,
+    commit_signal: UnixStream,
+    /// One connection for catalog loads; the lock also serialises loads so a slow stale read never
+    /// overwrites a newer snapshot.
+    catalog_client: tokio::sync::Mutex<Option<Client>>,
+}
+
+pub fn unix_now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, IngestState> {
+        // A panic while holding the lock would be a bug; the state stays usable (counters and caches).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn with_catalog_client<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Client) -> Result<T, CoreError>,
+    ) -> Result<T, CoreError> {
+        let mut guard = self.catalog_client.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(writer::connect(&self.config.dsn, "webmacs-ingest-catalog").await?);
+        }
+        // Set just above when missing.
+        let client = guard.as_mut().expect("connected above");
+        let res = f(client).await;
+        if res.is_err() && client.is_closed() {
+            *guard = None;
+        }
+        res
+    }
+
+    async fn reload_catalog(&self) -> Result<(), CoreError> {
+        self.with_catalog_client(async |c| {
+            let cat = Catalog::load(c).await?;
+            self.catalog.store(Arc::new(cat));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_latest(&self) -> Result<(), CoreError> {
+        let rows = self
+            .with_catalog_client(async |c| {
+                Ok(c.query(
+                    "SELECT e.id, d.value, (EXTRACT(EPOCH FROM d.time) * 1000000)::int8, d.experiment_id
+                     FROM events e CROSS JOIN LATERAL (
+                        SELECT time, value, experiment_id FROM datapoints WHERE event_id = e.id
+                        ORDER BY time DESC LIMIT 1) d",
+                    &[],
+                )
+                .await?)
+            })
+            .await?;
+        let mut st = self.state();
+        for r in rows {
+            st.latest.insert(
+                r.get(0),
+                Latest {
+                    value: r.get(1),
+                    time_us: r.get(2),
+                    experiment_id: r.get(3),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn signal_commit(&self) {
+        // Non-blocking: a full pipe already holds a pending wake-up, which is all the reader needs.
+        let _ = (&self.commit_signal).write(&[1]);
+    }
+}
+
+/// The ingestion engine. Thread-safe; every method may be called from any thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    handle: Handle,
+    runtime: Mutex<Option<Runtime>>,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+    commit_fd: UnixStream,
+}
+
+impl Engine {
+    /// Connect, load the catalog and the latest values, and start the writer and the catalog listener.
+    pub fn start(config: EngineConfig) -> Result<Engine, CoreError> {
+        if config.queue_capacity == 0 || config.max_frame_bytes == 0 {
+            return Err(CoreError::Config(
+                "queue_capacity and max_frame_bytes must be positive".into(),
+            ));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("webmacs-engine")
+            .enable_all()
+            .build()
+            .map_err(|e| CoreError::Config(format!("cannot start the engine runtime: {e}")))?;
+        let io =
+            |e: std::io::Error| CoreError::Config(format!("cannot create the commit pipe: {e}"));
+        let (reader, signal) = UnixStream::pair().map_err(io)?;
+        reader.set_nonblocking(true).map_err(io)?;
+        signal.set_nonblocking(true).map_err(io)?;
+        let shared = Arc::new(Shared {
+            config,
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            state: Mutex::new(IngestState {
+                next_ticket: 1,
+                ..Default::default()
+            }),
+            stats: Stats::default(),
+            committed: AtomicU64::new(0),
+            writer_wake: Notify::new(),
+            closing: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            commit_signal: signal,
+            catalog_client: tokio::sync::Mutex::new(None),
+        });
+        runtime.block_on(async {
+            shared.reload_catalog().await?;
+            shared.load_latest().await
+        })?;
+        let writer_task = runtime.spawn(run_writer(shared.clone()));
+        runtime.spawn(run_listener(shared.clone()));
+        Ok(Engine {
+            handle: runtime.handle().clone(),
+            shared,
+            runtime: Mutex::new(Some(runtime)),
+            writer_task: Mutex::new(Some(writer_task)),
+            commit_fd: reader,
+        })
+    }
+
+    /// The read end of the commit pipe: readable after each commit. Drain it, then read `committed_ticket`.
+    pub fn commit_fd(&self) -> RawFd {
+        self.commit_fd.as_raw_fd()
+    }
+
+    pub fn committed_ticket(&self) -> u64 {
+        self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// Parse, validate and queue a frame. `strict` (REST): any malformed entry refuses the whole frame.
+    pub fn submit(&self, bytes: &[u8], strict: bool) -> Result<Receipt, CoreError> {
+        self.check_open()?;
+        let s = &self.shared;
+        s.stats.frames.fetch_add(1, Ordering::Relaxed);
+        let parsed = frame::parse_frame(bytes, unix_now_us(), s.config.max_frame_bytes)
+            .inspect_err(|_| {
+                s.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+            })?;
+        self.ingest(parsed, strict)
+    }
+
+    /// Queue already-decoded points `(event public id, value, client time µs)` (the single REST create).
+    pub fn submit_points(
+        &self,
+        points: Vec<(String, f64, Option<i64>)>,
+    ) -> Result<Receipt, CoreError> {
+        self.check_open()?;
+        self.shared.stats.frames.fetch_add(1, Ordering::Relaxed);
+        let now_us = unix_now_us();
+        let mut parsed = ParsedFrame {
+            total: points.len(),
+            has_datapoints: true,
+            ..Default::default()
+        };
+        for (i, (event_public_id, value, time_us)) in points.into_iter().enumerate() {
+            if !value.is_finite() {
+                parsed.rejects.push((i, Reject::NonFinite));
+            } else if time_us.is_some_and(|t| t > now_us.saturating_add(frame::MAX_FUTURE_US)) {
+                parsed.rejects.push((i, Reject::FarFutureTimestamp));
+            } else {
+                parsed.points.push((
+                    i,
+                    ParsedPoint {
+                        event_public_id,
+                        value,
+                        time_us,
+                    },
+                ));
+            }
+        }
+        self.ingest(parsed, false)
+    }
+
+    fn check_open(&self) -> Result<(), CoreError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            Err(CoreError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn ingest(&self, parsed: ParsedFrame, strict: bool) -> Result<Receipt, CoreError> {
+        let s = &self.shared;
+        let ParsedFrame {
+            points,
+            mut rejects,
+            total,
+            has_datapoints,
+            seq,
+        } = parsed;
+        let mut receipt = Receipt {
+            total,
+            has_datapoints,
+            seq,
+            ..Default::default()
+        };
+        if strict && rejects.iter().any(|r| r.1.is_shape_error()) {
+            rejects.iter().for_each(|r| s.stats.reject(r.1));
+            receipt.rejects = rejects;
+            return Ok(receipt);
+        }
+        let catalog = s.catalog.load();
+        let mut resolved: Vec<(&EventEntry, ParsedPoint)> = Vec::with_capacity(points.len());
+        for (i, p) in points {
+            match catalog.events.get(p.event_public_id.as_str()) {
+                None => rejects.push((i, Reject::UnknownEvent)),
+                Some(e) if !e.active => rejects.push((i, Reject::InactiveEvent)),
+                Some(e) => resolved.push((e, p)),
+            }
+        }
+        rejects.sort_unstable_by_key(|r| r.0);
+
+        let now = Instant::now();
+        let now_us = unix_now_us();
+        let cfg = &s.config;
+        let mut st = s.state();
+        let depth = st.queue.len();
+        if !resolved.is_empty() && depth > 0 && depth + resolved.len() > cfg.queue_capacity {
+            s.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return Err(CoreError::QueueFull {
+                depth,
+                capacity: cfg.queue_capacity,
+            });
+        }
+        rejects.iter().for_each(|r| s.stats.reject(r.1));
+        receipt.accepted = resolved.len();
+        receipt.rejects = rejects;
+        if resolved.is_empty() {
+            // Nothing of ours to wait for, but acks stay in order behind earlier frames.
+            receipt.ticket = st.next_ticket - 1;
+            return Ok(receipt);
+        }
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        receipt.ticket = ticket;
+        let experiment_id = catalog.running_experiment;
+        let experiment_public_id = catalog.experiment_public_id(experiment_id);
+        let mut live_pass: HashMap<i32, bool> = HashMap::new();
+        let last = resolved.len() - 1;
+        let st = &mut *st;
+        for (n, (e, p)) in resolved.into_iter().enumerate() {
+            let time_us = p.time_us.unwrap_or_else(|| {
+                next_server_time(st.last_server_us.entry(e.id).or_insert(i64::MIN), now_us)
+            });
+            for rule in &e.rules {
+                let state = st.rule_states.entry(rule.id).or_default();
+                if rules::evaluate(rule, state, p.value, now) {
+                    push_bounded(
+                        &mut st.firings,
+                        cfg.buffer_capacity,
+                        &s.stats,
+                        Firing::Rule {
+                            rule: rule.clone(),
+                            event_public_id: e.public_id.clone(),
+                            value: p.value,
+                            time_us,
+                        },
+                    );
+                }
+            }
+            if st
+                .reading_at
+                .get(&e.id)
+                .is_none_or(|t| now.duration_since(*t) >= cfg.reading_interval)
+            {
+                st.reading_at.insert(e.id, now);
+                push_bounded(
+                    &mut st.firings,
+                    cfg.buffer_capacity,
+                    &s.stats,
+                    Firing::Reading {
+                        event_public_id: e.public_id.clone(),
+                        value: p.value,
+                        time_us,
+                    },
+                );
+            }
+            let pass = *live_pass.entry(e.id).or_insert_with(|| {
+                let due = st
+                    .broadcast_at
+                    .get(&e.id)
+                    .is_none_or(|t| now.duration_since(*t) >= cfg.broadcast_interval);
+                if due {
+                    st.broadcast_at.insert(e.id, now);
+                }
+                due
+            });
+            if pass {
+                push_bounded(
+                    &mut st.live,
+                    cfg.buffer_capacity,
+                    &s.stats,
+                    LivePoint {
+                        event_public_id: e.public_id.clone(),
+                        value: p.value,
+                        time_us,
+                        experiment_public_id: experiment_public_id.clone(),
+                    },
+                );
+            }
+            let latest = Latest {
+                value: p.value,
+                time_us,
+                experiment_id,
+            };
+            st.latest
+                .entry(e.id)
+                .and_modify(|l| {
+                    if time_us >= l.time_us {
+                        *l = latest
+                    }
+                })
+                .or_insert(latest);
+            st.queue.push_back(Queued {
+                row: Row {
+                    time_us,
+                    event_id: e.id,
+                    experiment_id,
+                    value: p.value,
+                },
+                ticket,
+                last_of_ticket: n == last,
+                queued_at: now,
+            });
+        }
+        s.stats
+            .accepted
+            .fetch_add(receipt.accepted as u64, Ordering::Relaxed);
+        s.stats
+            .queue_depth
+            .store(st.queue.len() as u64, Ordering::Relaxed);
+        s.writer_wake.notify_one();
+        Ok(receipt)
+    }
+
+    /// Re-read the catalog now (after this process changed it; other processes' changes arrive by NOTIFY).
+    pub fn refresh_catalog(&self) -> Result<(), CoreError> {
+        self.handle.block_on(self.shared.reload_catalog())
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog.load_full()
+    }
+
+    /// Latest value per known event.
+    pub fn latest(&self) -> Vec<LivePoint> {
+        let catalog = self.shared.catalog.load();
+        let st = self.shared.state();
+        st.latest
+            .iter()
+            .filter_map(|(id, l)| {
+                Some(LivePoint {
+                    event_public_id: catalog.event_public_ids.get(id)?.clone(),
+                    value: l.value,
+                    time_us: l.time_us,
+                    experiment_public_id: catalog.experiment_public_id(l.experiment_id),
+                })
+            })
+            .collect()
+    }
+
+    /// Forget cached latest values of one event (its datapoints were deleted elsewhere).
+    pub fn forget_latest(&self, event_id: i32) {
+        self.shared.state().latest.remove(&event_id);
+    }
+
+    pub fn drain_firings(&self) -> Vec<Firing> {
+        self.shared.state().firings.drain(..).collect()
+    }
+
+    pub fn drain_live(&self) -> Vec<LivePoint> {
+        self.shared.state().live.drain(..).collect()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Stop taking data, write everything queued (waiting at most `timeout` for the database), stop.
+    /// Returns the number of rows that could not be written (never acknowledged to anyone).
+    pub fn close(&self, timeout: Duration) -> usize {
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.writer_wake.notify_one();
+        let task = self
+            .writer_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let shared = self.shared.clone();
+            self.handle.block_on(async move {
+                let mut task = task;
+                if tokio::time::timeout(timeout, &mut task).await.is_err() {
+                    shared.abort.store(true, Ordering::Release);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+                }
+            });
+        }
+        self.shared.shutdown.notify_waiters();
+        let left = self.shared.state().queue.len();
+        if let Some(rt) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+        left
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(rt) = self
+            .runtime
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Server time for one event: the clock, but strictly after the event's previous server time, so two values
+/// of one event in one batch (or a clock step back) never collide on the unique key.
+pub fn next_server_time(prev: &mut i64, now_us: i64) -> i64 {
+    *prev = now_us.max(prev.saturating_add(1));
+    *prev
+}
+
+fn push_bounded<T>(buf: &mut VecDeque<T>, cap: usize, stats: &Stats, item: T) {
+    if buf.len() >= cap {
+        buf.pop_front();
+        stats.broadcast_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    buf.push_back(item);
+}
+
+async fn run_writer(shared: Arc<Shared>) {
+    let policy = shared.config.policy;
+    let mut writer = Writer::new(&shared.config.dsn);
+    loop {
+        let mut rows = Vec::new();
+        let mut size = BatchSize::default();
+        let mut done_ticket = None;
+        loop {
+            let full = {
+                let mut st = shared.state();
+                while let Some(q) = st.queue.front() {
+                    let rb = writer::row_bytes(&q.row);
+                    if !size.admits(&policy, rb) {
+                        break;
+                    }
+                    // front() was Some just above, under the same lock.
+                    let q = st.queue.pop_front().expect("front exists");
+                    size.add(rb, q.queued_at);
+                    rows.push(q.row);
+                    if q.last_of_ticket {
+                        done_ticket = Some(q.ticket);
+                    }
+                }
+                shared
+                    .stats
+                    .queue_depth
+                    .store(st.queue.len() as u64, Ordering::Relaxed);
+                !st.queue.is_empty()
+            };
+            let closing = shared.closing.load(Ordering::Acquire);
+            if rows.is_empty() {
+                if closing {
+                    return;
+                }
+                shared.writer_wake.notified().await;
+                continue;
+            }
+            if full || closing || size.is_due(&policy, Instant::now()) {
+                break;
+            }
+            let due = size.due_at(&policy).unwrap_or_else(Instant::now);
+            tokio::select! {
+                _ = shared.writer_wake.notified() => {}
+                _ = tokio::time::sleep_until(due.into()) => {}
+            }
+        }
+        let started = Instant::now();
+        let res = writer
+            .write(&rows, || shared.abort.load(Ordering::Acquire))
+            .await;
+        let stats = &shared.stats;
+        stats.retries.store(writer.retries, Ordering::Relaxed);
+        stats.reconnects.store(writer.reconnects, Ordering::Relaxed);
+        match res {
+            Ok(w) => {
+                stats.written.fetch_add(w.inserted, Ordering::Relaxed);
+                stats.duplicates.fetch_add(w.duplicates, Ordering::Relaxed);
+                stats.flushed(writer::elapsed_us(started));
+                if let Some(t) = done_ticket {
+                    shared.committed.fetch_max(t, Ordering::AcqRel);
+                }
+                shared.signal_commit();
+            }
+            // Only when closing with a dead database: nothing of this batch was acknowledged.
+            Err(_) => return,
+        }
+    }
+}
+
+/// LISTEN for catalog changes made by any process; reload on each (coalesced) notification, and after
+/// every reconnect, since notifications sent while disconnected are lost.
+async fn run_listener(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let connected = async {
+            let config: tokio_postgres::Config = shared.config.dsn.parse()?;
+            config.connect(NoTls).await
+        }
+        .await;
+        let (client, mut conn) = match connected {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shared.shutdown.notified() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(Ok(msg)) = messages.next().await {
+                if let AsyncMessage::Notification(_) = msg {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if client
+            .batch_execute(&format!("LISTEN {CATALOG_CHANNEL}"))
+            .await
+            .is_ok()
+        {
+            backoff = Duration::from_millis(100);
+            let _ = shared.reload_catalog().await;
+            loop {
+                tokio::select! {
+                    msg = rx.recv() => match msg {
+                        Some(()) => {
+                            while rx.try_recv().is_ok() {}
+                            if shared.reload_catalog().await.is_err() {
+                                // Retry once the catalog connection is back; a later NOTIFY may never come.
+                                tokio::time::sleep(backoff).await;
+                                let _ = shared.reload_catalog().await;
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = shared.shutdown.notified() => { driver.abort(); return; }
+                }
+            }
+        }
+        driver.abort();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.shutdown.notified() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_time_is_strictly_increasing_per_event() {
+        let mut prev = i64::MIN;
+        let t = 1_000_000;
+        assert_eq!(next_server_time(&mut prev, t), t);
+        assert_eq!(next_server_time(&mut prev, t), t + 1);
+        assert_eq!(next_server_time(&mut prev, t), t + 2);
+        // The clock stepping back does not reuse a timestamp; a later clock wins again.
+        assert_eq!(next_server_time(&mut prev, t - 50), t + 3);
+        assert_eq!(next_server_time(&mut prev, t + 100), t + 100);
+    }
+}

@@ -1,0 +1,101 @@
+//! Engine counters (lock-free): what was accepted, rejected and why, written, retried, and how fast.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::frame::Reject;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub frames: AtomicU64,
+    pub frames_refused: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: [AtomicU64; Reject::ALL.len()],
+    pub queue_full: AtomicU64,
+    pub written: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub batches: AtomicU64,
+    pub retries: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub flush_us_last: AtomicU64,
+    pub flush_us_total: AtomicU64,
+    pub flush_us_max: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub broadcast_dropped: AtomicU64,
+}
+
+/// A consistent-enough copy of the counters for reporting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatsSnapshot {
+    pub counters: Vec<(&'static str, u64)>,
+    pub rejected: Vec<(&'static str, u64)>,
+}
+
+impl Stats {
+    pub fn reject(&self, r: Reject) {
+        self.rejected[r.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn flushed(&self, flush_us: u64) {
+        self.batches.fetch_add(1, Relaxed);
+        self.flush_us_last.store(flush_us, Relaxed);
+        self.flush_us_total.fetch_add(flush_us, Relaxed);
+        self.flush_us_max.fetch_max(flush_us, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let batches = self.batches.load(Relaxed);
+        let avg = self
+            .flush_us_total
+            .load(Relaxed)
+            .checked_div(batches)
+            .unwrap_or(0);
+        let counters = vec![
+            ("frames", self.frames.load(Relaxed)),
+            ("frames_refused", self.frames_refused.load(Relaxed)),
+            ("accepted", self.accepted.load(Relaxed)),
+            ("queue_full", self.queue_full.load(Relaxed)),
+            ("written", self.written.load(Relaxed)),
+            ("duplicates", self.duplicates.load(Relaxed)),
+            ("batches", batches),
+            ("retries", self.retries.load(Relaxed)),
+            ("reconnects", self.reconnects.load(Relaxed)),
+            ("flush_us_last", self.flush_us_last.load(Relaxed)),
+            ("flush_us_avg", avg),
+            ("flush_us_max", self.flush_us_max.load(Relaxed)),
+            ("queue_depth", self.queue_depth.load(Relaxed)),
+            ("broadcast_dropped", self.broadcast_dropped.load(Relaxed)),
+        ];
+        let rejected = Reject::ALL
+            .iter()
+            .map(|r| (r.code(), self.rejected[r.index()].load(Relaxed)))
+            .collect();
+        StatsSnapshot { counters, rejected }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_averages() {
+        let s = Stats::default();
+        s.reject(Reject::NonFinite);
+        s.reject(Reject::NonFinite);
+        s.flushed(10);
+        s.flushed(30);
+        let snap = s.snapshot();
+        let get = |k: &str| snap.counters.iter().find(|c| c.0 == k).unwrap().1;
+        assert_eq!(
+            (
+                get("batches"),
+                get("flush_us_avg"),
+                get("flush_us_max"),
+                get("flush_us_last")
+            ),
+            (2, 20, 30, 30)
+        );
+        assert!(snap.rejected.contains(&("non_finite", 2)));
+        assert_eq!(snap.rejected.len(), Reject::ALL.len());
+    }
+}
