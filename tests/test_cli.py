@@ -181,3 +181,14 @@ def test_dotenv_in_the_working_directory_is_read(monkeypatch: pytest.MonkeyPatch
     (tmp_path / ".env").write_text("SECRET_KEY=" + "k" * 40 + "\nENV=production\n")
     s = Settings()
     assert s.env == "production" and s.secret_key == "k" * 40
+
+
+@pytest.mark.parametrize("given,stored", [
+    ("Admin@WEBMACS.IO", "Admin@webmacs.io"),
+    (" admin@webmacs.io ", "admin@webmacs.io"),
+    ("admin@localhost", "admin@localhost"),  # refused by the validator: kept as given
+])
+def test_initial_admin_email_is_normalised_like_login(given: str, stored: str) -> None:
+    # Login lower-cases the domain (spec §3.4); the seeded admin must match or could never log in.
+    assert Settings(_env_file=None, initial_admin_email=given).initial_admin_email == stored  # type: ignore[call-arg]
+

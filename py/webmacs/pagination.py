@@ -8,6 +8,7 @@ from fastapi import Depends, Query
 from pydantic import BaseModel
 
 T = TypeVar("T")
+_MAX_OFFSET = 2**63 - 1
 
 
 class PageParams(BaseModel):
@@ -20,7 +21,9 @@ class PageParams(BaseModel):
 
     @property
     def offset(self) -> int:
-        return (self.page - 1) * self.page_size
+        # `page` has no upper bound (spec §0.1): a page far past the end must read as empty, not overflow
+        # PostgreSQL's bigint OFFSET.
+        return min((self.page - 1) * self.page_size, _MAX_OFFSET)
 
 
 def _page_params(

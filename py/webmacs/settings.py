@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     #: Timeout of the GitHub release lookup.
     webmacs_ota_github_timeout_s: float = Field(default=8.0, gt=0)
 
+    # --- analyst path: exports and retention ---
+    #: Rows per streamed export frame (one Parquet row group, one CSV piece); bounds an export's memory.
+    webmacs_export_chunk_rows: int = Field(default=100_000, ge=1)
+    #: Drop datapoints older than this many days (whole chunks); unset keeps everything.
+    webmacs_retention_days: int | None = Field(default=None, ge=1)
+    #: Compress chunks older than this many days (Timescale-License edition only); unset disables it.
+    webmacs_compress_after_days: int | None = Field(default=None, ge=1)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _parse_origins(cls, v: Any) -> Any:
@@ -115,6 +123,18 @@ class Settings(BaseSettings):
                 if v.startswith(prefix):
                     return "postgresql://" + v[len(prefix):]
         return v
+
+    @field_validator("initial_admin_email", mode="after")
+    @classmethod
+    def _normalise_admin_email(cls, v: str) -> str:
+        # Login normalises the domain part (spec §3.4); the seeded admin must be stored the same way or it
+        # could never log in. An address the validator refuses is kept as given (login refuses it too).
+        from pydantic.networks import validate_email
+
+        try:
+            return validate_email(v.strip())[1]
+        except ValueError:
+            return v.strip()
 
     @model_validator(mode="after")
     def _production_secret(self) -> Settings:

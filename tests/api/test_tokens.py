@@ -200,3 +200,18 @@ def test_logging_out_the_jwt_leaves_api_tokens_working(client: httpx.Client, adm
     assert client.post("/api/v1/auth/logout", headers=user["headers"]).status_code == 200
     assert client.get(ME, headers=user["headers"]).status_code == 401
     assert client.get(ME, headers=bearer(token)).status_code == 200
+
+
+def test_token_in_use_elsewhere_does_not_block_a_request(client: httpx.Client, viewer: dict[str, str],
+                                                         db: psycopg.Connection) -> None:
+    # Parallel requests with one token (a controller posting batches) must not queue behind each other's
+    # last_used_at update: hold the row lock as a concurrent request would, and the request still completes.
+    created = create_token(client, viewer)
+    with db.transaction():
+        db.execute("SELECT 1 FROM api_tokens WHERE public_id = %s FOR UPDATE", (created["public_id"],))
+        r = client.get(ME, headers=bearer(created["token"]), timeout=15)
+        assert r.status_code == 200
+    assert client.get(ME, headers=bearer(created["token"])).status_code == 200
+    row = db.execute("SELECT last_used_at FROM api_tokens WHERE public_id = %s", (created["public_id"],)).fetchone()
+    assert row is not None and row[0] is not None
+

@@ -351,3 +351,28 @@ def test_out_of_range_paging_is_422(client: httpx.Client, admin: dict[str, str],
     r = client.get(USERS, headers=admin, params=params)
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["query", field]
+
+
+@pytest.mark.parametrize("page", [10**17, 10**30])
+def test_a_page_far_past_the_end_is_empty(client: httpx.Client, admin: dict[str, str], page: int) -> None:
+    r = client.get(USERS, headers=admin, params={"page": page})
+    assert r.status_code == 200
+    assert r.json()["data"] == [] and r.json()["page"] == page and r.json()["total"] >= 1
+
+
+def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admin: dict[str, str], server: Server,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The user's events, plugin instances and rules cascade away; the engine must stop accepting them.
+    refreshed = []
+    original = server.app.state.catalog_refresh
+
+    async def spy() -> None:
+        refreshed.append(True)
+        await original()
+
+    monkeypatch.setattr(server.app.state, "catalog_refresh", spy)
+    user = create(client, admin)
+    assert refreshed == []
+    assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
+    assert refreshed == [True]
+

@@ -146,7 +146,13 @@ async def token_owner(conn: AsyncConnection, *, token_hash: str) -> dict[str, An
 
 
 async def touch_token(conn: AsyncConnection, *, token_id: int) -> None:
-    await conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %(id)s", {"id": token_id})
+    # The row lock is held until the request commits; concurrent requests with the same token (a controller
+    # posting batches in parallel) skip the update instead of queueing behind it — the holder records the use.
+    await conn.execute(
+        "UPDATE api_tokens SET last_used_at = now()"
+        " WHERE id = (SELECT id FROM api_tokens WHERE id = %(id)s FOR UPDATE SKIP LOCKED)",
+        {"id": token_id},
+    )
 
 
 async def create_token(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, EmailStr, Field, StringConstraints
 
-from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep
+from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import users as users_repo
 from webmacs.schemas import UserResponse, UserRole
@@ -81,6 +81,8 @@ async def update_user(public_id: str, body: UserUpdate, user: CurrentUser, conn:
 
 
 @router.delete("/{public_id}", response_model=Status)
-async def delete_user(public_id: str, _: AdminUser, conn: Conn) -> Status:
+async def delete_user(public_id: str, _: AdminUser, conn: Conn, request: Request) -> Status:
     await users_repo.delete(conn, public_id=public_id)
+    # The user's events, experiments, rules and plugin instances went with them (spec §1 cascades).
+    catalog_changed(request)
     return Status.ok("User successfully deleted.")
