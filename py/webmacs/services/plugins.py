@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import UploadFile
+from starlette.datastructures import UploadFile
 from psycopg import AsyncConnection
 
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable

@@ -8,9 +8,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, StringConstraints
+from starlette.datastructures import UploadFile
 
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
 from webmacs.errors import NotFound, TooLarge

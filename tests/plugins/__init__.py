@@ -1,0 +1,1 @@
+"""Plugin wheels built on the fly for upload and discovery tests."""
