@@ -1,0 +1,355 @@
+"""OTA (spec §10): state machine, verified bundle downloads, streamed bundle uploads, GitHub release lookup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tarfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote, urljoin
+
+import httpx
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from webmacs.errors import BadRequest, Conflict, TooLarge, Unprocessable
+from webmacs.services import ssrf
+from webmacs.settings import Settings
+
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$"
+_SEMVER = re.compile(SEMVER)
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+CHUNK = 64 * 1024
+MAX_REDIRECTS = 5
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+TRANSITIONS: dict[str, set[str]] = {
+    "pending": {"downloading", "completed", "failed"},
+    "downloading": {"verifying", "failed"},
+    "verifying": {"applying", "failed"},
+    "applying": {"completed", "failed"},
+    "completed": {"rolled_back"},
+    "failed": {"pending"},
+    "rolled_back": {"pending"},
+}
+HASH_MISMATCH = "SHA-256 hash verification failed"
+
+
+def check_transition(current: str, target: str) -> None:
+    if target not in TRANSITIONS.get(current, set()):
+        raise Conflict(f"Cannot transition from '{current}' to '{target}'")
+
+
+def parse_version(v: str | None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a strict X.Y.Z version, else None (malformed never counts as newer)."""
+    m = _SEMVER.match(v or "")
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def newer(candidate: str | None, than: str) -> bool:
+    c, t = parse_version(candidate), parse_version(than)
+    return c is not None and t is not None and c > t
+
+
+def firmware_path(settings: Settings, version: str) -> Path:
+    # `version` is strict X.Y.Z (validated on create), so it is safe in a file name.
+    return settings.webmacs_update_dir / f"firmware-{version}.tar.gz"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def sha256_file(path: Path) -> str | None:
+    """The file's SHA-256, or None when it is missing or unreadable."""
+    try:
+        return await asyncio.to_thread(_sha256_file, path)
+    except OSError:
+        return None
+
+
+def inside(path: Path, directory: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
+# --- download (POST /ota/{id}/apply with download_url) ---
+
+class DownloadFailed(Exception):
+    """Any failure of a firmware download; the message is the API's 400 detail."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    sha256: str
+
+
+async def download(url: str, dest: Path, settings: Settings, expected_sha256: str | None = None) -> Downloaded:
+    """Stream `url` into `dest` (atomically: a temporary file renamed at the end) with a size cap; with
+    `expected_sha256`, a mismatch fails and leaves no file.
+    Every hop (redirects are followed, at most 5) goes through the SSRF guard and is dialled at the
+    address that was vetted."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+    cap = settings.webmacs_ota_max_bundle_bytes
+    try:
+        async with httpx.AsyncClient(timeout=settings.webmacs_ota_download_timeout_s, follow_redirects=False,
+                                     trust_env=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                try:
+                    target = await ssrf.vet(url, settings.webmacs_webhook_allow_hosts)
+                except ssrf.Refused as e:
+                    raise DownloadFailed(f"download_failed: refused by SSRF guard: {e}") from e
+                except (ValueError, ssrf.Unresolvable) as e:
+                    raise DownloadFailed(f"download_failed: {e}") from e
+                pinned, headers, extensions = ssrf.pinned_request_args(url, target)
+                request = client.build_request("GET", pinned, headers=headers, extensions=extensions)
+                response = await client.send(request, stream=True)
+                try:
+                    if response.is_redirect and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        continue
+                    if response.status_code != 200:
+                        raise DownloadFailed(f"download_failed: status {response.status_code}")
+                    h = hashlib.sha256()
+                    size = 0
+                    with open(tmp, "wb") as f:
+                        async for chunk in response.aiter_bytes(CHUNK):
+                            size += len(chunk)
+                            if size > cap:
+                                raise DownloadFailed(f"download_failed: larger than {cap:,} bytes")
+                            h.update(chunk)
+                            await asyncio.to_thread(f.write, chunk)
+                    digest = h.hexdigest()
+                    if expected_sha256 is not None and digest != expected_sha256.lower():
+                        raise DownloadFailed(HASH_MISMATCH)
+                    os.replace(tmp, dest)
+                    return Downloaded(dest, size, digest)
+                finally:
+                    await response.aclose()
+            raise DownloadFailed(f"download_failed: more than {MAX_REDIRECTS} redirects")
+    except DownloadFailed:
+        raise
+    except httpx.TimeoutException as e:
+        raise DownloadFailed("download_failed: timed out") from e
+    except (httpx.HTTPError, OSError) as e:
+        raise DownloadFailed(f"download_failed: {str(e) or type(e).__name__}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- upload (POST /ota/upload) ---
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def bundle_name(filename: str) -> str:
+    """The stored name: the client's base name only (no directories), restricted to a safe alphabet."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if not base.endswith(".tar.gz"):
+        raise BadRequest("File must be a .tar.gz update bundle.")
+    if not _SAFE_NAME.match(base) or ".." in base or len(base) > 255:
+        raise BadRequest("Invalid bundle file name.")
+    return base
+
+
+def _missing_file() -> RequestValidationError:
+    return RequestValidationError([{"type": "missing", "loc": ("body", "file"), "msg": "Field required",
+                                    "input": None}])
+
+
+async def receive_upload(request: Request, settings: Settings) -> tuple[str, int]:
+    """Stream the multipart field `file` to a temporary file in the update directory, 64 KiB at a time,
+    enforcing the size cap as it arrives; validate the bundle; then give it its final name (never
+    replacing an existing bundle). Returns (name, size). Nothing is left behind on failure."""
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    boundary = params.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise _missing_file()
+    directory = settings.webmacs_update_dir
+    cap = settings.webmacs_ota_max_bundle_bytes
+    events: list[tuple[str, bytes]] = []
+    header: dict[str, bytes] = {"field": b"", "value": b"", "disposition": b""}
+
+    def on_header_end() -> None:
+        if header["field"].lower() == b"content-disposition":
+            header["disposition"] = header["value"]
+        header["field"] = header["value"] = b""
+
+    def on_headers_finished() -> None:
+        events.append(("headers", header["disposition"]))
+        header["disposition"] = b""
+
+    callbacks: Any = {
+        "on_header_field": lambda d, s, e: header.__setitem__("field", header["field"] + d[s:e]),
+        "on_header_value": lambda d, s, e: header.__setitem__("value", header["value"] + d[s:e]),
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": lambda d, s, e: events.append(("data", bytes(d[s:e]))),
+        "on_part_end": lambda: events.append(("end", b"")),
+    }
+    parser = MultipartParser(boundary, callbacks)
+    name: str | None = None
+    tmp: Path | None = None
+    out: IO[bytes] | None = None
+    size = 0
+    done = False
+    try:
+        async for chunk in request.stream():
+            try:
+                parser.write(chunk)
+            except Exception as e:  # python-multipart raises its own error types on malformed input
+                raise Unprocessable("Invalid multipart body.") from e
+            for kind_, data in events:
+                if kind_ == "headers":
+                    _, opts = parse_options_header(data)
+                    if out is None and not done and opts.get(b"name") == b"file" and b"filename" in opts:
+                        name = bundle_name(opts[b"filename"].decode("utf-8", "replace"))
+                        if (directory / name).exists():
+                            raise Conflict(f"Bundle '{name}' already exists.")
+                        directory.mkdir(parents=True, exist_ok=True)
+                        tmp = directory / f".upload-{uuid.uuid4().hex}.part"
+                        out = await asyncio.to_thread(open, tmp, "xb")
+                elif kind_ == "data" and out is not None:
+                    size += len(data)
+                    if size > cap:
+                        raise TooLarge(f"Bundle exceeds maximum allowed size ({_size_text(cap)}).")
+                    await asyncio.to_thread(out.write, data)
+                elif kind_ == "end" and out is not None:
+                    out.close()
+                    out = None
+                    done = True
+            events.clear()
+        if not done or name is None or tmp is None:
+            raise _missing_file()
+        try:
+            await asyncio.to_thread(validate_bundle, tmp)
+        except BundleInvalid as e:
+            raise Unprocessable(f"Invalid update bundle: {e}.") from e
+        try:
+            # link() never replaces an existing file, unlike rename(): a concurrent upload of the same
+            # name loses with 409 instead of overwriting.
+            os.link(tmp, directory / name)
+        except FileExistsError as e:
+            raise Conflict(f"Bundle '{name}' already exists.") from e
+        return name, size
+    finally:
+        if out is not None:
+            out.close()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _size_text(n: int) -> str:
+    mib = 1024 * 1024
+    return f"{n // mib} MB" if n >= mib and n % mib == 0 else f"{n:,} bytes"
+
+
+class BundleInvalid(Exception):
+    pass
+
+
+def validate_bundle(path: Path) -> dict[str, Any]:
+    """Check an update bundle: a gzip tar with safe member paths and a manifest.json carrying
+    `version` (X.Y.Z) and `images_sha256` (64 hex digits). Returns the manifest."""
+    manifest: Any = None
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for member in tar:
+                name = member.name
+                norm = posixpath.normpath(name)
+                if name.startswith("/") or "\\" in name or norm == ".." or norm.startswith("../"):
+                    raise BundleInvalid(f"member '{name}' has an unsafe path")
+                if member.issym() or member.islnk():
+                    link = posixpath.normpath(posixpath.join(posixpath.dirname(norm), member.linkname))
+                    if member.linkname.startswith("/") or link == ".." or link.startswith("../"):
+                        raise BundleInvalid(f"link '{name}' points outside the bundle")
+                elif not (member.isfile() or member.isdir()):
+                    raise BundleInvalid(f"member '{name}' is not a regular file or directory")
+                if norm == "manifest.json":
+                    if not member.isfile() or member.size > MAX_MANIFEST_BYTES:
+                        raise BundleInvalid("manifest.json must be a regular file of at most 1 MiB")
+                    f = tar.extractfile(member)
+                    assert f is not None  # a regular file member always has content
+                    try:
+                        manifest = json.loads(f.read())
+                    except ValueError as e:
+                        raise BundleInvalid("manifest.json is not valid JSON") from e
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise BundleInvalid("not a gzip-compressed tar archive") from e
+    if manifest is None:
+        raise BundleInvalid("manifest.json is missing")
+    if not isinstance(manifest, dict):
+        raise BundleInvalid("manifest.json must be a JSON object")
+    if not isinstance(manifest.get("version"), str) or not _SEMVER.match(manifest["version"]):
+        raise BundleInvalid("manifest.json 'version' must be a version X.Y.Z")
+    if not isinstance(manifest.get("images_sha256"), str) or not _SHA256.match(manifest["images_sha256"]):
+        raise BundleInvalid("manifest.json 'images_sha256' must be 64 hexadecimal characters")
+    return manifest
+
+
+# --- GET /ota/check: GitHub ---
+
+@dataclass
+class GithubRelease:
+    version: str | None = None
+    download_url: str | None = None
+    release_url: str | None = None
+    error: str | None = None
+
+
+async def github_latest(settings: Settings) -> GithubRelease:
+    """The latest release of `GITHUB_REPO` (spec §10.4); failures become `error` text, never exceptions."""
+    repo = settings.github_repo.strip()
+    if not repo:
+        return GithubRelease(error="github_repo not configured")
+    base = settings.webmacs_ota_github_api.strip().rstrip("/")
+    if not base:
+        return GithubRelease(error="GitHub lookup disabled (WEBMACS_OTA_GITHUB_API is empty)")
+    url = f"{base}/repos/{quote(repo, safe='/')}/releases/latest"
+    try:
+        async with httpx.AsyncClient(timeout=settings.webmacs_ota_github_timeout_s) as client:
+            r = await client.get(url, headers={"Accept": "application/vnd.github+json"})
+            if r.status_code == 404:
+                return GithubRelease()
+            if r.status_code != 200:
+                return GithubRelease(error=f"GitHub API returned {r.status_code}")
+            data = r.json()
+    except httpx.TimeoutException:
+        return GithubRelease(error="Connection timed out")
+    except httpx.HTTPError as e:
+        return GithubRelease(error=str(e) or type(e).__name__)
+    except ValueError:
+        return GithubRelease(error="GitHub API returned invalid JSON")
+    if not isinstance(data, dict):
+        return GithubRelease(error="GitHub API returned an unexpected response")
+    tag = data.get("tag_name")
+    version = tag.lstrip("v") if isinstance(tag, str) else None
+    download = None
+    for asset in data.get("assets") or []:
+        if not isinstance(asset, dict):
+            continue
+        name = str(asset.get("name") or "")
+        if name.endswith(".tar.gz") and "webmacs-update" in name:
+            download = asset.get("browser_download_url")
+            break
+    html = data.get("html_url")
+    return GithubRelease(version=version, download_url=download if isinstance(download, str) else None,
+                         release_url=html if isinstance(html, str) else None)
