@@ -332,3 +332,18 @@ def test_allow_list_by_name_pins_the_vetted_address(
         assert req.path == "/n" and req.headers["Host"] == f"localhost:{port}"
     finally:
         s.stop()
+
+
+def test_experiment_start_and_stop_are_delivered(
+    hooks: Hooks, hdb: psycopg.Connection, hclient: httpx.Client, receiver: Receiver, make_hook: Any
+) -> None:
+    make_hook(f"{receiver.url}/exp", events=["experiment.started", "experiment.stopped"])
+    name = unique("exp")
+    assert hclient.post("/api/v1/experiments", json={"name": name}).status_code == 201
+    [started] = receiver.wait(1)
+    exp = hdb.execute("SELECT public_id FROM experiments WHERE name = %s", (name,)).fetchone()
+    assert exp is not None
+    assert hclient.put(f"/api/v1/experiments/{exp[0]}/stop").status_code == 200
+    stopped = receiver.wait(2)[1]
+    assert [json.loads(r.body)["type"] for r in (started, stopped)] == ["experiment.started", "experiment.stopped"]
+    assert {json.loads(r.body)["experiment"] for r in (started, stopped)} == {name}
