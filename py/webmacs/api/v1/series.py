@@ -1,0 +1,252 @@
+"""Analyst path: `POST /datapoints/series` (spec §4.2), bucketed `GET /series`, CSV/Parquet exports, storage."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import anyio
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from psycopg import AsyncConnection, errors
+from pydantic import BaseModel, Field
+
+from webmacs.api.v1.datapoints import DatapointResponse
+from webmacs.deps import AdminUser, Conn, CurrentUser
+from webmacs.errors import NotFound, Unprocessable
+from webmacs.repositories import experiments as experiments_repo
+from webmacs.repositories.datapoints import datapoint_public_id
+from webmacs.services import export as export_service
+from webmacs.services import retention
+from webmacs.services import series as series_service
+from webmacs.services.series import Agg, Mode, PackedSeries, Point
+
+router = APIRouter(tags=["series"])
+
+# A bucketed request may produce at most this many buckets per event (pass max_points to thin more).
+MAX_BUCKETS = 100_000
+ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body, option=ORJSON_OPTS), media_type="application/json")
+
+
+async def _events(conn: AsyncConnection, public_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Known events among `public_ids`, by public_id (ids PostgreSQL cannot hold name no event)."""
+    cur = await conn.execute(
+        "SELECT public_id, id, name, unit FROM events WHERE public_id = ANY(%s)",
+        ([p for p in public_ids if "\x00" not in p],),
+    )
+    return {r[0]: {"id": r[1], "name": r[2], "unit": r[3]} for r in await cur.fetchall()}
+
+
+async def _experiment_ids(conn: AsyncConnection, points: list[Point]) -> dict[int, str]:
+    ids = sorted({p.experiment_id for p in points if p.experiment_id is not None})
+    if not ids:
+        return {}
+    cur = await conn.execute("SELECT id, public_id FROM experiments WHERE id = ANY(%s)", (ids,))
+    return {r[0]: r[1] for r in await cur.fetchall()}
+
+
+# --- POST /datapoints/series (spec §4.2) ---------------------------------------------------------------------
+
+
+class SeriesRequest(BaseModel):
+    event_public_ids: list[str] = Field(min_length=1, max_length=20)
+    minutes: int = Field(default=60, ge=1, le=14400)
+    max_points: int = Field(default=500, ge=10, le=2000)
+    #: Not in WebMACS: how to thin a series longer than max_points. Default: the reference striding.
+    mode: Mode = "stride"
+
+
+@router.post("/datapoints/series", response_model=dict[str, list[DatapointResponse]])
+async def datapoint_series(body: SeriesRequest, _: CurrentUser, conn: Conn) -> Response:
+    events = await _events(conn, body.event_public_ids)
+    picked: dict[str, list[Point]] = {}
+    for public_id in body.event_public_ids:
+        event = events.get(public_id)
+        if event is None:
+            picked[public_id] = []
+            continue
+        packed = await series_service.recent(conn, event_id=event["id"], minutes=body.minutes)
+        picked[public_id] = series_service.downsample(packed, body.max_points, body.mode)
+    experiments = await _experiment_ids(conn, [p for points in picked.values() for p in points])
+    out: dict[str, list[dict[str, Any]]] = {}
+    for public_id, points in picked.items():
+        out[public_id] = [
+            {"public_id": datapoint_public_id(public_id, p.time), "value": p.value, "timestamp": p.time,
+             "event_public_id": public_id,
+             "experiment_public_id": experiments.get(p.experiment_id) if p.experiment_id else None}
+            for p in points
+        ]
+    return _json(out)
+
+
+# --- GET /series (bucketed aggregates over an absolute range) ------------------------------------------------
+
+
+class SeriesEvent(BaseModel):
+    name: str
+    unit: str
+    #: `[time, value]` pairs, time ascending; time is the bucket start (or the datapoint's time without a
+    #: bucket) in ISO 8601 with the offset of `tz`.
+    points: list[tuple[datetime, float]]
+
+
+class SeriesResponse(BaseModel):
+    start: datetime
+    end: datetime
+    bucket: str | None
+    agg: Agg | None
+    tz: str
+    mode: Mode | None
+    max_points: int | None
+    events: dict[str, SeriesEvent]
+
+
+def zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise Unprocessable(f"Unknown time zone '{tz}'.") from e
+
+
+def _aware(moment: datetime, tz: ZoneInfo) -> datetime:
+    """RFC 3339 times carry their offset; a naive one is read in `tz`."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
+
+
+@router.get("/series", response_model=SeriesResponse)
+async def series(
+    _: CurrentUser,
+    conn: Conn,
+    events: Annotated[list[str], Query(min_length=1, max_length=20)],
+    start: datetime,
+    end: datetime,
+    bucket: str | None = None,
+    agg: Agg = "avg",
+    tz: str = "UTC",
+    mode: Mode | None = None,
+    max_points: Annotated[int | None, Query(ge=10, le=100_000)] = None,
+) -> Response:
+    """Each event's datapoints in [start, end): aggregated per `bucket` (`1m`, `15 minutes`, `1 day`, `1mo` …,
+    aligned in `tz`, so day buckets follow DST) with `agg`; then, if `max_points` or `mode` is given, thinned
+    to at most `max_points` (default 1000) by `mode` (default `stride`). Without `bucket`, raw datapoints."""
+    zone_info = zone(tz)
+    start, end = _aware(start, zone_info), _aware(end, zone_info)
+    if start >= end:
+        raise Unprocessable("start must be before end.")
+    parsed = None
+    if bucket is not None:
+        parsed = series_service.parse_bucket(bucket)
+        if parsed is None:
+            raise Unprocessable(f"Invalid bucket '{bucket}': use a positive count and a unit, e.g. 1m, 15 minutes, 1 day.")
+        if (end - start).total_seconds() / parsed.nominal_seconds > MAX_BUCKETS and max_points is None:
+            raise Unprocessable(f"More than {MAX_BUCKETS} buckets per event: widen the bucket or pass max_points.")
+    known = await _events(conn, events)
+    for public_id in events:
+        if public_id not in known:
+            raise NotFound.entity("Event", public_id)
+    thin = max_points is not None or mode is not None
+    out: dict[str, Any] = {}
+    for public_id in dict.fromkeys(events):
+        event = known[public_id]
+        try:
+            if parsed is None:
+                packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
+            else:
+                packed = await series_service.bucketed(conn, event_id=event["id"], start=start, end=end,
+                                                       bucket=parsed.interval, tz=tz, agg=agg)
+        except (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow) as e:
+            raise Unprocessable(str(e.diag.message_primary or e)) from e
+        points = (series_service.downsample(packed, max_points or 1000, mode or "stride") if thin
+                  else series_service.all_points(packed))
+        count = agg == "count" and parsed is not None
+        out[public_id] = {
+            "name": event["name"], "unit": event["unit"],
+            "points": [[p.time.astimezone(zone_info), int(p.value) if count else p.value] for p in points],
+        }
+    return _json({"start": start, "end": end, "bucket": parsed.interval if parsed else None,
+                  "agg": agg if parsed else None, "tz": tz, "mode": (mode or "stride") if thin else None,
+                  "max_points": (max_points or 1000) if thin else None, "events": out})
+
+
+# --- exports -------------------------------------------------------------------------------------------------
+
+
+async def _drain(body: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Run the blocking export generator on worker threads, one piece at a time (backpressure: the next piece
+    is produced only after the client took the previous one); close it however the response ends."""
+    try:
+        while True:
+            piece = await anyio.to_thread.run_sync(next, body, None)
+            if piece is None:
+                return
+            if piece:
+                yield piece
+    finally:
+        await anyio.to_thread.run_sync(body.close)  # type: ignore[attr-defined]
+
+
+def _export_response(request: Request, sel: export_service.Selection, fmt: export_service.Format,
+                     tz: str | None, stem: str) -> StreamingResponse:
+    settings = request.app.state.settings
+    body = export_service.stream(request.app.state.database_url, sel, fmt, tz=tz,
+                                 chunk_rows=settings.webmacs_export_chunk_rows)
+    return StreamingResponse(_drain(body), media_type=export_service.CONTENT_TYPES[fmt],
+                             headers={"Content-Disposition": export_service.content_disposition(stem, fmt)})
+
+
+@router.get("/export", response_class=StreamingResponse,
+            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+async def export_events(
+    request: Request,
+    _: CurrentUser,
+    conn: Conn,
+    events: Annotated[list[str], Query(min_length=1, max_length=1000)],
+    start: datetime | None = None,
+    end: datetime | None = None,
+    format: Literal["csv", "parquet"] = "csv",
+    tz: str | None = None,
+) -> StreamingResponse:
+    """The events' datapoints in [start, end) (open-ended when omitted), ordered by time then event, columns
+    `time, event_public_id, event_name, unit, value, experiment_public_id`. CSV times are ISO 8601 in `tz`
+    (default UTC); Parquet times are timestamp[us, UTC]."""
+    zone_info = zone(tz) if tz else UTC
+    start = _aware(start, zone_info) if start else None  # type: ignore[arg-type]
+    end = _aware(end, zone_info) if end else None  # type: ignore[arg-type]
+    if start and end and start >= end:
+        raise Unprocessable("start must be before end.")
+    known = await _events(conn, events)
+    for public_id in events:
+        if public_id not in known:
+            raise NotFound.entity("Event", public_id)
+    sel = export_service.Selection(event_ids=tuple(sorted({e["id"] for e in known.values()})), start=start, end=end)
+    stem = "datapoints" + "".join(f"_{t.astimezone(UTC):%Y%m%dT%H%M%SZ}" for t in (start, end) if t)
+    return _export_response(request, sel, format, tz, stem)
+
+
+@router.get("/experiments/{public_id}/export/parquet", response_class=StreamingResponse,
+            responses={200: {"content": {"application/vnd.apache.parquet": {}}}})
+async def export_experiment_parquet(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
+    """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event."""
+    experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
+    # Datapoints are tagged while the experiment runs: its time span bounds the chunks to read.
+    stopped = experiment["stopped_on"]
+    sel = export_service.Selection(experiment_id=experiment["id"], start=experiment["started_on"],
+                                   end=stopped + export_service.ONE_MICROSECOND if stopped else None)
+    stem = f"experiment_{experiment['name'].replace(' ', '_').replace('/', '-')}_{experiment['public_id'][:8]}"
+    return _export_response(request, sel, "parquet", None, stem)
+
+
+# --- storage (admin) -----------------------------------------------------------------------------------------
+
+
+@router.get("/admin/storage", response_model=retention.StorageReport)
+async def storage(request: Request, _: AdminUser, conn: Conn) -> retention.StorageReport:
+    """Size, chunks, row estimate, TimescaleDB license and the retention/compression policies in force."""
+    return await retention.storage_report(conn, request.app)

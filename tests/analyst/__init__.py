@@ -1,0 +1,1 @@
+"""Analyst path: downsamplers, series queries, exports, retention (issue 6)."""
