@@ -28,7 +28,10 @@ def verify_password(password: str, password_hash: str) -> bool:
 
 def create_access_token(*, user_id: int, role: str, key: str, algorithm: str, minutes: int) -> str:
     now = datetime.now(UTC)
-    claims = {"sub": str(user_id), "exp": now + timedelta(minutes=minutes), "iat": now, "role": role}
+    # `jti` makes every login's token distinct: without it two logins of one user within the same second
+    # get the same string, and logging out one session (blacklisting that string) would end the other.
+    claims = {"sub": str(user_id), "exp": now + timedelta(minutes=minutes), "iat": now, "role": role,
+              "jti": secrets.token_urlsafe(12)}
     return jwt.encode(claims, key, algorithm=algorithm)
 
 

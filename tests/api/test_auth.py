@@ -65,6 +65,7 @@ def test_login_returns_exactly_the_spec_body(client: httpx.Client, db: psycopg.C
     assert claims["sub"] == str(row[0])
     assert claims["role"] == "admin"
     assert isinstance(claims["iat"], int) and claims["exp"] - claims["iat"] == 1440 * 60
+    assert {"sub", "exp", "iat", "role"} <= set(claims)
 
 
 def test_login_normalises_the_domain_but_not_the_local_part(client: httpx.Client) -> None:
@@ -153,6 +154,17 @@ def test_logout_revokes_the_token(client: httpx.Client, admin: dict[str, str], d
     assert_unauthorized(client.get(ME, headers=user["headers"]), "Token has been revoked.")
     # Logging out again with the revoked token is itself refused.
     assert_unauthorized(client.post(LOGOUT, headers=user["headers"]), "Token has been revoked.")
+
+
+def test_logging_out_one_session_leaves_another_session_of_the_same_user(
+    client: httpx.Client, admin: dict[str, str]
+) -> None:
+    # Two logins in quick succession (same second) must still be separate sessions.
+    user = new_user(client, admin)
+    other = login(client, user["email"], user["password"])
+    assert other != user["token"]
+    assert client.post(LOGOUT, headers=user["headers"]).status_code == 200
+    assert client.get(ME, headers=bearer(other)).status_code == 200
 
 
 def test_logout_requires_authentication(client: httpx.Client) -> None:
