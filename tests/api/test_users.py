@@ -283,6 +283,16 @@ def test_non_admin_cannot_change_a_role_and_nothing_changes(client: httpx.Client
     assert stored(db, user["public_id"]) == before
 
 
+def test_null_role_from_a_non_admin_is_no_role_change(client: httpx.Client, admin: dict[str, str],
+                                                      db: psycopg.Connection) -> None:
+    user = create(client, admin)
+    new_name = unique("nullrole")
+    r = client.put(f"{USERS}/{user['public_id']}", headers=user["headers"], json={"username": new_name, "role": None})
+    assert r.status_code == 200
+    row = stored(db, user["public_id"])
+    assert row is not None and row[1:3] == (new_name, "viewer")
+
+
 def test_password_update_allows_re_login(client: httpx.Client, admin: dict[str, str]) -> None:
     user = create(client, admin)
     r = client.put(f"{USERS}/{user['public_id']}", headers=user["headers"], json={"password": "brand-new-pass"})

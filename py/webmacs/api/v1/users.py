@@ -64,12 +64,10 @@ async def update_user(public_id: str, body: UserUpdate, user: CurrentUser, conn:
     if not user.admin and public_id != user.public_id:
         raise HTTPException(403, "You can only update your own profile.")
     target = await users_repo.by_public_id(conn, public_id=public_id)
-    changes = body.model_dump(exclude_unset=True)
+    # Explicit null on a NOT NULL column means "leave as is" — so `"role": null` is no role change either.
+    changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
     if "role" in changes and not user.admin:
         raise HTTPException(403, "Only admins can change user roles.")
-    for key in ("email", "username", "password", "role"):
-        if key in changes and changes[key] is None:
-            del changes[key]  # explicit null on a NOT NULL column means "leave as is"
     if "password" in changes:
         changes["password_hash"] = await asyncio.to_thread(
             hash_password, changes.pop("password"), settings.webmacs_bcrypt_rounds
