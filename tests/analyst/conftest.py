@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import Server, unique
 
 
 @dataclass
@@ -22,7 +22,9 @@ class Event:
 
 
 @pytest.fixture
-def make_event(db: psycopg.Connection) -> Any:
+def make_event(db: psycopg.Connection, server: Server) -> Any:
+    """Factory of events (the `server` fixture has applied the migrations)."""
+
     def make(name: str | None = None, unit: str = "°C") -> Event:
         name = name or unique("series-ev")
         row = db.execute(
