@@ -137,6 +137,7 @@ async fn copy_dedup(
 pub struct Writer {
     dsn: String,
     client: Option<Client>,
+    connected_once: bool,
     pub retries: u64,
     pub reconnects: u64,
 }
@@ -146,6 +147,7 @@ impl Writer {
         Writer {
             dsn: dsn.to_owned(),
             client: None,
+            connected_once: false,
             retries: 0,
             reconnects: 0,
         }
@@ -166,9 +168,10 @@ impl Writer {
             if self.client.as_ref().is_none_or(|c| c.is_closed()) {
                 match connect(&self.dsn, "webmacs-ingest-writer").await {
                     Ok(c) => {
-                        if self.client.is_some() {
+                        if self.connected_once {
                             self.reconnects += 1;
                         }
+                        self.connected_once = true;
                         self.client = Some(c);
                     }
                     Err(e) => {
