@@ -499,3 +499,12 @@ def test_access_matrix(api: httpx.Client, odb: psycopg.Connection, env: Ota) -> 
     assert api.post(f"/api/v1/ota/{pid}/apply").status_code == 200
     assert api.post(f"/api/v1/ota/{pid}/rollback").status_code == 200
     assert api.delete(f"/api/v1/ota/{pid}").status_code == 200
+
+
+def test_nul_input_is_422_or_404_never_500(api: httpx.Client, odb: psycopg.Connection) -> None:
+    assert api.post("/api/v1/ota", json={"version": old_version(), "changelog": "a\x00b"}).status_code == 422
+    pid = create(api, odb)
+    assert api.post(f"/api/v1/ota/{pid}/apply", json={"download_url": "http://x\x00/"}).status_code == 422
+    for method, path in [("GET", "/api/v1/ota/x%00"), ("DELETE", "/api/v1/ota/x%00"),
+                         ("POST", "/api/v1/ota/x%00/apply"), ("POST", "/api/v1/ota/x%00/rollback")]:
+        assert api.request(method, path).status_code == 404, path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -278,3 +279,18 @@ def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: di
     assert client.delete(f"/api/v1/rules/{pid}").status_code == 401
     assert client.delete(f"/api/v1/rules/{pid}", headers=viewer).status_code == 403
     assert client.delete(f"/api/v1/rules/{pid}", headers=operator).status_code == 200
+
+
+def test_nul_and_out_of_range_input_is_422_or_404_never_500(
+    client: httpx.Client, operator: dict[str, str], event_id: str
+) -> None:
+    for over in ({"name": "a\x00b"}, {"event_public_id": "e\x00"}, {"cooldown_seconds": 2**31}):
+        r = client.post("/api/v1/rules", headers=operator, json=rule_body(event_id, **over))
+        assert r.status_code == 422, over
+    for level in ("NaN", "Infinity", "-Infinity"):  # Python's json extensions, accepted by lax parsers
+        body = json.dumps(rule_body(event_id)).replace('"threshold": 50.0', f'"threshold": {level}')
+        r = client.post("/api/v1/rules", headers={**operator, "Content-Type": "application/json"}, content=body)
+        assert r.status_code == 422, level
+    for method in ("GET", "PUT", "DELETE"):
+        r = client.request(method, "/api/v1/rules/x%00y", headers=operator, json={} if method == "PUT" else None)
+        assert r.status_code == 404, method

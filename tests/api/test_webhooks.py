@@ -196,3 +196,13 @@ def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: di
     for method, url, body in calls:
         assert client.request(method, url, headers=admin, json=body).status_code in (200, 201), (method, url)
     db.execute("DELETE FROM webhooks WHERE url = %s", (calls[4][2]["url"],))
+
+
+def test_nul_input_is_422_or_404_never_500(client: httpx.Client, admin: dict[str, str]) -> None:
+    for body in ({"url": "https://example.com/a\x00b", "events": ["sensor.reading"]},
+                 {"url": hook_url(), "secret": "s\x00", "events": ["sensor.reading"]}):
+        assert client.post("/api/v1/webhooks", headers=admin, json=body).status_code == 422
+    for method, path in [("GET", "/api/v1/webhooks/x%00"), ("PUT", "/api/v1/webhooks/x%00"),
+                         ("DELETE", "/api/v1/webhooks/x%00"), ("GET", "/api/v1/webhooks/x%00/deliveries")]:
+        r = client.request(method, path, headers=admin, json={} if method == "PUT" else None)
+        assert r.status_code == 404, path

@@ -19,6 +19,8 @@ WRITABLE = ("file_path", "file_hash_sha256", "file_size_bytes", "status", "error
 
 
 async def by_public_id(conn: AsyncConnection, *, public_id: str, for_update: bool = False) -> dict[str, Any]:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("FirmwareUpdate", public_id)
     cur = conn.cursor(row_factory=dict_row)
     # FOR UPDATE serialises apply/rollback of one record (two concurrent applies must not both pass the
     # state check).
@@ -80,6 +82,8 @@ NOW: Any = _Now()
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("FirmwareUpdate", public_id)
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute("DELETE FROM firmware_updates WHERE public_id = %(p)s RETURNING file_path", {"p": public_id})
     row = await cur.fetchone()

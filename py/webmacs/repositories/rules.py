@@ -28,6 +28,8 @@ async def event_exists(conn: AsyncConnection, *, public_id: str) -> bool:
 
 
 async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("Rule", public_id)
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(f"SELECT {RULE_COLUMNS} FROM rules WHERE public_id = %(p)s", {"p": public_id})
     row = await cur.fetchone()
@@ -85,6 +87,8 @@ async def update(conn: AsyncConnection, *, rule_id: int, changes: dict[str, Any]
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("Rule", public_id)
     cur = await conn.execute("DELETE FROM rules WHERE public_id = %(p)s", {"p": public_id})
     if cur.rowcount == 0:
         raise NotFound.entity("Rule", public_id)

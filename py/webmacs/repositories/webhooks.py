@@ -15,6 +15,8 @@ WRITABLE = ("url", "secret", "events", "enabled")
 
 
 async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("Webhook", public_id)
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE public_id = %(p)s", {"p": public_id})
     row = await cur.fetchone()
@@ -66,6 +68,8 @@ async def update(conn: AsyncConnection, *, webhook_id: int, changes: dict[str, A
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:
+    if "\x00" in public_id:  # PostgreSQL text cannot hold NUL: no row has such an id
+        raise NotFound.entity("Webhook", public_id)
     # Deliveries go with the webhook (ON DELETE CASCADE).
     cur = await conn.execute("DELETE FROM webhooks WHERE public_id = %(p)s", {"p": public_id})
     if cur.rowcount == 0:

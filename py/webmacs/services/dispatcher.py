@@ -183,7 +183,7 @@ class Dispatcher:
             row = await cur.fetchone()
         if row is None or row[0] is None:
             return poll
-        return max(0.0, min(poll, row[0].total_seconds()))
+        return max(0.0, min(poll, float(row[0].total_seconds())))
 
     def _spawn(self, row: dict[str, Any]) -> None:
         task = asyncio.create_task(self._deliver(row), name=f"webhook-delivery-{row['public_id']}")

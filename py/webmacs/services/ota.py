@@ -55,6 +55,11 @@ def parse_version(v: str | None) -> tuple[int, int, int] | None:
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
+def version_key(v: str) -> tuple[int, int, int]:
+    """Sort key: numeric X.Y.Z, malformed versions lowest."""
+    return parse_version(v) or (-1, -1, -1)
+
+
 def newer(candidate: str | None, than: str) -> bool:
     c, t = parse_version(candidate), parse_version(than)
     return c is not None and t is not None and c > t

@@ -22,13 +22,17 @@ from webmacs.services import ota
 router = APIRouter(prefix="/ota", tags=["ota"])
 
 
+# PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
+NoNul = r"^[^\x00]*$"
+
+
 class FirmwareCreate(BaseModel):
     version: Annotated[str, StringConstraints(pattern=ota.SEMVER, max_length=50)]
-    changelog: str | None = None
+    changelog: Annotated[str, StringConstraints(pattern=NoNul)] | None = None
 
 
 class ApplyRequest(BaseModel):
-    download_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    download_url: Annotated[str, StringConstraints(max_length=2048, pattern=NoNul)] | None = None
     # The reference only checks the length; hex is required here so a typo fails early, not as a mismatch.
     file_hash_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 
@@ -82,13 +86,13 @@ async def create_update(body: FirmwareCreate, user: AdminUser, conn: Conn) -> St
 async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep) -> UpdateCheckResponse:
     current = webmacs.__version__
     db_best = max((v for v in await firmware_repo.candidate_versions(conn) if ota.newer(v, current)),
-                  key=ota.parse_version, default=None)
+                  key=ota.version_key, default=None)
     gh = await ota.github_latest(settings)
     gh_newer = gh.version if ota.newer(gh.version, current) else None
     newer = [v for v in (db_best, gh_newer) if v is not None]
     return UpdateCheckResponse(
         current_version=current,
-        latest_version=max(newer, key=ota.parse_version) if newer else None,
+        latest_version=max(newer, key=ota.version_key) if newer else None,
         update_available=bool(newer),
         github_latest_version=gh.version,
         github_download_url=gh.download_url,

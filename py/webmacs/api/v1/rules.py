@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
 
 from webmacs.deps import Conn, OperatorUser, catalog_changed
 from webmacs.errors import Unprocessable
@@ -33,6 +34,21 @@ class RuleActionType(StrEnum):
     log = "log"
 
 
+# PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
+EventId = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+
+
+def _non_finite_as_text(value: Any) -> Any:
+    # The 422 echoes the input, and JSON cannot carry NaN/Infinity: report them as text.
+    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# NaN and infinities would make every comparison false (or true) forever.
+Level = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_non_finite_as_text)]
+# cooldown_seconds is an int4 column.
+Cooldown = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
 RANGE_OPERATORS = {RuleOperator.between, RuleOperator.not_between}
 HIGH_REQUIRED = "threshold_high is required for between/not_between operators"
 HIGH_BELOW = "threshold_high must be >= threshold"
@@ -53,17 +69,17 @@ def hysteresis_error(operator: str, threshold: float, clear_threshold: float | N
 
 
 class RuleCreate(BaseModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=255)]
-    event_public_id: str
+    name: Name
+    event_public_id: EventId
     operator: RuleOperator
-    threshold: float
-    threshold_high: float | None = None
+    threshold: Level
+    threshold_high: Level | None = None
     action_type: RuleActionType
     webhook_event_type: WebhookEventType | None = None
     enabled: bool = True
-    cooldown_seconds: int = Field(default=60, ge=0)
+    cooldown_seconds: Cooldown = 60
     #: Hysteresis (beyond the reference): after firing, re-arm only once the value has cleared this level.
-    clear_threshold: float | None = None
+    clear_threshold: Level | None = None
     #: Hysteresis without a separate level: re-arm once the condition is false again.
     rearm_on_clear: bool = False
 
@@ -81,16 +97,16 @@ class RuleCreate(BaseModel):
 
 
 class RuleUpdate(BaseModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    event_public_id: str | None = None
+    name: Name | None = None
+    event_public_id: EventId | None = None
     operator: RuleOperator | None = None
-    threshold: float | None = None
-    threshold_high: float | None = None
+    threshold: Level | None = None
+    threshold_high: Level | None = None
     action_type: RuleActionType | None = None
     webhook_event_type: WebhookEventType | None = None
     enabled: bool | None = None
-    cooldown_seconds: int | None = Field(default=None, ge=0)
-    clear_threshold: float | None = None
+    cooldown_seconds: Cooldown | None = None
+    clear_threshold: Level | None = None
     rearm_on_clear: bool | None = None
 
     @model_validator(mode="after")

@@ -20,8 +20,9 @@ from webmacs.settings import Settings
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
-Url = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://")]
-Secret = Annotated[str, StringConstraints(max_length=255)]
+# PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
+Url = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://[^\x00]*$")]
+Secret = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
 
 
 class DeliveryStatus(StrEnum):
