@@ -173,6 +173,20 @@ def test_expired_token_is_refused(client: httpx.Client, viewer: dict[str, str], 
     assert "www-authenticate" not in r.headers
 
 
+@pytest.mark.parametrize("expires_at,status", [
+    ("9999-12-31T23:59:59-05:00", 422),  # year 10000 in UTC: unrepresentable when read back
+    ("0001-01-01T00:00:00+01:00", 422),  # year 0 in UTC
+    ("9999-12-31T23:59:59", 201),
+    ("0001-01-01T00:00:00", 201),
+    (1e15, 422),
+])
+def test_expiry_at_the_edges_of_time_is_never_a_server_error(client: httpx.Client, viewer: dict[str, str],
+                                                             expires_at: Any, status: int) -> None:
+    r = client.post(TOKENS, headers=viewer, json={"name": "edge", "expires_at": expires_at})
+    assert r.status_code == status, r.text
+    assert client.get(TOKENS, headers=viewer, params={"page_size": 100}).status_code == 200
+
+
 def test_token_with_future_expiry_works(client: httpx.Client, viewer: dict[str, str]) -> None:
     created = create_token(client, viewer, expires_at=(datetime.now(UTC) + timedelta(days=1)).isoformat())
     assert client.get(ME, headers=bearer(created["token"])).status_code == 200

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from webmacs.deps import Conn, CurrentUser
 from webmacs.pagination import Page, Paging, Status
@@ -18,6 +18,17 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 class TokenCreate(BaseModel):
     name: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00]*$")  # PostgreSQL text cannot hold NUL
     expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _representable_in_utc(cls, v: datetime | None) -> datetime | None:
+        # 9999-12-31T23:00-05:00 is year 10000 in UTC: PostgreSQL stores it, Python cannot read it back.
+        if v is not None and v.tzinfo is not None:
+            try:
+                v.astimezone(UTC)
+            except OverflowError as e:
+                raise ValueError("expires_at is out of range") from e
+        return v
 
 
 class TokenCreated(BaseModel):
