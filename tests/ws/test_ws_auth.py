@@ -131,6 +131,7 @@ def test_missing_token(probe_server: Server, query: str | None) -> None:
 @pytest.mark.parametrize("token", [
     "garbage",
     "a.b.c",
+    "nul%00byte",
     jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, "another-key-of-good-length-0123456789ab",
                algorithm="HS256"),
     jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, None, algorithm="none"),  # type: ignore[arg-type]
@@ -163,7 +164,7 @@ def test_jwt_is_decoded_before_the_blacklist_is_consulted(
     assert r.status_code == 401 and r.json() == {"detail": "Token has been revoked."}
 
 
-@pytest.mark.parametrize("token", ["wm_" + "A" * 64, "wm_", "wm_%27%20OR%201%3D1"])
+@pytest.mark.parametrize("token", ["wm_" + "A" * 64, "wm_", "wm_%27%20OR%201%3D1", "wm_%00"])
 def test_unknown_api_token(probe_server: Server, token: str) -> None:
     assert refused(probe_server, f"token={token}") == (1008, "Invalid API token")
 
