@@ -15,6 +15,14 @@ router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
+# The hypertable's only index is (event_id, time): a plain max(time) scans every chunk (350 ms at 3 M rows,
+# growing with the table, on every health probe). One backward index probe per event, newest chunk first,
+# answers in milliseconds whatever the size. Datapoints never outlive their event (deleted together).
+_LAST_DATAPOINT = (
+    "SELECT max((SELECT max(d.time) FROM datapoints d WHERE d.event_id = e.id)) FROM events e"
+)
+
+
 class HealthResponse(BaseModel):
     status: str
     version: str
@@ -29,8 +37,7 @@ async def health(request: Request) -> HealthResponse:
     database, last = "ok", None
     try:
         async with state.pool.connection(timeout=5) as conn:
-            # Newest chunk first: the time-ordered scan stops at the first row.
-            cur = await conn.execute("SELECT max(time) FROM datapoints")
+            cur = await conn.execute(_LAST_DATAPOINT)
             row = await cur.fetchone()
             last = row[0] if row else None
     except Exception as e:  # any failure to reach the database is reported, not raised
