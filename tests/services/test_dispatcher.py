@@ -313,25 +313,52 @@ def test_send_time_guard_dead_letters_private_targets(
         db.execute("DELETE FROM webhooks WHERE url = %s", (f"{receiver.url}/ssrf",))
 
 
-def test_allow_list_by_name_pins_the_vetted_address(
+def test_allow_listed_network_pins_the_vetted_address(
     db_url: str, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> None:
-    """A host name on the allow-list is dialled as usual; the Host header keeps the name and port."""
+    """A name allowed through a network entry is resolved, vetted and dialled at that address; the request
+    keeps the name in its Host header."""
     url = fresh_database(db_url)
-    s = start_server(hook_settings(url, tmp_path_factory.mktemp("byname"), webmacs_webhook_allow_hosts=["localhost"]))
+    s = start_server(hook_settings(url, tmp_path_factory.mktemp("bynet"),
+                                   webmacs_webhook_allow_hosts=["127.0.0.0/8"]))
     try:
         port = receiver.url.rsplit(":", 1)[1]
         with httpx.Client(base_url=s.url, headers=admin_headers(s)) as c:
             assert c.post("/api/v1/webhooks", json={"url": f"http://localhost:{port}/n",
                                                     "events": ["experiment.started"]}).status_code == 201
-            # 127.0.0.1 itself is not on this server's allow-list.
-            r = c.post("/api/v1/webhooks", json={"url": f"{receiver.url}/ip", "events": ["experiment.started"]})
+            # Outside the allowed network: still refused.
+            r = c.post("/api/v1/webhooks", json={"url": "http://10.1.1.1/ip", "events": ["experiment.started"]})
             assert r.status_code == 422
         enqueue(s)
         [req] = receiver.wait(1)
         assert req.path == "/n" and req.headers["Host"] == f"localhost:{port}"
     finally:
         s.stop()
+
+
+def test_two_processes_never_send_one_delivery_twice(
+    db_url: str, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
+) -> None:
+    url = fresh_database(db_url)
+    tmp = tmp_path_factory.mktemp("pair")
+    a = start_server(hook_settings(url, tmp))
+    b = start_server(hook_settings(url, tmp))
+    try:
+        with httpx.Client(base_url=a.url, headers=admin_headers(a)) as c:
+            for i in range(20):
+                assert c.post("/api/v1/webhooks", json={"url": f"{receiver.url}/p{i}",
+                                                        "events": ["experiment.started"]}).status_code == 201
+        assert enqueue(a) == 20
+        receiver.wait(20)
+        with psycopg.connect(url, autocommit=True) as conn:
+            wait_until(lambda: conn.execute("SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'"
+                                            ).fetchone() == (20,), what="all delivered")
+        time.sleep(0.5)  # bounded: a duplicate would arrive now
+        paths = sorted(r.path for r in receiver.requests)
+        assert paths == sorted(f"/p{i}" for i in range(20))
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_experiment_start_and_stop_are_delivered(

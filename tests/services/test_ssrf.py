@@ -76,6 +76,8 @@ def test_unresolvable_name_is_not_a_refusal() -> None:
 
 def test_allow_list_by_name_ip_and_network() -> None:
     assert vet("http://localhost:9/x", ["LOCALHOST"]).ip is None
+    # Allowed by network: still dialled at the vetted address.
+    assert vet("http://localhost:9/x", ["127.0.0.0/8"]).ip == ipaddress.ip_address("127.0.0.1")
     assert vet("http://127.0.0.1:9/x", ["127.0.0.1"]).ip is None
     assert vet("http://10.2.3.4/x", ["10.0.0.0/8"]).ip == ipaddress.ip_address("10.2.3.4")
     assert vet("http://[::1]/x", ["::1"]).ip is None
@@ -92,7 +94,8 @@ def test_pinned_request_keeps_host_and_tls_name() -> None:
     target = ssrf.Target("https", "hooks.example.com", 443, ipaddress.ip_address("93.184.215.14"))
     url, headers, ext = ssrf.pinned_request_args("https://user:pw@hooks.example.com/a/b?x=1#f", target)
     assert url == "https://user:pw@93.184.215.14:443/a/b?x=1#f"
-    assert headers == {"Host": "hooks.example.com"} and ext == {"sni_hostname": "hooks.example.com"}
+    assert headers == {"Host": "hooks.example.com", "Connection": "close"}
+    assert ext == {"sni_hostname": "hooks.example.com"}
     target6 = ssrf.Target("http", "v6.example.com", 8080, ipaddress.ip_address("2606:4700:4700::1111"))
     url, headers, ext = ssrf.pinned_request_args("http://v6.example.com:8080/", target6)
     assert url == "http://[2606:4700:4700::1111]:8080/" and headers == {"Host": "v6.example.com:8080"} and ext == {}

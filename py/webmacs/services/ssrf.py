@@ -18,6 +18,7 @@ _BLOCKED_V4 = [ipaddress.ip_network(n) for n in (
 )]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _METADATA = ipaddress.ip_address("169.254.169.254")
+_LOOPBACK = ipaddress.ip_address("127.0.0.1")
 _RESOLVE_TIMEOUT_S = 5.0
 
 
@@ -128,8 +129,10 @@ async def vet(url: str, allow: Iterable[str]) -> Target:
         return Target(scheme, host, port, None)
     name = host.rstrip(".")  # "localhost." is the same name, fully qualified
     if name == "localhost" or name.endswith(".localhost"):
-        raise Refused(f"{host} is a loopback name")
-    addresses = await resolve(host, port)
+        # Loopback by definition (RFC 6761), whatever a resolver says.
+        addresses: list[IPAddress] = [_LOOPBACK]
+    else:
+        addresses = await resolve(host, port)
     for ip in addresses:
         if _ip_allowed(ip, allow):
             continue
@@ -156,7 +159,8 @@ async def vet_for_config(url: str, allow: Iterable[str]) -> str | None:
 
 def pinned_request_args(url: str, target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
     """(url, extra headers, httpx extensions) that dial `target.ip` while keeping the original Host header
-    and TLS server name (SNI and certificate check use the name, not the IP)."""
+    and TLS server name (SNI and certificate check use the name, not the IP). This closes the gap between
+    vetting an address and connecting (DNS rebinding): no second lookup happens."""
     if target.ip is None:
         return url, {}, {}
     parts = urlsplit(url)
@@ -169,5 +173,11 @@ def pinned_request_args(url: str, target: Target) -> tuple[str, dict[str, str], 
     host_header = f"[{target.host}]" if ":" in target.host else target.host
     if target.port != default_port:
         host_header = f"{host_header}:{target.port}"
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    return pinned, {"Host": host_header}, extensions
+    headers = {"Host": host_header}
+    extensions: dict[str, str] = {}
+    if target.scheme == "https":
+        extensions["sni_hostname"] = target.host
+        # The connection pool is keyed by the dialled IP: without this, another host name on the same IP
+        # could reuse a TLS session whose certificate was checked for this name.
+        headers["Connection"] = "close"
+    return pinned, headers, extensions
