@@ -15,14 +15,12 @@ from webmacs.repositories.datapoints import datapoint_public_id
 HEADER = ("timestamp", "event_name", "event_public_id", "value", "unit", "datapoint_public_id")
 ROWS_PER_CHUNK = 5000
 
-# Time bounds let TimescaleDB skip every chunk outside the experiment (there is no index on experiment_id).
-_ROWS = (
+# Rows are selected by their experiment tag only, not by the experiment's time window: client timestamps and
+# values ingested while a stop was committing carry the tag with a time outside [started_on, stopped_on].
+QUERY = (
     "SELECT d.time, e.name, e.public_id, d.value, e.unit FROM datapoints d JOIN events e ON e.id = d.event_id"
-    " WHERE d.experiment_id = %(x)s AND d.time >= %(started)s"
+    " WHERE d.experiment_id = %(x)s ORDER BY d.time, d.event_id"
 )
-_ORDER = " ORDER BY d.time, d.event_id"
-RUNNING_QUERY = _ROWS + _ORDER
-STOPPED_QUERY = _ROWS + " AND d.time <= %(stopped)s" + _ORDER
 
 _UNSAFE_FILENAME = re.compile(r'[^\x20-\x7e]|["\\]')
 
@@ -51,17 +49,15 @@ def _encode(rows: list[tuple[datetime, str, str, float, str]]) -> bytes:
     return buf.getvalue().encode()
 
 
-async def experiment_csv(pool: AsyncConnectionPool, *, experiment_id: int, started_on: datetime,
-                         stopped_on: datetime | None) -> AsyncIterator[bytes]:
+async def experiment_csv(pool: AsyncConnectionPool, *, experiment_id: int) -> AsyncIterator[bytes]:
     """The CSV body in chunks of ~5000 rows. Opens its own pooled connection: the request's connection is
     released before the response streams."""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\r\n").writerow(HEADER)
     yield buf.getvalue().encode()
-    params = {"x": experiment_id, "started": started_on, "stopped": stopped_on}
     async with pool.connection() as conn:
         async with conn.cursor(name="experiment_csv") as cur:
             cur.itersize = ROWS_PER_CHUNK
-            await cur.execute(STOPPED_QUERY if stopped_on is not None else RUNNING_QUERY, params)
+            await cur.execute(QUERY, {"x": experiment_id})
             while rows := await cur.fetchmany(ROWS_PER_CHUNK):
                 yield _encode(rows)

@@ -88,8 +88,7 @@ async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, reques
             responses={200: {"content": {"text/csv": {}}, "description": "The experiment's datapoints as CSV."}})
 async def export_csv(public_id: str, _: CurrentUser, conn: Conn, request: Request) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
-    body = csv_export.experiment_csv(request.app.state.pool, experiment_id=experiment["id"],
-                                     started_on=experiment["started_on"], stopped_on=experiment["stopped_on"])
+    body = csv_export.experiment_csv(request.app.state.pool, experiment_id=experiment["id"])
     return StreamingResponse(body, media_type="text/csv; charset=utf-8", headers={
         "Content-Disposition": csv_export.content_disposition(experiment["name"], experiment["public_id"]),
     })
