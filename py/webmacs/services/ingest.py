@@ -207,9 +207,9 @@ def engine_of(app: FastAPI) -> Ingest:
 
 def install(app: FastAPI) -> None:
     async def start(app: FastAPI) -> None:
-        settings = app.state.settings
-        options = {k: getattr(settings, f"webmacs_ingest_{k}") for k in
-                   ("max_rows", "max_bytes", "max_age_ms", "queue_capacity") if hasattr(settings, f"webmacs_ingest_{k}")}
+        # Engine tuning (max_rows, max_bytes, max_age_ms, queue_capacity, …) may be set before start-up;
+        # the defaults suit a single server process.
+        options: dict[str, Any] = dict(getattr(app.state, "ingest_options", {}))
         engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
         ingest = Ingest(engine, app.state.pool, asyncio.get_running_loop())
         ingest.start()

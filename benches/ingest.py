@@ -1,0 +1,308 @@
+"""Ingest benchmark: the engine behind WebSockets vs the binary-COPY limit and a careful pure-Python path.
+
+Runs on its own throwaway TimescaleDB cluster; `make bench-ingest`. Knobs (env): BENCH_SECONDS (engine phase,
+default 30), BENCH_COPY_ROWS (default 2_000_000), BENCH_PYTHON_ROWS (default 1_000_000).
+Phases:
+  copy_limit    pre-encoded binary COPY on one psycopg connection, 20k rows per transaction (the ceiling)
+  python_path   orjson parse + validate + psycopg binary COPY of the same frames, same batching (the baseline)
+  engine        the real server (`webmacs serve`, a subprocess): 4 WS connections of 500-point frames with seq
+                acks, 8 frames in flight per connection; rows counted from acks (= committed)
+  small_frames  100 WS connections, 1 point per frame, 4 in flight each
+  latency       4 connections at half the engine's rate; frame sent → ack (sent after commit: the rows are
+                visible by then, so this bounds frame-sent→row-visible from above)
+The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import orjson
+import psycopg
+from websockets.asyncio.client import connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
+from webmacs.db.cluster import Cluster  # noqa: E402
+
+EVENTS = 50
+FRAME_POINTS = 500
+BATCH_ROWS = 20_000
+SECRET = "bench-secret-key-that-is-long-enough-0123456789"
+PG_EPOCH_US = 946_684_800_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def setup_events(url: str) -> list[tuple[int, str]]:
+    with psycopg.connect(url, autocommit=True) as db:
+        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', 'bench',"
+                        " true) RETURNING id").fetchone()
+        assert pi is not None
+        events = []
+        for i in range(EVENTS):
+            ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'u',"
+                            " 'sensor') RETURNING id, public_id", (f"bench-{i}",)).fetchone()
+            assert ev is not None
+            db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+                       " event_public_id) VALUES (%s, %s, 'c', 'input', 'u', %s)", (pi[0], f"ch{i}", ev[1]))
+            events.append((ev[0], ev[1]))
+        return events
+
+
+def truncate(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("TRUNCATE datapoints")
+        db.execute("CHECKPOINT")
+
+
+def count_rows(url: str) -> int:
+    with psycopg.connect(url) as db:
+        row = db.execute("SELECT count(*) FROM datapoints").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def make_frames(events: list[tuple[int, str]], n: int) -> list[bytes]:
+    frames = []
+    for f in range(n):
+        frames.append(orjson.dumps({"datapoints": [
+            {"value": round(20 + 10 * math.sin(f + i), 3), "event_public_id": events[i % EVENTS][1]}
+            for i in range(FRAME_POINTS)]}))
+    return frames
+
+
+def bench_copy_limit(url: str, events: list[tuple[int, str]], rows: int) -> float:
+    row = struct.Struct(">hiqiiiid")
+    base = int(time.time() * 1e6) - PG_EPOCH_US - rows
+    batches = []
+    for start in range(0, rows, BATCH_ROWS):
+        buf = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
+        for k in range(start, min(start + BATCH_ROWS, rows)):
+            buf += row.pack(4, 8, base + k, 4, events[k % EVENTS][0], -1, 8, float(k % 1000))
+        buf += struct.pack(">h", -1)
+        batches.append(bytes(buf))
+    with psycopg.connect(url) as conn:
+        t0 = time.perf_counter()
+        for b in batches:
+            with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
+                copy.write(b)
+            conn.commit()
+        elapsed = time.perf_counter() - t0
+    return rows / elapsed
+
+
+def bench_python_path(url: str, events: list[tuple[int, str]], frames: list[bytes], rows: int) -> float:
+    catalog = {public_id: (event_id, True) for event_id, public_id in events}
+    last_us: dict[int, int] = {}
+    with psycopg.connect(url) as conn:
+        t0 = time.perf_counter()
+        pending: list[tuple[datetime, int, None, float]] = []
+        done = 0
+        i = 0
+        while done < rows:
+            doc = orjson.loads(frames[i % len(frames)])
+            i += 1
+            now_us = time.time_ns() // 1000
+            for dp in doc["datapoints"]:
+                value = dp.get("value")
+                if isinstance(value, str):
+                    value = float(value)
+                if not isinstance(value, (int, float)) or not math.isfinite(value):
+                    continue
+                entry = catalog.get(dp.get("event_public_id"))
+                if entry is None or not entry[1]:
+                    continue
+                event_id = entry[0]
+                us = max(now_us, last_us.get(event_id, 0) + 1)
+                last_us[event_id] = us
+                pending.append((EPOCH + timedelta(microseconds=us), event_id, None, float(value)))
+            if len(pending) >= BATCH_ROWS or done + len(pending) >= rows:
+                with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
+                    copy.set_types(["timestamptz", "int4", "int4", "float8"])
+                    for r in pending:
+                        copy.write_row(r)
+                conn.commit()
+                done += len(pending)
+                pending = []
+        elapsed = time.perf_counter() - t0
+    return done / elapsed
+
+
+class Server:
+    def __init__(self, url: str, home: Path) -> None:
+        self.port = free_port()
+        env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
+               "WEBMACS_HOME": str(home / "home"), "WEBMACS_UPDATE_DIR": str(home / "updates"),
+               "WEBMACS_PLUGIN_DIR": str(home / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
+        for d in ("updates", "plugins"):
+            (home / d).mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=self.base) as c:
+            while True:
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.1)
+            r = c.post("/api/v1/auth/login", json={"email": "admin@webmacs.io", "password": "admin123"})
+            self.token = r.json()["access_token"]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def pump(url: str, frames: list[bytes], seconds: float, window: int, interval: float | None,
+               latencies: list[float] | None) -> int:
+    """One connection: frames with seq, at most `window` unacknowledged; returns committed rows."""
+    rows = 0
+    sent_at: dict[int, float] = {}
+    free = asyncio.Semaphore(window)
+    async with connect(url, max_size=None, compression=None) as ws:
+        async def acks() -> None:
+            nonlocal rows
+            async for msg in ws:
+                m = orjson.loads(msg)
+                if m.get("type") != "ack":
+                    raise RuntimeError(f"unexpected message {m}")
+                rows += m["accepted"]
+                t = sent_at.pop(m["seq"])
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - t)
+                free.release()
+
+        reader = asyncio.create_task(acks())
+        deadline = time.perf_counter() + seconds
+        seq = 0
+        next_at = time.perf_counter()
+        while time.perf_counter() < deadline:
+            await free.acquire()
+            if interval is not None:
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            seq += 1
+            frame = frames[seq % len(frames)]
+            sent_at[seq] = time.perf_counter()
+            await ws.send(b'{"seq":%d,' % seq + frame[1:])
+        for _ in range(window):
+            await asyncio.wait_for(free.acquire(), 120)
+        reader.cancel()
+    return rows
+
+
+async def run_clients(url: str, frames: list[bytes], conns: int, seconds: float, window: int,
+                      interval: float | None = None, latencies: list[float] | None = None) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    rows = await asyncio.gather(*(pump(url, frames, seconds, window, interval, latencies) for _ in range(conns)))
+    return sum(rows), time.perf_counter() - t0
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+
+def main() -> int:
+    seconds = float(os.environ.get("BENCH_SECONDS", "30"))
+    copy_rows = int(os.environ.get("BENCH_COPY_ROWS", "2000000"))
+    python_rows = int(os.environ.get("BENCH_PYTHON_ROWS", "1000000"))
+    home = Path(tempfile.mkdtemp(prefix="webmacs-bench-"))
+    home.chmod(0o755)
+    cluster = Cluster(home / "db", free_port())
+    try:
+        url = cluster.up()
+        from webmacs.db import migrate
+        migrate.apply(url, "1 day")
+        events = setup_events(url)
+        frames = make_frames(events, 64)
+
+        truncate(url)
+        copy_limit = bench_copy_limit(url, events, copy_rows)
+        print(f"copy_limit   {copy_limit:>12,.0f} rows/s  ({copy_rows:,} rows, pre-encoded binary COPY)", flush=True)
+        truncate(url)
+        python_path = bench_python_path(url, events, frames, python_rows)
+        print(f"python_path  {python_path:>12,.0f} rows/s  ({python_rows:,} rows, orjson + psycopg binary COPY)",
+              flush=True)
+
+        truncate(url)
+        server = Server(url, home)
+        try:
+            ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
+            cpu0 = server.cpu_seconds()
+            rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, 8))
+            cpu = server.cpu_seconds() - cpu0
+            engine = rows / elapsed
+            stored = count_rows(url)
+            print(f"engine       {engine:>12,.0f} rows/s  ({rows:,} acked rows in {elapsed:.1f} s, {stored:,} stored;"
+                  f" server CPU {cpu:.1f} s)", flush=True)
+            cpu_per_million = cpu / (rows / 1e6)
+
+            small = [orjson.dumps({"datapoints": [{"value": 1.5, "event_public_id": events[i % EVENTS][1]}]})
+                     for i in range(EVENTS)]
+            small_rows, small_elapsed = asyncio.run(run_clients(ws_url, small, 100, min(seconds, 15), 4))
+            small_fps = small_rows / small_elapsed
+            print(f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame)", flush=True)
+
+            latencies: list[float] = []
+            per_conn_fps = engine / 2 / FRAME_POINTS / 4
+            asyncio.run(run_clients(ws_url, frames, 4, min(seconds, 15), 64, interval=1 / per_conn_fps,
+                                    latencies=latencies))
+            p50, p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
+            print(f"latency      p50 {p50:.1f} ms, p99 {p99:.1f} ms at {engine / 2:,.0f} rows/s (half max),"
+                  f" frame sent → ack after commit", flush=True)
+            peak_rss = server.peak_rss_mb()
+        finally:
+            server.stop()
+        print(f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
+              f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
+              f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
+              f" p99_visible_ms={p99:.0f} cpu_s_per_million={cpu_per_million:.2f} peak_rss_mb={peak_rss:.0f}")
+        return 0
+    finally:
+        cluster.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
