@@ -487,6 +487,8 @@ impl Engine {
 
     /// Re-read the catalog now (after this process changed it; other processes' changes arrive by NOTIFY).
     pub fn refresh_catalog(&self) -> Result<(), CoreError> {
+        // After close the runtime is gone; blocking on it would panic.
+        self.check_open()?;
         self.handle.block_on(self.shared.reload_catalog())
     }
 
