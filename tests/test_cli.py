@@ -127,6 +127,18 @@ def test_production_refuses_a_short_secret(secret: str) -> None:
         Settings(_env_file=None, env="production", secret_key=secret)  # type: ignore[call-arg]
 
 
+@pytest.mark.parametrize("env", ["Production", " PRODUCTION "])
+def test_production_is_recognised_in_any_case(env: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="SECRET_KEY"):
+        Settings(_env_file=None, env=env, secret_key="short")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("env", ["staging", "test", "development"])
+def test_other_environments_run_as_development(env: str) -> None:
+    s = Settings(_env_file=None, env=env, secret_key="")  # type: ignore[call-arg]
+    assert s.env == env and s.weak_secret
+
+
 def test_production_accepts_a_long_secret() -> None:
     s = Settings(_env_file=None, env="production", secret_key="x" * 32)  # type: ignore[call-arg]
     assert not s.weak_secret and s.secret_key_effective == "x" * 32

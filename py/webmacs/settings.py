@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     backend_port: int = 8000
     cors_origins: Annotated[list[str], NoDecode] = ["http://localhost:3000", "http://localhost:5173"]
     debug: bool = False
-    env: Literal["development", "production", "test"] = "development"
+    #: Only `production` means anything (strict SECRET_KEY); other values (staging, test…) run as development,
+    #: as in WebMACS, rather than refusing to start.
+    env: str = "development"
     initial_admin_email: str = "admin@webmacs.io"
     initial_admin_username: str = "admin"
     initial_admin_password: str = "admin123"
@@ -123,6 +125,12 @@ class Settings(BaseSettings):
                 if v.startswith(prefix):
                     return "postgresql://" + v[len(prefix):]
         return v
+
+    @field_validator("env", mode="after")
+    @classmethod
+    def _normalise_env(cls, v: str) -> str:
+        # `ENV=Production` must not silently skip the production checks.
+        return v.strip().lower()
 
     @field_validator("initial_admin_email", mode="after")
     @classmethod
