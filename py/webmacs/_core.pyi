@@ -2,8 +2,6 @@
 
 from typing import Any, Final, final
 
-from typing_extensions import disjoint_base
-
 __version__: str
 #: The datapoints hypertable's columns and types in binary COPY order.
 DATAPOINT_COLUMNS: Final[list[tuple[str, str]]]
@@ -20,7 +18,6 @@ class ConfigError(CoreException): ...
 def validate_frame(frame: bytes) -> tuple[list[tuple[str, float, int | None]], list[tuple[int, str]], int]: ...
 
 @final
-@disjoint_base
 class Receipt:
     @property
     def accepted(self) -> int: ...
@@ -40,7 +37,6 @@ class Receipt:
     def rejects(self) -> list[tuple[int, str]]: ...
 
 @final
-@disjoint_base
 class Engine:
     def __new__(
         cls,

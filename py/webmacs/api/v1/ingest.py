@@ -15,7 +15,7 @@ from webmacs.errors import Conflict, NotFound, TooLarge, Unavailable
 from webmacs.exceptions import FrameTooLargeError, InvalidFrameError, QueueFullError
 from webmacs.pagination import Status
 from webmacs.repositories.datapoints import datapoint_public_id
-from webmacs.services.ingest import Ingest, engine_of, time_of
+from webmacs.services.ingest import engine_of, time_of
 
 router = APIRouter(prefix="/datapoints", tags=["datapoints"])
 
@@ -68,10 +68,6 @@ def _validation_error(errors: list[dict[str, Any]]) -> RequestValidationError:
     return RequestValidationError(errors)
 
 
-async def _committed(ingest: Ingest, ticket: int) -> None:
-    await ingest.wait_committed(ticket)
-
-
 @router.post("", status_code=201, response_model=Status)
 async def create_datapoint(body: DatapointCreate, _: OperatorUser, request: Request) -> Status:
     ingest = engine_of(request.app)
@@ -89,7 +85,7 @@ async def create_datapoint(body: DatapointCreate, _: OperatorUser, request: Requ
         reason = next(iter(reasons))
         field, typ, msg = _REASON_ERRORS[reason]
         raise _validation_error([{"type": typ, "loc": ["body", field], "msg": msg, "input": body.timestamp}])
-    await _committed(ingest, receipt.ticket)
+    await ingest.wait_committed(receipt.ticket)
     return Status.ok("1 datapoint successfully created.")
 
 
@@ -147,11 +143,13 @@ async def create_batch(request: Request, _: OperatorUser) -> Status:
         if reason not in _REASON_ERRORS:
             continue  # unknown / inactive events: dropped silently
         field, typ, msg = _REASON_ERRORS[reason]
-        loc: list[str | int] = ["body", "datapoints", index] + ([field] if field else [])
+        loc: list[str | int] = ["body", "datapoints", index]
+        if field:
+            loc.append(field)
         errors.append({"type": typ, "loc": loc, "msg": msg, "input": None})
     if errors:
         raise _validation_error(errors)
-    await _committed(ingest, receipt.ticket)
+    await ingest.wait_committed(receipt.ticket)
     return Status.ok(f"{receipt.accepted} datapoints successfully created.")
 
 
