@@ -223,7 +223,7 @@ def test_bearer_scheme_is_case_insensitive(client: httpx.Client, admin_token: st
 
 
 def test_forged_and_malformed_jwts_are_invalid(client: httpx.Client, db: psycopg.Connection) -> None:
-    admin_id = user_id(db, db.execute("SELECT public_id FROM users WHERE email = %s", (ADMIN_EMAIL,)).fetchone()[0])
+    admin_id = db.execute("SELECT id FROM users WHERE email = %s", (ADMIN_EMAIL,)).fetchall()[0][0]
     later = datetime.now(UTC) + timedelta(hours=1)
     good_claims = {"sub": str(admin_id), "exp": later, "role": "admin"}
     unsigned = jwt.encode(good_claims, None, algorithm="none")  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ def test_last_datapoint_is_the_newest_across_events(client: httpx.Client, db: ps
     # Far in the future so that no datapoint another test wrote is newer.
     newest = datetime(2100, 1, 1, 12, 30, 15, 123456, tzinfo=UTC)
     events = [db.execute("INSERT INTO events (name, min_value, max_value, unit, type)"
-                         " VALUES (%s, 0, 1, 'u', 'sensor') RETURNING id", (unique("hl"),)).fetchone()[0]
+                         " VALUES (%s, 0, 1, 'u', 'sensor') RETURNING id", (unique("hl"),)).fetchall()[0][0]
               for _ in range(2)]
     try:
         db.execute("INSERT INTO datapoints (time, event_id, value) VALUES (%s, %s, 1), (%s, %s, 2), (%s, %s, 3)",

@@ -98,7 +98,7 @@ def test_admin_lists_every_users_tokens(client: httpx.Client, admin: dict[str, s
     mine = create_token(client, admin)
     theirs = create_token(client, alice["headers"])
     page = client.get(TOKENS, headers=admin, params={"page_size": 100}).json()
-    assert page["total"] == db.execute("SELECT count(*) FROM api_tokens").fetchone()[0]
+    assert page["total"] == db.execute("SELECT count(*) FROM api_tokens").fetchall()[0][0]
     ids = [t["public_id"] for t in page["data"]]
     # Newest first: the two just created lead the list, theirs (later) before mine.
     assert ids[:2] == [theirs["public_id"], mine["public_id"]]

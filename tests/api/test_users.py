@@ -123,7 +123,7 @@ def test_deleting_a_user_deletes_their_api_tokens_and_log_entries(
 ) -> None:
     user = create(client, admin)
     token = client.post("/api/v1/tokens", headers=user["headers"], json={"name": "device"}).json()["token"]
-    uid = db.execute("SELECT id FROM users WHERE public_id = %s", (user["public_id"],)).fetchone()[0]
+    uid = db.execute("SELECT id FROM users WHERE public_id = %s", (user["public_id"],)).fetchall()[0][0]
     assert db.execute("SELECT count(*) FROM api_tokens WHERE user_id = %s", (uid,)).fetchone() == (1,)
     assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
     assert db.execute("SELECT count(*) FROM api_tokens WHERE user_id = %s", (uid,)).fetchone() == (0,)
@@ -338,7 +338,7 @@ def test_redirected_list_is_served(client: httpx.Client, admin: dict[str, str]) 
 def test_pagination_envelope(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     create(client, admin)
     create(client, admin)
-    total = db.execute("SELECT count(*) FROM users").fetchone()[0]
+    total = db.execute("SELECT count(*) FROM users").fetchall()[0][0]
     first = client.get(USERS, headers=admin, params={"page": 1, "page_size": 1}).json()
     assert (first["page"], first["page_size"], first["total"], len(first["data"])) == (1, 1, total, 1)
     second = client.get(USERS, headers=admin, params={"page": 2, "page_size": 1}).json()

@@ -141,7 +141,7 @@ def test_undecodable_or_forged_jwt(probe_server: Server, token: str) -> None:
 
 
 def test_expired_jwt(probe_server: Server, db: psycopg.Connection) -> None:
-    admin_id = db.execute("SELECT id FROM users WHERE email = %s", (ADMIN_EMAIL,)).fetchone()[0]
+    admin_id = db.execute("SELECT id FROM users WHERE email = %s", (ADMIN_EMAIL,)).fetchall()[0][0]
     assert refused(probe_server, f"token={expired_jwt(admin_id)}") == (1008, "Invalid or expired token")
 
 
