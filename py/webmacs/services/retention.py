@@ -92,11 +92,18 @@ async def apply_policies(conn: AsyncConnection, *, retention_days: int | None, c
             (retention_days,),
         )
     if compress_after_days is not None:
-        # Segment by channel, ordered by time: the same shape as the (event_id, time) index.
-        await conn.execute(
-            "ALTER TABLE datapoints SET (timescaledb.compress, timescaledb.compress_segmentby = 'event_id',"
-            " timescaledb.compress_orderby = 'time')"
+        cur = await conn.execute(
+            "SELECT compression_enabled FROM timescaledb_information.hypertables"
+            " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
         )
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            # Segment by channel, ordered by time: the shape of the (event_id, time) unique index, which
+            # compressed chunks must still enforce. Only once: it cannot change while chunks are compressed.
+            await conn.execute(
+                "ALTER TABLE datapoints SET (timescaledb.compress, timescaledb.compress_segmentby = 'event_id',"
+                " timescaledb.compress_orderby = 'time')"
+            )
         wanted = f"{compress_after_days} days"
         current = await _policy_config(conn, "policy_compression")
         if current is not None and f'"compress_after": "{wanted}"' not in current[1]:

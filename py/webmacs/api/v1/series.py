@@ -26,7 +26,7 @@ from webmacs.services.series import Agg, Mode, PackedSeries, Point
 
 router = APIRouter(tags=["series"])
 
-# A bucketed request may produce at most this many buckets per event (pass max_points to thin more).
+# Without max_points a request returns at most this many buckets (or raw datapoints) per event.
 MAX_BUCKETS = 100_000
 ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 
@@ -77,12 +77,12 @@ async def datapoint_series(body: SeriesRequest, _: CurrentUser, conn: Conn) -> R
     experiments = await _experiment_ids(conn, [p for points in picked.values() for p in points])
     out: dict[str, list[dict[str, Any]]] = {}
     for public_id, points in picked.items():
-        out[public_id] = [
-            {"public_id": datapoint_public_id(public_id, p.time), "value": p.value, "timestamp": p.time,
-             "event_public_id": public_id,
-             "experiment_public_id": experiments.get(p.experiment_id) if p.experiment_id else None}
-            for p in points
-        ]
+        rows = out[public_id] = []
+        for p in points:
+            time = p.time
+            rows.append({"public_id": datapoint_public_id(public_id, time), "value": p.value, "timestamp": time,
+                         "event_public_id": public_id,
+                         "experiment_public_id": experiments.get(p.experiment_id) if p.experiment_id else None})
     return _json(out)
 
 
@@ -163,6 +163,8 @@ async def series(
                                                        bucket=parsed.interval, tz=tz, agg=agg)
         except (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow) as e:
             raise Unprocessable(str(e.diag.message_primary or e)) from e
+        if not thin and len(packed) > MAX_BUCKETS:
+            raise Unprocessable(f"More than {MAX_BUCKETS} points for event '{public_id}': pass a bucket or max_points.")
         points = (series_service.downsample(packed, max_points or 1000, mode or "stride") if thin
                   else series_service.all_points(packed))
         count = agg == "count" and parsed is not None

@@ -1,0 +1,291 @@
+"""Analyst benchmark: series and exports through the API vs the same SQL / COPY TO STDOUT directly.
+
+Runs on its own throwaway TimescaleDB cluster; `make bench-query`. Knobs (env): BENCH_EVENTS (default 100),
+BENCH_POINTS (per event, default 100_000), BENCH_REPEAT (series requests timed, default 20).
+Data: every event gets BENCH_POINTS datapoints evenly over the last 30 days, generated through the ingest engine
+(`webmacs._core.Engine`, client timestamps) when it is available and works, else by COPY.
+Phases:
+  series      GET /api/v1/series, one event, 30 days in 2592 s buckets (1,000 points), median of BENCH_REPEAT
+              vs the same time_bucket SQL on one psycopg connection (ratio = API / SQL)
+  export      the whole table through GET /api/v1/export as Parquet and as CSV (the server is a subprocess;
+              its peak RSS during the exports is reported) vs `COPY … TO STDOUT` read by psycopg
+The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import orjson
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
+from webmacs.db.cluster import Cluster  # noqa: E402
+
+SECRET = "bench-secret-key-that-is-long-enough-0123456789"
+DAYS = 30
+BUCKET_S = 2592  # 30 days / 1,000
+SERIES_SQL = (
+    "SELECT time_bucket(%s::interval, time, %s::text) AS bucket, avg(value) FROM datapoints"
+    " WHERE event_id = %s AND time >= %s AND time < %s GROUP BY 1 ORDER BY 1"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def setup_events(url: str, n: int) -> list[tuple[int, str]]:
+    """Events mapped to an enabled plugin instance, so the engine accepts their datapoints."""
+    with psycopg.connect(url, autocommit=True) as db:
+        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated',"
+                        " 'bench-query', true) RETURNING id").fetchone()
+        assert pi is not None
+        events = []
+        for i in range(n):
+            ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'u',"
+                            " 'sensor') RETURNING id, public_id", (f"query-bench-{i}",)).fetchone()
+            assert ev is not None
+            db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+                       " event_public_id) VALUES (%s, %s, 'c', 'input', 'u', %s)", (pi[0], f"ch{i}", ev[1]))
+            events.append((ev[0], ev[1]))
+        return events
+
+
+def count_rows(url: str) -> int:
+    with psycopg.connect(url) as db:
+        row = db.execute("SELECT count(*) FROM datapoints").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def generate_with_engine(url: str, events: list[tuple[int, str]], points: int, end_ms: int) -> float:
+    """Frames of 500 datapoints with client timestamps (epoch ms) through the engine; returns seconds."""
+    from webmacs import _core
+
+    step_ms = DAYS * 86_400_000 // points
+    per_frame = max(1, _core.MAX_FRAME_DATAPOINTS // len(events))
+    engine = _core.Engine(url)
+    try:
+        engine.refresh_catalog()
+        t0 = time.perf_counter()
+        ticket = 0
+        for k0 in range(0, points, per_frame):
+            frame = orjson.dumps({"datapoints": [
+                {"value": (k * 7 + i) % 1000 / 10, "event_public_id": pid, "timestamp": end_ms - (points - k) * step_ms}
+                for k in range(k0, min(points, k0 + per_frame)) for i, (_, pid) in enumerate(events)]})
+            while True:
+                try:
+                    receipt = engine.submit(frame)
+                    break
+                except _core.QueueFullError:
+                    time.sleep(0.002)
+            if receipt.rejected:
+                raise RuntimeError(f"engine rejected datapoints: {receipt.reasons}")
+            ticket = receipt.ticket
+        while engine.committed_ticket() < ticket:
+            time.sleep(0.01)
+        return time.perf_counter() - t0
+    finally:
+        engine.close()
+
+
+def generate_with_copy(url: str, events: list[tuple[int, str]], points: int, end_ms: int) -> float:
+    step_ms = DAYS * 86_400_000 // points
+    t0 = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("TRUNCATE datapoints")
+        for i, (event_id, _) in enumerate(events):
+            # Server-side rows streamed into COPY-equivalent bulk insert: one statement per event.
+            db.execute(
+                "INSERT INTO datapoints (time, event_id, value) SELECT to_timestamp((%s - (%s - k) * %s) / 1000.0),"
+                " %s, ((k * 7 + %s) %% 1000) / 10.0 FROM generate_series(0, %s - 1) k",
+                (end_ms, points, step_ms, event_id, i, points),
+            )
+    return time.perf_counter() - t0
+
+
+class Server:
+    def __init__(self, url: str, home: Path) -> None:
+        self.port = free_port()
+        env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
+               "WEBMACS_HOME": str(home / "home"), "WEBMACS_UPDATE_DIR": str(home / "updates"),
+               "WEBMACS_PLUGIN_DIR": str(home / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
+        for d in ("updates", "plugins"):
+            (home / d).mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=self.base) as c:
+            while True:
+                try:
+                    if c.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.1)
+            r = c.post("/api/v1/auth/login", json={"email": "admin@webmacs.io", "password": "admin123"})
+            self.token = r.json()["access_token"]
+
+    def reset_peak_rss(self) -> None:
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def bench_series(url: str, server: Server, event: tuple[int, str], start: datetime, end: datetime,
+                 repeat: int) -> tuple[float, float, int]:
+    params = {"events": event[1], "start": start.isoformat(), "end": end.isoformat(), "bucket": f"{BUCKET_S}s",
+              "agg": "avg"}
+    api_ms = []
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c:
+        for i in range(repeat + 2):
+            t0 = time.perf_counter()
+            r = c.get("/api/v1/series", params=params)
+            elapsed = (time.perf_counter() - t0) * 1000
+            r.raise_for_status()
+            points = len(r.json()["events"][event[1]]["points"])
+            if i >= 2:  # two warm-up requests
+                api_ms.append(elapsed)
+    sql_ms = []
+    with psycopg.connect(url, options="-c timezone=UTC") as db:
+        for i in range(repeat + 2):
+            t0 = time.perf_counter()
+            rows = db.execute(SERIES_SQL, (f"{BUCKET_S} seconds", "UTC", event[0], start, end)).fetchall()
+            elapsed = (time.perf_counter() - t0) * 1000
+            assert len(rows) == points
+            if i >= 2:
+                sql_ms.append(elapsed)
+    return statistics.median(api_ms), statistics.median(sql_ms), points
+
+
+def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: int) -> tuple[float, int]:
+    """Rows/s of one whole-table export; checks that every row arrived (CSV lines, Parquet metadata)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    params = {"events": [pid for _, pid in events], "format": fmt}
+    received = lines = 0
+    parquet = bytearray()
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"},
+                      timeout=600) as c:
+        t0 = time.perf_counter()
+        with c.stream("GET", "/api/v1/export", params=params) as r:
+            r.raise_for_status()
+            for piece in r.iter_raw():
+                received += len(piece)
+                if fmt == "csv":
+                    lines += piece.count(b"\n")
+                else:
+                    parquet += piece  # compressed: a few MB for the whole table
+        elapsed = time.perf_counter() - t0
+    got = lines - 1 if fmt == "csv" else pq.ParquetFile(io.BytesIO(bytes(parquet))).metadata.num_rows
+    if got != rows:
+        raise RuntimeError(f"{fmt} export returned {got:,} rows, expected {rows:,}")
+    return rows / elapsed, received
+
+
+def bench_copy_to(url: str, rows: int) -> float:
+    with psycopg.connect(url) as db, db.cursor() as cur:
+        t0 = time.perf_counter()
+        n = 0
+        with cur.copy("COPY (SELECT time, event_id, experiment_id, value FROM datapoints) TO STDOUT (FORMAT binary)"
+                      ) as copy:
+            for _ in copy:
+                n += 1
+        elapsed = time.perf_counter() - t0
+    assert n >= rows  # one message per row, plus header/trailer
+    return rows / elapsed
+
+
+def main() -> int:
+    n_events = int(os.environ.get("BENCH_EVENTS", "100"))
+    points = int(os.environ.get("BENCH_POINTS", "100000"))
+    repeat = int(os.environ.get("BENCH_REPEAT", "20"))
+    home = Path(tempfile.mkdtemp(prefix="webmacs-bench-query-"))
+    home.chmod(0o755)
+    cluster = Cluster(home / "db", free_port())
+    try:
+        url = cluster.up()
+        from webmacs.db import migrate
+
+        migrate.apply(url, "1 day")
+        events = setup_events(url, n_events)
+        end = datetime.now(UTC).replace(microsecond=0)
+        end_ms = int(end.timestamp() * 1000)
+        total = n_events * points
+        try:
+            seconds = generate_with_engine(url, events, points, end_ms)
+            how = "engine (client timestamps)"
+            if count_rows(url) != total:
+                raise RuntimeError(f"engine stored {count_rows(url):,} of {total:,} rows")
+        except Exception as e:  # the engine is optional here: the benchmark measures the read side
+            print(f"engine generation unavailable ({e}); using COPY", flush=True)
+            seconds = generate_with_copy(url, events, points, end_ms)
+            how = "server-side bulk insert"
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute("VACUUM ANALYZE datapoints")
+        print(f"data         {total:,} datapoints ({n_events} events × {points:,}, {DAYS} days) via {how}"
+              f" in {seconds:.1f} s", flush=True)
+
+        server = Server(url, home)
+        try:
+            # 1,000 whole buckets: align to time_bucket's default origin (2000-01-03 00:00 UTC).
+            origin = datetime(2000, 1, 3, tzinfo=UTC)
+            start = origin + (end - timedelta(days=DAYS) - origin) // timedelta(seconds=BUCKET_S) * timedelta(
+                seconds=BUCKET_S)
+            series_ms, series_sql_ms, n_points = bench_series(
+                url, server, events[0], start, start + timedelta(seconds=1000 * BUCKET_S), repeat)
+            print(f"series       API {series_ms:.1f} ms vs SQL {series_sql_ms:.1f} ms ({n_points} buckets, median of"
+                  f" {repeat})", flush=True)
+            server.reset_peak_rss()
+            parquet, parquet_bytes = bench_export(server, events, "parquet", total)
+            print(f"parquet      {parquet:>12,.0f} rows/s ({parquet_bytes / 1e6:,.0f} MB)", flush=True)
+            csv, csv_bytes = bench_export(server, events, "csv", total)
+            print(f"csv          {csv:>12,.0f} rows/s ({csv_bytes / 1e6:,.0f} MB)", flush=True)
+            peak = server.peak_rss_mb()
+        finally:
+            server.stop()
+        copy_to = bench_copy_to(url, total)
+        print(f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg)", flush=True)
+        print(f"query series_ms={series_ms:.1f} series_sql_ms={series_sql_ms:.1f}"
+              f" series_ratio={series_ms / series_sql_ms:.2f} parquet_rows_per_s={parquet:.0f}"
+              f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"
+              f" export_peak_rss_mb={peak:.0f}", flush=True)
+        return 0
+    finally:
+        cluster.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
