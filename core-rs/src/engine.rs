@@ -163,19 +163,24 @@ impl Shared {
         // Set just above when missing.
         let client = guard.as_mut().expect("connected above");
         let res = f(client).await;
-        if res.is_err() && client.is_closed() {
+        if res.is_err() {
+            // The connection may be dead without knowing it yet (server restart); start afresh next time.
             *guard = None;
         }
         res
     }
 
     async fn reload_catalog(&self) -> Result<(), CoreError> {
-        self.with_catalog_client(async |c| {
+        let load = async |c: &mut Client| {
             let cat = Catalog::load(c).await?;
             self.catalog.store(Arc::new(cat));
             Ok(())
-        })
-        .await
+        };
+        match self.with_catalog_client(load).await {
+            // One retry on a fresh connection: a restart since the last load is the usual cause.
+            Err(_) => self.with_catalog_client(load).await,
+            ok => ok,
+        }
     }
 
     async fn load_latest(&self) -> Result<(), CoreError> {

@@ -16,7 +16,7 @@ from fastapi import FastAPI, WebSocket
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import Engine, Receipt
-from webmacs.exceptions import EngineClosedError
+from webmacs.exceptions import DatabaseError, EngineClosedError
 from webmacs.repositories import logs as logs_repo
 from webmacs.services import webhooks
 
@@ -143,7 +143,11 @@ class Ingest:
         return receipt
 
     async def refresh_catalog(self) -> None:
-        await asyncio.to_thread(self.engine.refresh_catalog)
+        try:
+            await asyncio.to_thread(self.engine.refresh_catalog)
+        except DatabaseError:
+            # The change is committed; the LISTEN task reloads once the database answers again.
+            log.warning("catalog refresh failed; relying on the webmacs_catalog notification", exc_info=True)
 
     # -- firings -------------------------------------------------------------------------------------
     async def _firings_loop(self) -> None:

@@ -99,16 +99,15 @@ def _client_time_us(ts: datetime | float | None) -> int | None:
     return round(ts * 1000)
 
 
-_BATCH_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": DatapointBatch.model_json_schema(
-            ref_template="#/components/schemas/{model}")}},
-    }
-}
+def _batch_schema() -> dict[str, Any]:
+    # The body is read raw (the engine parses it), so FastAPI cannot infer it: declare it. DatapointCreate
+    # itself is in the components already (the single create uses it).
+    schema = DatapointBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-@router.post("/batch", status_code=201, response_model=Status, openapi_extra=_BATCH_SCHEMA)
+@router.post("/batch", status_code=201, response_model=Status, openapi_extra=_batch_schema())
 async def create_batch(request: Request, _: OperatorUser) -> Status:
     """Up to 500 datapoints in one transaction. Unknown events and events not linked to an enabled plugin
     instance are dropped silently (spec §4.2); a malformed entry fails the request (422)."""

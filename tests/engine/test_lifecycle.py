@@ -1,0 +1,72 @@
+"""Engine lifecycle: latest values survive a restart, shutdown flushes the queue, the API documents ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import orjson
+import psycopg
+
+from tests.conftest import ActiveEvent, Server, make_settings, start_server
+
+
+def test_latest_is_initialised_from_the_database(client: httpx.Client, operator: dict[str, str], db_url: str,
+                                                 tmp_path: Path, make_active_event: Callable[..., ActiveEvent]) -> None:
+    ev = make_active_event()
+    r = client.post("/api/v1/datapoints/batch", headers=operator,
+                    json={"datapoints": [{"value": 7.5, "event_public_id": ev.public_id}]})
+    assert r.status_code == 201
+    fresh = start_server(make_settings(db_url, tmp_path))
+    try:
+        with httpx.Client(base_url=fresh.url, timeout=30) as c:
+            latest = c.get("/api/v1/datapoints/latest", headers=operator).json()
+    finally:
+        fresh.stop()
+    assert [d["value"] for d in latest if d["event_public_id"] == ev.public_id] == [7.5]
+
+
+def test_shutdown_writes_everything_queued(db_url: str, tmp_path: Path,
+                                           make_active_event: Callable[..., ActiveEvent]) -> None:
+    ev = make_active_event()
+    server = start_server(make_settings(db_url, tmp_path))
+    accepted = 0
+    try:
+        server.refresh_catalog()
+        engine = server.app.state.ingest.engine
+        frame = orjson.dumps({"datapoints": [{"value": i, "event_public_id": ev.public_id} for i in range(500)]})
+        for _ in range(20):
+            accepted += engine.submit(frame).accepted
+    finally:
+        server.stop()  # the lifespan closes the engine: queued rows are written before it returns
+    assert accepted == 10_000
+    with psycopg.connect(db_url) as db:
+        row = db.execute("SELECT count(*) FROM datapoints WHERE event_id = %s", (ev.id,)).fetchone()
+    assert row == (10_000,)
+
+
+def test_openapi_documents_the_ingest_bodies(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    batch = paths["/api/v1/datapoints/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "datapoints" in batch["properties"] and batch["properties"]["datapoints"]["maxItems"] == 500
+    item_ref = batch["properties"]["datapoints"]["items"]["$ref"]
+    assert item_ref.removeprefix("#/components/schemas/") in doc["components"]["schemas"]
+    single = paths["/api/v1/datapoints"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert single["$ref"].endswith("DatapointCreate")
+    assert "/api/v1/datapoints/latest" in paths
+
+
+def test_engine_after_close_refuses_data(db_url: str, tmp_path: Path, server: Server) -> None:
+    from webmacs._core import Engine
+    from webmacs.exceptions import EngineClosedError
+
+    engine = Engine(db_url)
+    assert engine.close(5.0) == 0
+    for call in (lambda: engine.submit(b"{}"), engine.refresh_catalog):
+        try:
+            call()
+        except EngineClosedError:
+            continue
+        raise AssertionError("a closed engine took a call")
