@@ -175,7 +175,8 @@ def test_apply_then_rollback_lifecycle(api: httpx.Client, odb: psycopg.Connectio
     r = api.post(f"/api/v1/ota/{pid}/rollback")
     assert r.status_code == 409 and r.json() == {"detail": "Cannot transition from 'pending' to 'rolled_back'"}
     r = api.post(f"/api/v1/ota/{pid}/apply")
-    assert r.status_code == 200 and r.json() == {"status": "success", "message": "Firmware update applied successfully."}
+    assert r.status_code == 200
+    assert r.json() == {"status": "success", "message": "Firmware update applied successfully."}
     got = api.get(f"/api/v1/ota/{pid}").json()
     assert got["status"] == "completed" and got["started_on"] and got["completed_on"] and not got["has_firmware_file"]
     r = api.post(f"/api/v1/ota/{pid}/apply")
@@ -453,7 +454,8 @@ def test_upload_oversize_is_413_and_removed(api: httpx.Client, env: Ota) -> None
     (bundle(manifest=b"{not json"), "manifest.json is not valid JSON"),
     (bundle(manifest=["2.1.0"]), "manifest.json must be a JSON object"),
     (bundle(manifest={"images_sha256": "ab" * 32}), "manifest.json 'version' must be a version X.Y.Z"),
-    (bundle(manifest={"version": "v2.1", "images_sha256": "ab" * 32}), "manifest.json 'version' must be a version X.Y.Z"),
+    (bundle(manifest={"version": "v2.1", "images_sha256": "ab" * 32}),
+     "manifest.json 'version' must be a version X.Y.Z"),
     (bundle(manifest={"version": "2.1.0", "images_sha256": "xyz"}),
      "manifest.json 'images_sha256' must be 64 hexadecimal characters"),
     (bundle(manifest={"version": "2.1.0"}), "manifest.json 'images_sha256' must be 64 hexadecimal characters"),
@@ -475,7 +477,8 @@ def test_upload_missing_file_is_422(api: httpx.Client) -> None:
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "file"]
     r = api.post("/api/v1/ota/upload", json={"file": "x"})
     assert r.status_code == 422
-    r = api.post("/api/v1/ota/upload", content=b"--zz\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    r = api.post("/api/v1/ota/upload", content=b"--zz\r\ngarbage",
+                 headers={"Content-Type": "multipart/form-data; boundary=zz"})
     assert r.status_code == 422
 
 

@@ -113,7 +113,9 @@ def test_unknown_event_is_404_before_duplicate_name(
     assert r.status_code == 409 and r.json() == {"detail": "Rule already exists."}
 
 
-def test_list_is_paginated_in_creation_order(client: httpx.Client, operator: dict[str, str], event_id: str, create: Any) -> None:
+def test_list_is_paginated_in_creation_order(
+    client: httpx.Client, operator: dict[str, str], event_id: str, create: Any
+) -> None:
     first = create(operator, rule_body(event_id))
     second = create(operator, rule_body(event_id))
     total = client.get("/api/v1/rules", headers=operator).json()["total"]
@@ -125,7 +127,9 @@ def test_list_is_paginated_in_creation_order(client: httpx.Client, operator: dic
     assert client.get("/api/v1/rules", headers=operator, params={"page_size": 0}).status_code == 422
 
 
-def test_update_fields(client: httpx.Client, operator: dict[str, str], event_id: str, db: psycopg.Connection, create: Any) -> None:
+def test_update_fields(
+    client: httpx.Client, operator: dict[str, str], event_id: str, db: psycopg.Connection, create: Any
+) -> None:
     pid = create(operator, rule_body(event_id))
     r = client.put(f"/api/v1/rules/{pid}", headers=operator,
                    json={"threshold": 70, "enabled": False, "operator": "lte", "cooldown_seconds": 5})
@@ -154,7 +158,9 @@ def test_update_merged_validation_uses_string_details(
     assert client.get(f"/api/v1/rules/{pid}", headers=operator).json()["operator"] == "not_between"
 
 
-def test_update_to_unknown_event_and_taken_name(client: httpx.Client, operator: dict[str, str], event_id: str, create: Any) -> None:
+def test_update_to_unknown_event_and_taken_name(
+    client: httpx.Client, operator: dict[str, str], event_id: str, create: Any
+) -> None:
     a = rule_body(event_id)
     create(operator, a)
     pid = create(operator, rule_body(event_id))

@@ -183,7 +183,8 @@ def test_retries_with_backoff_then_delivered(
     assert len({r.body for r in reqs}) == 1
     for r in reqs:
         ts = r.headers["X-Webhook-Timestamp"]
-        assert r.headers["X-Webhook-Signature"] == hmac.new(b"k", f"{ts}.".encode() + r.body, hashlib.sha256).hexdigest()
+        expected = hmac.new(b"k", f"{ts}.".encode() + r.body, hashlib.sha256).hexdigest()
+        assert r.headers["X-Webhook-Signature"] == expected
 
 
 def test_dead_letter_after_three_failures(

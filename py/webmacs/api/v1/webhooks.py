@@ -95,8 +95,9 @@ async def list_webhooks(_: AdminUser, conn: Conn, paging: Paging) -> Page[Webhoo
 @router.post("", response_model=Status, status_code=201)
 async def create_webhook(body: WebhookCreate, user: AdminUser, conn: Conn, settings: SettingsDep) -> Status:
     await _check_url(body.url, settings)
-    await webhooks_repo.create(conn, url=body.url, secret=body.secret, events=json.dumps([e.value for e in body.events]),
-                               enabled=body.enabled, user_public_id=user.public_id)
+    events = json.dumps([e.value for e in body.events])
+    await webhooks_repo.create(conn, url=body.url, secret=body.secret, events=events, enabled=body.enabled,
+                               user_public_id=user.public_id)
     return Status.ok("Webhook successfully created.")
 
 
