@@ -183,20 +183,28 @@ impl Shared {
         }
     }
 
-    async fn load_latest(&self) -> Result<(), CoreError> {
+    /// (Re)load the latest value of the given events (all when `None`) from the table.
+    async fn load_latest(&self, events: Option<Vec<i32>>) -> Result<(), CoreError> {
         let rows = self
             .with_catalog_client(async |c| {
                 Ok(c.query(
                     "SELECT e.id, d.value, (EXTRACT(EPOCH FROM d.time) * 1000000)::int8, d.experiment_id
                      FROM events e CROSS JOIN LATERAL (
                         SELECT time, value, experiment_id FROM datapoints WHERE event_id = e.id
-                        ORDER BY time DESC LIMIT 1) d",
-                    &[],
+                        ORDER BY time DESC LIMIT 1) d
+                     WHERE $1::int4[] IS NULL OR e.id = ANY($1)",
+                    &[&events],
                 )
                 .await?)
             })
             .await?;
         let mut st = self.state();
+        match &events {
+            None => st.latest.clear(),
+            Some(ids) => ids.iter().for_each(|id| {
+                st.latest.remove(id);
+            }),
+        }
         for r in rows {
             st.latest.insert(
                 r.get(0),
@@ -262,7 +270,7 @@ impl Engine {
         });
         runtime.block_on(async {
             shared.reload_catalog().await?;
-            shared.load_latest().await
+            shared.load_latest(None).await
         })?;
         let writer_task = runtime.spawn(run_writer(shared.clone()));
         runtime.spawn(run_listener(shared.clone()));
@@ -518,9 +526,18 @@ impl Engine {
             .collect()
     }
 
-    /// Forget cached latest values of one event (its datapoints were deleted elsewhere).
-    pub fn forget_latest(&self, event_id: i32) {
-        self.shared.state().latest.remove(&event_id);
+    /// Re-read latest values from the table after datapoints were deleted outside the engine (all events
+    /// when `None`). Rows still queued for the writer are not in the table yet; their event's next value
+    /// corrects the cache.
+    pub fn reload_latest(&self, event_public_ids: Option<Vec<String>>) -> Result<(), CoreError> {
+        self.check_open()?;
+        let ids = event_public_ids.map(|ids| {
+            let catalog = self.shared.catalog.load();
+            ids.iter()
+                .filter_map(|p| catalog.events.get(p.as_str()).map(|e| e.id))
+                .collect::<Vec<i32>>()
+        });
+        self.handle.block_on(self.shared.load_latest(ids))
     }
 
     pub fn drain_firings(&self) -> Vec<Firing> {

@@ -70,3 +70,39 @@ def test_engine_after_close_refuses_data(db_url: str, tmp_path: Path, server: Se
         except EngineClosedError:
             continue
         raise AssertionError("a closed engine took a call")
+
+
+def test_latest_follows_deletions_outside_the_engine(client: httpx.Client, operator: dict[str, str],
+                                                     db: psycopg.Connection, server: Server,
+                                                     make_active_event: Callable[..., ActiveEvent]) -> None:
+    ev = make_active_event()
+    for v in (1.0, 2.0):
+        r = client.post("/api/v1/datapoints", headers=operator, json={"value": v, "event_public_id": ev.public_id})
+        assert r.status_code == 201
+
+    def latest() -> list[float]:
+        rows = client.get("/api/v1/datapoints/latest", headers=operator).json()
+        return [d["value"] for d in rows if d["event_public_id"] == ev.public_id]
+
+    assert latest() == [2.0]
+    db.execute("DELETE FROM datapoints WHERE event_id = %s AND value = 2", (ev.id,))
+    server.call(server.app.state.ingest.datapoints_deleted([ev.public_id]))
+    assert latest() == [1.0]
+    db.execute("DELETE FROM datapoints WHERE event_id = %s", (ev.id,))
+    server.call(server.app.state.ingest.datapoints_deleted())
+    assert latest() == []
+
+
+def test_single_create_honours_a_client_timestamp(client: httpx.Client, operator: dict[str, str],
+                                                  db: psycopg.Connection,
+                                                  make_active_event: Callable[..., ActiveEvent]) -> None:
+    from datetime import UTC, datetime
+
+    ev = make_active_event()
+    for ts in ("2025-05-05T05:05:05.123456Z", 1746421505124):
+        r = client.post("/api/v1/datapoints", headers=operator,
+                        json={"value": 1, "event_public_id": ev.public_id, "timestamp": ts})
+        assert r.status_code == 201, r.text
+    times = [r[0] for r in db.execute("SELECT time FROM datapoints WHERE event_id = %s ORDER BY time",
+                                      (ev.id,)).fetchall()]
+    assert times == [datetime(2025, 5, 5, 5, 5, 5, 123456, tzinfo=UTC), datetime(2025, 5, 5, 5, 5, 5, 124000, tzinfo=UTC)]

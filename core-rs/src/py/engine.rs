@@ -170,6 +170,12 @@ impl Engine {
         })
     }
 
+    /// Re-read the latest values of these events (all when None) after datapoints were deleted (blocking).
+    #[pyo3(signature = (event_public_ids=None))]
+    fn reload_latest(&self, py: Python<'_>, event_public_ids: Option<Vec<String>>) -> PyResult<()> {
+        Ok(detached(py, || self.inner.reload_latest(event_public_ids))?)
+    }
+
     /// Whether an event exists and accepts data: None (unknown), False (not mapped to an enabled plugin), True.
     fn event_state(&self, event_public_id: &str) -> Option<bool> {
         self.inner

@@ -149,6 +149,11 @@ class Ingest:
             # The change is committed; the LISTEN task reloads once the database answers again.
             log.warning("catalog refresh failed; relying on the webmacs_catalog notification", exc_info=True)
 
+    async def datapoints_deleted(self, event_public_ids: list[str] | None = None) -> None:
+        """Call after deleting datapoints outside the engine (by id, by event, by experiment; None = any):
+        `GET /datapoints/latest` is served from the engine's cache."""
+        await asyncio.to_thread(self.engine.reload_latest, event_public_ids)
+
     # -- firings -------------------------------------------------------------------------------------
     async def _firings_loop(self) -> None:
         while True:
