@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     webmacs_ota_github_api: str = "https://api.github.com"
     #: Timeout of the GitHub release lookup.
     webmacs_ota_github_timeout_s: float = Field(default=8.0, gt=0)
+    #: Seconds a GitHub lookup result is reused (unauthenticated GitHub allows 60 requests an hour); 0 = never.
+    webmacs_ota_github_cache_s: float = Field(default=300.0, ge=0)
 
     # --- analyst path: exports and retention ---
     #: Rows per streamed export frame (one Parquet row group, one CSV piece); bounds an export's memory.

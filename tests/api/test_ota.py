@@ -56,6 +56,7 @@ def env(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ota]:
         s = start_server(make_settings(
             url, tmp, webmacs_webhook_allow_hosts=["127.0.0.1"], webmacs_ota_max_bundle_bytes=CAP,
             webmacs_ota_github_api=github.url, github_repo="acme/webmacs", webmacs_ota_download_timeout_s=5,
+            webmacs_ota_github_cache_s=0,
         ))
         try:
             admin = admin_headers(s)
@@ -511,3 +512,21 @@ def test_nul_input_is_422_or_404_never_500(api: httpx.Client, odb: psycopg.Conne
     for method, path in [("GET", "/api/v1/ota/x%00"), ("DELETE", "/api/v1/ota/x%00"),
                          ("POST", "/api/v1/ota/x%00/apply"), ("POST", "/api/v1/ota/x%00/rollback")]:
         assert api.request(method, path).status_code == 404, path
+
+
+def test_github_result_is_cached(env: Ota) -> None:
+    settings = env.server.settings.model_copy(update={"webmacs_ota_github_cache_s": 300})
+    env.github.default = Reply(200, json.dumps({"tag_name": "v4.0.0"}).encode())
+
+    async def twice() -> tuple[ota.GithubRelease, ota.GithubRelease, ota.GithubRelease]:
+        cache = ota.GithubCache()
+        first = await cache.latest(settings)
+        env.github.default = Reply(200, json.dumps({"tag_name": "v5.0.0"}).encode())
+        second = await cache.latest(settings)
+        other_repo = await cache.latest(settings.model_copy(update={"github_repo": "acme/other"}))
+        return first, second, other_repo
+
+    before = len(env.github.requests)
+    first, second, other = asyncio.run(twice())
+    assert (first.version, second.version, other.version) == ("4.0.0", "4.0.0", "5.0.0")
+    assert len(env.github.requests) == before + 2

@@ -9,6 +9,7 @@ import os
 import posixpath
 import re
 import tarfile
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -358,3 +359,23 @@ async def github_latest(settings: Settings) -> GithubRelease:
     html = data.get("html_url")
     return GithubRelease(version=version, download_url=download if isinstance(download, str) else None,
                          release_url=html if isinstance(html, str) else None)
+
+
+class GithubCache:
+    """The last lookup per (API base, repository), reused for `webmacs_ota_github_cache_s` seconds so that
+    update checks from every browser do not each hit GitHub's rate limit. One per app (on app.state)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[float, tuple[str, str], GithubRelease] | None = None
+        self._lock = asyncio.Lock()
+
+    async def latest(self, settings: Settings) -> GithubRelease:
+        ttl = settings.webmacs_ota_github_cache_s
+        key = (settings.webmacs_ota_github_api, settings.github_repo)
+        async with self._lock:  # concurrent checks share one lookup
+            entry = self._entry
+            if ttl > 0 and entry is not None and entry[1] == key and time.monotonic() < entry[0]:
+                return entry[2]
+            result = await github_latest(settings)
+            self._entry = (time.monotonic() + ttl, key, result)
+            return result

@@ -83,11 +83,15 @@ async def create_update(body: FirmwareCreate, user: AdminUser, conn: Conn) -> St
 
 
 @router.get("/check", response_model=UpdateCheckResponse)
-async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep) -> UpdateCheckResponse:
+async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep,
+                            request: Request) -> UpdateCheckResponse:
     current = webmacs.__version__
     db_best = max((v for v in await firmware_repo.candidate_versions(conn) if ota.newer(v, current)),
                   key=ota.version_key, default=None)
-    gh = await ota.github_latest(settings)
+    state = request.app.state
+    if getattr(state, "ota_github_cache", None) is None:
+        state.ota_github_cache = ota.GithubCache()
+    gh = await state.ota_github_cache.latest(settings)
     gh_newer = gh.version if ota.newer(gh.version, current) else None
     newer = [v for v in (db_best, gh_newer) if v is not None]
     return UpdateCheckResponse(
