@@ -497,6 +497,8 @@ def test_access_matrix(api: httpx.Client, odb: psycopg.Connection, env: Ota) -> 
                 r = anon.request(method, path, headers=who, json={"version": old_version()})
                 expected = 200 if path.endswith("/check") else 403
                 assert r.status_code == expected, (method, path, r.text)
+                if expected == 403:
+                    assert r.json() == {"detail": "Admin privileges required."}
     assert check(api)["current_version"] == "2.0.0"
     assert api.get("/api/v1/ota").status_code == 200
     assert api.get(f"/api/v1/ota/{pid}").status_code == 200

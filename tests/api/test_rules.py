@@ -275,7 +275,8 @@ def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: di
              ("POST", "/api/v1/rules", rule_body(event_id))]
     for method, url, body in calls:
         assert client.request(method, url, json=body).status_code == 401
-        assert client.request(method, url, headers=viewer, json=body).status_code == 403
+        r = client.request(method, url, headers=viewer, json=body)
+        assert r.status_code == 403 and r.json() == {"detail": "Operator privileges required."}
     for who in (operator, admin):
         for method, url, body in calls:
             if method == "POST":

@@ -192,7 +192,8 @@ def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: di
     for method, url, body in calls:
         assert client.request(method, url, json=body).status_code == 401, (method, url)
         for who in (viewer, operator):
-            assert client.request(method, url, headers=who, json=body).status_code == 403, (method, url)
+            r = client.request(method, url, headers=who, json=body)
+            assert r.status_code == 403 and r.json() == {"detail": "Admin privileges required."}, (method, url)
     for method, url, body in calls:
         assert client.request(method, url, headers=admin, json=body).status_code in (200, 201), (method, url)
     db.execute("DELETE FROM webhooks WHERE url = %s", (calls[4][2]["url"],))
