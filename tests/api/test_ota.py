@@ -532,3 +532,17 @@ def test_github_result_is_cached(env: Ota) -> None:
     first, second, other = asyncio.run(twice())
     assert (first.version, second.version, other.version) == ("4.0.0", "4.0.0", "5.0.0")
     assert len(env.github.requests) == before + 2
+
+
+def test_unwritable_update_dir_is_503_not_500(api: httpx.Client, env: Ota, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    settings = env.server.settings
+    original = settings.webmacs_update_dir
+    settings.webmacs_update_dir = blocker / "updates"  # a directory below a regular file cannot be created
+    try:
+        r = upload(api, f"webmacs-update-{unique('w')}.tar.gz", bundle(manifest=GOOD_MANIFEST))
+    finally:
+        settings.webmacs_update_dir = original
+    assert r.status_code == 503
+    assert r.json()["detail"].startswith("Cannot store the bundle in the update directory: ")

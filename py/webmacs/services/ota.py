@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from webmacs.errors import BadRequest, Conflict, TooLarge, Unprocessable
+from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
 from webmacs.services import ssrf
 from webmacs.settings import Settings
 
@@ -112,10 +112,10 @@ async def download(url: str, dest: Path, settings: Settings, expected_sha256: st
     `expected_sha256`, a mismatch fails and leaves no file.
     Every hop (redirects are followed, at most 5) goes through the SSRF guard and is dialled at the
     address that was vetted."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
     cap = settings.webmacs_ota_max_bundle_bytes
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         async with httpx.AsyncClient(timeout=settings.webmacs_ota_download_timeout_s, follow_redirects=False,
                                      trust_env=False) as client:
             for _ in range(MAX_REDIRECTS + 1):
@@ -174,6 +174,10 @@ def bundle_name(filename: str) -> str:
     if not _SAFE_NAME.match(base) or ".." in base or len(base) > 255:
         raise BadRequest("Invalid bundle file name.")
     return base
+
+
+class StorageUnavailable(DomainError):
+    status_code = 503
 
 
 def _missing_file() -> RequestValidationError:
@@ -256,6 +260,8 @@ async def receive_upload(request: Request, settings: Settings) -> tuple[str, int
         except FileExistsError as e:
             raise Conflict(f"Bundle '{name}' already exists.") from e
         return name, size
+    except OSError as e:  # the update directory is missing, not writable or full: a deployment problem
+        raise StorageUnavailable(f"Cannot store the bundle in the update directory: {e.strerror or e}.") from e
     finally:
         if out is not None:
             out.close()
