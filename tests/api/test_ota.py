@@ -546,3 +546,16 @@ def test_unwritable_update_dir_is_503_not_500(api: httpx.Client, env: Ota, tmp_p
         settings.webmacs_update_dir = original
     assert r.status_code == 503
     assert r.json()["detail"].startswith("Cannot store the bundle in the update directory: ")
+
+
+def test_download_never_writes_outside_the_update_dir(api: httpx.Client, odb: psycopg.Connection) -> None:
+    """A version written behind the API's back cannot steer the firmware file name."""
+    row = odb.execute("INSERT INTO firmware_updates (version) VALUES (%s) RETURNING public_id",
+                      (f"../../{unique('evil')}",)).fetchone()
+    assert row is not None
+    with Receiver() as files:
+        files.default = Reply(200, b"data")
+        r = api.post(f"/api/v1/ota/{row[0]}/apply", json={"download_url": f"{files.url}/x"})
+        assert files.requests == []
+    assert r.status_code == 400 and r.json()["detail"].startswith("Invalid firmware version")
+    assert api.get(f"/api/v1/ota/{row[0]}").json()["status"] == "pending"

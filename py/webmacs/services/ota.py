@@ -67,7 +67,9 @@ def newer(candidate: str | None, than: str) -> bool:
 
 
 def firmware_path(settings: Settings, version: str) -> Path:
-    # `version` is strict X.Y.Z (validated on create), so it is safe in a file name.
+    # Strict X.Y.Z (validated on create) is safe in a file name; a row written behind the API's back may not be.
+    if parse_version(version) is None:
+        raise BadRequest(f"Invalid firmware version '{version}'.")
     return settings.webmacs_update_dir / f"firmware-{version}.tar.gz"
 
 
