@@ -303,7 +303,7 @@ def test_send_time_guard_dead_letters_private_targets(
     etype = "system.health_changed"  # never emitted by anything else, so only this test's row is queued
     db.execute("INSERT INTO webhooks (url, events) VALUES (%s, %s)", (f"{receiver.url}/ssrf", json.dumps([etype])))
     try:
-        assert enqueue(server, etype) == 1
+        assert enqueue(server, etype) >= 1  # other webhooks on the shared database may subscribe too
         d = wait_until(lambda: db.execute(
             "SELECT d.status, d.attempts, d.last_error FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
             " WHERE w.url = %s AND d.status <> 'pending'", (f"{receiver.url}/ssrf",)).fetchone(), what="refusal")
