@@ -370,8 +370,8 @@ def test_a_page_far_past_the_end_is_empty(client: httpx.Client, admin: dict[str,
     assert r.json()["data"] == [] and r.json()["page"] == page and r.json()["total"] >= 1
 
 
-def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admin: dict[str, str], server: Server,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admin: dict[str, str],
+                                                       server: Server) -> None:
     # The user's events, plugin instances and rules cascade away; the engine must stop accepting them.
     refreshed = []
     original = server.app.state.catalog_refresh
@@ -380,9 +380,14 @@ def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admi
         refreshed.append(True)
         await original()
 
-    monkeypatch.setattr(server.app.state, "catalog_refresh", spy)
-    user = create(client, admin)
-    assert refreshed == []
-    assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
-    assert refreshed == [True]
+    # Not monkeypatch: Starlette's State keeps attributes outside __dict__, and monkeypatch's undo would
+    # delete the engine's hook instead of restoring it.
+    server.app.state.catalog_refresh = spy
+    try:
+        user = create(client, admin)
+        assert refreshed == []
+        assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
+        assert refreshed == [True]
+    finally:
+        server.app.state.catalog_refresh = original
 
