@@ -67,7 +67,7 @@ async def telemetry(websocket: WebSocket) -> None:
             except FrameTooLargeError as e:
                 outbox.put_nowait((0, orjson.dumps({"type": "error", "message": str(e)}).decode()))
                 continue
-            if receipt.total and _no_valid_entry(receipt.reasons, receipt.accepted):
+            if receipt.total and not receipt.accepted and _no_valid_entry(receipt.reasons, receipt.accepted):
                 outbox.put_nowait((0, NO_VALID))
             if receipt.seq is not None:
                 ack = {"type": "ack", "seq": receipt.seq, "accepted": receipt.accepted, "rejected": receipt.rejected}
