@@ -1,4 +1,4 @@
-"""The `webmacs` command: `serve`, and `db up|down|status|url|migrate`."""
+"""The `webmacs` command: `serve`, `db up|down|status|url|migrate` and `export`."""
 
 from __future__ import annotations
 
@@ -59,12 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     db = sub.add_parser("db", help="manage the local TimescaleDB cluster")
     db.add_argument("action", choices=["up", "down", "status", "url", "migrate"])
+    from webmacs import cli_export
+
+    cli_export.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     try:
         if args.command == "db":
             return cmd_db(args, settings)
+        if args.command == "export":
+            return int(args.handler(args, settings))
         return cmd_serve(args, settings)
     except Exception as e:  # a clear one-line message instead of a traceback for operational failures
         from webmacs.db.cluster import ClusterError
