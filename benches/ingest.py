@@ -1,12 +1,13 @@
 """Ingest benchmark: the engine behind WebSockets vs the binary-COPY limit and a careful pure-Python path.
 
 Runs on its own throwaway TimescaleDB cluster; `make bench-ingest`. Knobs (env): BENCH_SECONDS (engine phase,
-default 30), BENCH_COPY_ROWS (default 2_000_000), BENCH_PYTHON_ROWS (default 1_000_000).
+default 30), BENCH_COPY_ROWS (default 2_000_000), BENCH_PYTHON_ROWS (default 1_000_000),
+BENCH_WINDOW (unacknowledged frames per connection in the engine phase, default 32).
 Phases:
   copy_limit    pre-encoded binary COPY on one psycopg connection, 20k rows per transaction (the ceiling)
   python_path   orjson parse + validate + psycopg binary COPY of the same frames, same batching (the baseline)
   engine        the real server (`webmacs serve`, a subprocess): 4 WS connections of 500-point frames with seq
-                acks, 8 frames in flight per connection; rows counted from acks (= committed)
+                acks, BENCH_WINDOW frames in flight per connection; rows counted from acks (= committed)
   small_frames  100 WS connections, 1 point per frame, 4 in flight each
   latency       4 connections at half the engine's rate; frame sent → ack (sent after commit: the rows are
                 visible by then, so this bounds frame-sent→row-visible from above)
@@ -247,6 +248,7 @@ def main() -> int:
     seconds = float(os.environ.get("BENCH_SECONDS", "30"))
     copy_rows = int(os.environ.get("BENCH_COPY_ROWS", "2000000"))
     python_rows = int(os.environ.get("BENCH_PYTHON_ROWS", "1000000"))
+    window = int(os.environ.get("BENCH_WINDOW", "32"))
     home = Path(tempfile.mkdtemp(prefix="webmacs-bench-"))
     home.chmod(0o755)
     cluster = Cluster(home / "db", free_port())
@@ -270,7 +272,7 @@ def main() -> int:
         try:
             ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
             cpu0 = server.cpu_seconds()
-            rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, 8))
+            rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, window))
             cpu = server.cpu_seconds() - cpu0
             engine = rows / elapsed
             stored = count_rows(url)
