@@ -80,12 +80,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if start and end and start >= end:
         print("webmacs export: --start must be before --end", file=sys.stderr)
         return 2
-    fmt = args.format or ("parquet" if args.output.endswith(".parquet") else "csv")
+    fmt: export_service.Format = args.format or ("parquet" if args.output.endswith(".parquet") else "csv")
     url = database_url(settings)
     with export_service.connect(url) as conn:
         rows = conn.execute("SELECT public_id, id FROM events WHERE public_id = ANY(%s)",
                             ([e for e in args.events if "\x00" not in e],)).fetchall()
-        known = dict(rows)
+        known: dict[str, int] = dict(rows)
         missing = [e for e in args.events if e not in known]
         if missing:
             print(f"webmacs export: Event '{missing[0]}' not found.", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -151,6 +151,7 @@ def frames(conn: psycopg.Connection, sel: Selection, *, chunk_rows: int,
     span = (last - first).total_seconds() or 1.0
     rows_done = 0
     for lo, hi in windows:
+        params: tuple[object, ...]
         if sel.experiment_id is not None:
             query, params = EXPERIMENT_COPY, (sel.experiment_id, lo, hi)
         else:
@@ -224,7 +225,8 @@ def connect(url: str) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, options="-c timezone=UTC")
 
 
-def stream(url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000) -> Iterator[bytes]:
+def stream(url: str, sel: Selection, fmt: Format, *, tz: str | None = None,
+           chunk_rows: int = 100_000) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
         yield from export(conn, sel, fmt, tz=tz, chunk_rows=chunk_rows)

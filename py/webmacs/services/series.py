@@ -108,17 +108,18 @@ def downsample(series: PackedSeries, max_points: int, mode: Mode = "stride") -> 
     else:
         select = {"lttb": _core.downsample_lttb, "minmax": _core.downsample_minmax, "m4": _core.downsample_m4}[mode]
         kept = select(series.times, series.values, max_points)
-    times, values = _native("q", series.times), _native("d", series.values)
-    experiments = _native("i", series.experiments) if series.experiments else None
-    return [Point(int(times[i]), float(values[i]), (experiments[i] or None) if experiments else None)
-            for i in kept]
+    return _points(series, kept)
 
 
 def all_points(series: PackedSeries) -> list[Point]:
+    return _points(series, range(len(series)))
+
+
+def _points(series: PackedSeries, kept: Sequence[int]) -> list[Point]:
     times, values = _native("q", series.times), _native("d", series.values)
     experiments = _native("i", series.experiments) if series.experiments else None
-    return [Point(int(times[i]), float(values[i]), (experiments[i] or None) if experiments else None)
-            for i in range(len(times))]
+    return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None)
+            for i in kept]
 
 
 async def _fetch(conn: AsyncConnection, query: sql.Composable | str, params: tuple[object, ...]) -> PackedSeries:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -180,7 +180,7 @@ async def series(
 # --- exports -------------------------------------------------------------------------------------------------
 
 
-async def _drain(body: Iterator[bytes]) -> AsyncIterator[bytes]:
+async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
     """Run the blocking export generator on worker threads, one piece at a time (backpressure: the next piece
     is produced only after the client took the previous one); close it however the response ends."""
     try:
@@ -191,7 +191,7 @@ async def _drain(body: Iterator[bytes]) -> AsyncIterator[bytes]:
             if piece:
                 yield piece
     finally:
-        await anyio.to_thread.run_sync(body.close)  # type: ignore[attr-defined]
+        await anyio.to_thread.run_sync(body.close)
 
 
 def _export_response(request: Request, sel: export_service.Selection, fmt: export_service.Format,
