@@ -75,9 +75,53 @@ impl BatchSize {
     }
 }
 
+/// Batches are filled in queue order (one writer fills at a time) but several writers may commit them out of
+/// order. A frame is durable once every batch up to the one holding its last row has committed, so tickets
+/// are released in batch order.
+#[derive(Debug, Default)]
+pub struct CommitOrder {
+    next_seq: u64,
+    retire_seq: u64,
+    finished: std::collections::BTreeMap<u64, Option<u64>>,
+}
+
+impl CommitOrder {
+    /// Number the next batch (call while holding the right to fill, so numbers follow queue order).
+    pub fn open(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Record batch `seq` as committed; `done_ticket` is the last frame it completed. Returns the highest
+    /// ticket that is now durable, if that changed.
+    pub fn commit(&mut self, seq: u64, done_ticket: Option<u64>) -> Option<u64> {
+        self.finished.insert(seq, done_ticket);
+        let mut released = None;
+        while let Some(t) = self.finished.remove(&self.retire_seq) {
+            self.retire_seq += 1;
+            released = t.or(released);
+        }
+        released
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commits_release_tickets_in_batch_order() {
+        let mut o = CommitOrder::default();
+        let (a, b, c) = (o.open(), o.open(), o.open());
+        // b and c commit before a: nothing is durable yet (a holds earlier rows).
+        assert_eq!(o.commit(b, Some(5)), None);
+        assert_eq!(o.commit(c, None), None);
+        assert_eq!(o.commit(a, Some(3)), Some(5));
+        let d = o.open();
+        assert_eq!(o.commit(d, None), None);
+        let e = o.open();
+        assert_eq!(o.commit(e, Some(9)), Some(9));
+    }
 
     #[test]
     fn first_row_always_fits() {

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use crate::batch::{BatchPolicy, BatchSize};
+use crate::batch::{BatchPolicy, BatchSize, CommitOrder};
 use crate::catalog::{Catalog, EventEntry};
 use crate::error::CoreError;
 use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub broadcast_interval: Duration,
     /// Bound of the broadcast and firing buffers when Python does not drain them.
     pub buffer_capacity: usize,
+    /// COPY connections: one fills the next batch while others write theirs.
+    pub writers: usize,
 }
 
 impl EngineConfig {
@@ -51,6 +53,7 @@ impl EngineConfig {
             reading_interval: Duration::from_secs(5),
             broadcast_interval: Duration::from_millis(200),
             buffer_capacity: 100_000,
+            writers: 2,
         }
     }
 }
@@ -130,6 +133,9 @@ struct Shared {
     stats: Stats,
     committed: AtomicU64,
     writer_wake: Notify,
+    /// Held by the writer filling the next batch, so batches take the queue in order.
+    fill: tokio::sync::Mutex<()>,
+    commit_order: Mutex<CommitOrder>,
     closing: AtomicBool,
     abort: AtomicBool,
     shutdown: Notify,
@@ -229,16 +235,16 @@ pub struct Engine {
     shared: Arc<Shared>,
     handle: Handle,
     runtime: Mutex<Option<Runtime>>,
-    writer_task: Mutex<Option<JoinHandle<()>>>,
+    writer_tasks: Mutex<Vec<JoinHandle<()>>>,
     commit_fd: UnixStream,
 }
 
 impl Engine {
     /// Connect, load the catalog and the latest values, and start the writer and the catalog listener.
     pub fn start(config: EngineConfig) -> Result<Engine, CoreError> {
-        if config.queue_capacity == 0 || config.max_frame_bytes == 0 {
+        if config.queue_capacity == 0 || config.max_frame_bytes == 0 || config.writers == 0 {
             return Err(CoreError::Config(
-                "queue_capacity and max_frame_bytes must be positive".into(),
+                "queue_capacity, max_frame_bytes and writers must be positive".into(),
             ));
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -262,6 +268,8 @@ impl Engine {
             stats: Stats::default(),
             committed: AtomicU64::new(0),
             writer_wake: Notify::new(),
+            fill: tokio::sync::Mutex::new(()),
+            commit_order: Mutex::new(CommitOrder::default()),
             closing: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             shutdown: Notify::new(),
@@ -272,13 +280,15 @@ impl Engine {
             shared.reload_catalog().await?;
             shared.load_latest(None).await
         })?;
-        let writer_task = runtime.spawn(run_writer(shared.clone()));
+        let writer_tasks = (0..shared.config.writers)
+            .map(|_| runtime.spawn(run_writer(shared.clone())))
+            .collect();
         runtime.spawn(run_listener(shared.clone()));
         Ok(Engine {
             handle: runtime.handle().clone(),
             shared,
             runtime: Mutex::new(Some(runtime)),
-            writer_task: Mutex::new(Some(writer_task)),
+            writer_tasks: Mutex::new(writer_tasks),
             commit_fd: reader,
         })
     }
@@ -557,18 +567,17 @@ impl Engine {
     pub fn close(&self, timeout: Duration) -> usize {
         self.shared.closing.store(true, Ordering::Release);
         self.shared.writer_wake.notify_one();
-        let task = self
-            .writer_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(task) = task {
+        let tasks =
+            std::mem::take(&mut *self.writer_tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        if !tasks.is_empty() {
             let shared = self.shared.clone();
             self.handle.block_on(async move {
-                let mut task = task;
-                if tokio::time::timeout(timeout, &mut task).await.is_err() {
-                    shared.abort.store(true, Ordering::Release);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+                let deadline = tokio::time::Instant::now() + timeout;
+                for mut task in tasks {
+                    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                        shared.abort.store(true, Ordering::Release);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+                    }
                 }
             });
         }
@@ -614,13 +623,17 @@ fn push_bounded<T>(buf: &mut VecDeque<T>, cap: usize, stats: &Stats, item: T) {
     buf.push_back(item);
 }
 
+/// One writer: take the right to fill, fill the next batch from the queue in order, hand the right on, write
+/// the batch in one transaction, then release the tickets it completed (in batch order, see `CommitOrder`).
 async fn run_writer(shared: Arc<Shared>) {
     let policy = shared.config.policy;
     let mut writer = Writer::new(&shared.config.dsn);
+    let (mut retries, mut reconnects) = (0, 0);
     loop {
         let mut rows = Vec::new();
         let mut size = BatchSize::default();
         let mut done_ticket = None;
+        let fill = shared.fill.lock().await;
         loop {
             let full = {
                 let mut st = shared.state();
@@ -646,6 +659,8 @@ async fn run_writer(shared: Arc<Shared>) {
             let closing = shared.closing.load(Ordering::Acquire);
             if rows.is_empty() {
                 if closing {
+                    // Wake the next writer waiting to fill: it sees the same and stops too.
+                    shared.writer_wake.notify_one();
                     return;
                 }
                 shared.writer_wake.notified().await;
@@ -660,19 +675,37 @@ async fn run_writer(shared: Arc<Shared>) {
                 _ = tokio::time::sleep_until(due.into()) => {}
             }
         }
+        let seq = shared
+            .commit_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open();
+        drop(fill);
+        // Rows may be left for the next writer, which may be waiting for a wake-up that was consumed here.
+        shared.writer_wake.notify_one();
         let started = Instant::now();
         let res = writer
             .write(&rows, || shared.abort.load(Ordering::Acquire))
             .await;
         let stats = &shared.stats;
-        stats.retries.store(writer.retries, Ordering::Relaxed);
-        stats.reconnects.store(writer.reconnects, Ordering::Relaxed);
+        stats
+            .retries
+            .fetch_add(writer.retries - retries, Ordering::Relaxed);
+        stats
+            .reconnects
+            .fetch_add(writer.reconnects - reconnects, Ordering::Relaxed);
+        (retries, reconnects) = (writer.retries, writer.reconnects);
         match res {
             Ok(w) => {
                 stats.written.fetch_add(w.inserted, Ordering::Relaxed);
                 stats.duplicates.fetch_add(w.duplicates, Ordering::Relaxed);
                 stats.flushed(writer::elapsed_us(started));
-                if let Some(t) = done_ticket {
+                let released = shared
+                    .commit_order
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .commit(seq, done_ticket);
+                if let Some(t) = released {
                     shared.committed.fetch_max(t, Ordering::AcqRel);
                 }
                 shared.signal_commit();

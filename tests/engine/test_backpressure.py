@@ -52,13 +52,16 @@ def test_full_queue_rest_503_and_ws_waits(tiny_queue_server: Server, operator: d
 
     with psycopg.connect(db_url) as locker, httpx.Client(base_url=server.url, timeout=60) as client:
         locker.execute("LOCK TABLE datapoints IN ACCESS EXCLUSIVE MODE")  # the writer's COPY now waits
-        first = threading.Thread(target=post)
-        first.start()
-        poll(lambda: engine.stats()["batches"] == 0 and engine.stats()["accepted"] == 1
-             and engine.stats()["queue_depth"] == 0, "first batch taken by the writer")
-        second = threading.Thread(target=post)
-        second.start()
-        poll(lambda: engine.stats()["queue_depth"] == 1, "second frame queued")
+        posters = []
+        # Two writers (the default): each takes one frame and waits on the lock; the third frame stays queued.
+        for n in (1, 2, 3):
+            posters.append(threading.Thread(target=post))
+            posters[-1].start()
+            # Frames 1 and 2 are taken by a writer each before the next is sent; frame 3 finds none free.
+            depth = 1 if n == 3 else 0
+            poll(lambda n=n, depth=depth: engine.stats()["accepted"] == n and engine.stats()["queue_depth"] == depth,
+                 f"frame {n} accepted, queue depth {depth}")
+        assert engine.stats()["batches"] == 0
         r = client.post("/api/v1/datapoints/batch", headers=operator, json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json() == {"detail": "Ingest queue is full; retry later."}
@@ -68,9 +71,9 @@ def test_full_queue_rest_503_and_ws_waits(tiny_queue_server: Server, operator: d
             poll(lambda: engine.stats()["queue_full"] >= 2, "WS frame refused by the full queue")
             locker.rollback()  # release the lock: the queue drains, the WS frame gets in and is acknowledged
             assert orjson.loads(ws.recv(timeout=30)) == {"type": "ack", "seq": 9, "accepted": 1, "rejected": 0}
-        first.join(timeout=30)
-        second.join(timeout=30)
-    assert results == [201, 201]
+        for p in posters:
+            p.join(timeout=30)
+    assert results == [201, 201, 201]
     with psycopg.connect(db_url) as db:
         row = db.execute("SELECT count(*) FROM datapoints WHERE event_id = %s", (ev.id,)).fetchone()
-    assert row == (3,)
+    assert row == (4,)

@@ -106,7 +106,7 @@ pub struct Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (dsn, *, max_rows=20_000, max_bytes=4_194_304, max_age_ms=5, queue_capacity=200_000,
-        max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2))]
+        max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2, writers=2))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -118,6 +118,7 @@ impl Engine {
         max_frame_bytes: usize,
         reading_interval_s: f64,
         broadcast_interval_s: f64,
+        writers: usize,
     ) -> PyResult<Self> {
         let secs = |s: f64| {
             Duration::try_from_secs_f64(s)
@@ -129,6 +130,7 @@ impl Engine {
         config.max_frame_bytes = max_frame_bytes;
         config.reading_interval = secs(reading_interval_s)?;
         config.broadcast_interval = secs(broadcast_interval_s)?;
+        config.writers = writers;
         let inner = detached(py, || engine::Engine::start(config))?;
         Ok(Engine { inner })
     }
