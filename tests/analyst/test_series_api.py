@@ -12,6 +12,7 @@ import pytest
 from tests.analyst.conftest import load
 from tests.analyst.test_downsample import reference_stride
 from tests.conftest import unique
+from webmacs.services import export as export_service
 from webmacs.services import series as series_service
 
 SERIES = "/api/v1/datapoints/series"
@@ -188,22 +189,24 @@ def test_series_query_errors(client: httpx.Client, viewer: dict[str, str], make_
         assert r.json() == {"detail": "Event 'unknown-event' not found."}
 
 
-@pytest.mark.parametrize("query", ["range", "bucketed", "recent"])
+@pytest.mark.parametrize("query", ["range", "bucketed", "recent", "export"])
 def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make_event: Any, query: str) -> None:
     ev = make_event()
+    now = datetime.now(UTC)
     load(db, [(datetime(2026, 5, 1, tzinfo=UTC) + timedelta(days=i), ev.id, None, 1.0) for i in range(40)])
+    load(db, [(now - timedelta(seconds=10 * i), ev.id, None, 1.0) for i in range(1, 40)])  # a chunk for `recent`
     start, end = datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 3, tzinfo=UTC)
     sql, params = {
         "range": (series_service.RANGE_SQL, (ev.id, start, end)),
         "bucketed": (series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]),
                      ("1 hour", "Europe/Berlin", ev.id, start, end)),
         "recent": (series_service.RECENT_SQL, (ev.id, 60)),
+        "export": (export_service.EVENTS_QUERY, ([ev.id], start, end)),
     }[query]
     with db.transaction():
         # Tiny tables make a sequential scan look cheap; forbid it to see whether the index *can* serve.
         db.execute("SET LOCAL enable_seqscan = off")
-        plan = "\n".join(r[0] for r in db.execute(psycopg.sql.SQL("EXPLAIN ") + psycopg.sql.SQL(sql)  # type: ignore[arg-type]
-                                                  if isinstance(sql, str) else psycopg.sql.SQL("EXPLAIN ") + sql,
-                                                  params).fetchall())
+        query_sql = psycopg.sql.SQL(sql) if isinstance(sql, str) else sql  # type: ignore[arg-type]
+        plan = "\n".join(r[0] for r in db.execute(psycopg.sql.SQL("EXPLAIN ") + query_sql, params).fetchall())
     assert "ux_datapoints_event_time" in plan
     assert "Seq Scan" not in plan
