@@ -457,4 +457,56 @@ mod tests {
         assert_eq!(unpack_f64_be(&1.5f64.to_be_bytes()).unwrap(), vec![1.5]);
         assert_eq!(unpack_f64_be(&[]).unwrap(), Vec::<f64>::new());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Non-decreasing timestamps (irregular steps, repeats allowed) and finite values of equal length.
+        fn series() -> impl Strategy<Value = (Vec<i64>, Vec<f64>)> {
+            prop::collection::vec((0i64..5_000_000_000, -1e9f64..1e9), 0..800).prop_flat_map(
+                |steps| {
+                    let mut t = 1_600_000_000_000_000i64;
+                    let mut times = Vec::with_capacity(steps.len());
+                    let mut values = Vec::with_capacity(steps.len());
+                    for (step, value) in steps {
+                        times.push(t);
+                        values.push(value);
+                        t += step;
+                    }
+                    Just((times, values))
+                },
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn selectors_bound_and_keep_ends((times, values) in series(), max_points in 4usize..300) {
+                for select in [lttb as fn(&[i64], &[f64], usize) -> Result<Vec<usize>>, minmax, m4] {
+                    let kept = select(&times, &values, max_points).unwrap();
+                    prop_assert!(kept.len() <= max_points);
+                    prop_assert!(kept.windows(2).all(|w| w[0] < w[1]));
+                    if let (Some(&first), Some(&last)) = (kept.first(), kept.last()) {
+                        prop_assert_eq!((first, last), (0, times.len() - 1));
+                    }
+                }
+            }
+
+            #[test]
+            fn minmax_keeps_the_extremes((times, values) in series(), max_points in 4usize..300) {
+                prop_assume!(!values.is_empty());
+                let kept = minmax(&times, &values, max_points).unwrap();
+                let lo = values.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                prop_assert!(kept.iter().any(|&i| values[i] == lo));
+                prop_assert!(kept.iter().any(|&i| values[i] == hi));
+            }
+
+            #[test]
+            fn stride_is_exact(n in 0usize..100_000, max_points in 2usize..5_000) {
+                let kept = stride(n, max_points).unwrap();
+                prop_assert_eq!(kept.len(), n.min(max_points));
+            }
+        }
+    }
 }
