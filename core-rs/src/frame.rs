@@ -332,8 +332,12 @@ mod tests {
     #[test]
     fn floats_parse_exactly() {
         // Found by the Python round-trip property: serde_json's default float parser is off by one ulp here.
-        let f = parse(br#"{"datapoints":[{"value":9.638763872755865e+45,"event_public_id":"a"}]}"#).unwrap();
-        assert_eq!(f.points[0].1.value.to_bits(), 9.638763872755865e45f64.to_bits());
+        let f = parse(br#"{"datapoints":[{"value":9.638763872755865e+45,"event_public_id":"a"}]}"#)
+            .unwrap();
+        assert_eq!(
+            f.points[0].1.value.to_bits(),
+            9.638763872755865e45f64.to_bits()
+        );
     }
 
     #[test]
