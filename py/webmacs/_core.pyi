@@ -2,6 +2,28 @@
 
 from typing import Any, Final, final
 
+__all__ = [
+    "__version__",
+    "validate_frame",
+    "CoreException",
+    "InvalidFrameError",
+    "FrameTooLargeError",
+    "QueueFullError",
+    "EngineClosedError",
+    "DatabaseError",
+    "ConfigError",
+    "Engine",
+    "Receipt",
+    "DATAPOINT_COLUMNS",
+    "MAX_FRAME_DATAPOINTS",
+    "downsample_stride",
+    "downsample_lttb",
+    "downsample_minmax",
+    "downsample_m4",
+    "downsample_avg",
+    "decode_datapoints",
+]
+
 __version__: str
 #: The datapoints hypertable's columns and types in binary COPY order.
 DATAPOINT_COLUMNS: Final[list[tuple[str, str]]]
@@ -63,3 +85,15 @@ class Engine:
     def drain_broadcast(self) -> list[tuple[str, float, int, str | None]]: ...
     def stats(self) -> dict[str, Any]: ...
     def close(self, timeout_s: float = 30.0) -> int: ...
+
+# Series downsamplers (`core-rs/src/py/downsample.rs`): times and values are big-endian int64 / float64
+# buffers as PostgreSQL's binary send format gives them; selectors return the kept indices.
+def downsample_stride(n: int, max_points: int) -> list[int]: ...
+def downsample_lttb(times: bytes, values: bytes, max_points: int) -> list[int]: ...
+def downsample_minmax(times: bytes, values: bytes, max_points: int) -> list[int]: ...
+def downsample_m4(times: bytes, values: bytes, max_points: int) -> list[int]: ...
+def downsample_avg(times: bytes, values: bytes, max_points: int) -> tuple[list[int], list[float]]: ...
+
+# Binary COPY decoder (`core-rs/src/py/pgcopy.rs`): (time, event_id, value, experiment_id) tuples → native-endian
+# column buffers: (rows, time_us, event_id, value, experiment_id, experiment_validity, experiment_nulls, finished).
+def decode_datapoints(data: bytes, with_header: bool) -> tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]: ...
