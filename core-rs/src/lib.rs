@@ -8,6 +8,7 @@ pub mod downsample;
 pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod pgcopy;
 pub mod rules;
 pub mod stats;
 pub mod writer;

@@ -3,6 +3,7 @@
 mod downsample;
 mod engine;
 mod errors;
+mod pgcopy;
 
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -51,5 +52,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     engine::register(m)?;
     downsample::register(m)?;
+    pgcopy::register(m)?;
     Ok(())
 }
