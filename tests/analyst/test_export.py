@@ -41,9 +41,11 @@ def two_events(db: psycopg.Connection, make_event: Any, make_experiment: Any) ->
 
 def _expected(rows: list[tuple[datetime, int, int | None, float]], events: dict[int, Any],
               experiment: tuple[int, str]) -> list[tuple[datetime, str, str, str, float, str | None]]:
+    """The rows as the range export gives them: event by event in the order of `events`, each in time order."""
+    order = list(events)
     return [
         (t, events[e].public_id, events[e].name, events[e].unit, v, experiment[1] if x == experiment[0] else None)
-        for t, e, x, v in sorted(rows, key=lambda r: (r[0], r[1]))
+        for t, e, x, v in sorted(rows, key=lambda r: (order.index(r[1]), r[0]))
     ]
 
 
@@ -78,20 +80,28 @@ def test_csv_round_trip_in_a_time_zone(client: httpx.Client, viewer: dict[str, s
     assert all(t.endswith("+02:00") for t in frame["time"])  # CEST in June
     assert any("." not in t for t in frame["time"]) and any("." in t for t in frame["time"])  # as isoformat()
     times = [datetime.fromisoformat(t) for t in frame["time"]]
-    expected = [row for row in _expected(two_events["rows"], {a.id: a, b.id: b}, two_events["experiment"])
+    expected = [row for row in _expected(two_events["rows"], {b.id: b, a.id: a}, two_events["experiment"])
                 if start <= row[0] < end]
     assert times == [row[0] for row in expected]
     assert frame.drop("time").rows() == [row[1:] for row in expected]
 
 
-def test_experiment_parquet(client: httpx.Client, viewer: dict[str, str], two_events: dict[str, Any]) -> None:
-    a, x_public = two_events["a"], two_events["experiment"][1]
+def test_experiment_parquet(client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection,
+                            two_events: dict[str, Any]) -> None:
+    a, b = two_events["a"], two_events["b"]
+    x_id, x_public = two_events["experiment"]
+    # Selected by the tag, as the experiment CSV: also rows timed outside the experiment's span (client
+    # timestamps), before and long after it, in other chunks.
+    outside = [(T0 - timedelta(days=3), b.id, x_id, 1.5), (T0 + timedelta(days=9), a.id, x_id, 2.5)]
+    load(db, outside)
     r = client.get(f"/api/v1/experiments/{x_public}/export/parquet", headers=viewer)
     assert r.status_code == 200, r.text
     assert r.headers["content-disposition"].startswith('attachment; filename="experiment_series-x-')
     frame = pl.read_parquet(io.BytesIO(r.content))
-    assert frame.height == 18
-    assert set(frame["event_public_id"]) == {a.public_id} and set(frame["experiment_public_id"]) == {x_public}
+    assert frame.height == 18 + 2
+    assert frame["time"][0] == outside[0][0] and frame["time"][-1] == outside[1][0]
+    assert set(frame["event_public_id"]) == {a.public_id, b.public_id}
+    assert set(frame["experiment_public_id"]) == {x_public}
     assert frame["time"].is_sorted()
     r = client.get("/api/v1/experiments/no-such-experiment/export/parquet", headers=viewer)
     assert r.status_code == 404 and r.json() == {"detail": "Experiment 'no-such-experiment' not found."}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import AsyncIterator, Generator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -180,18 +182,53 @@ async def series(
 # --- exports -------------------------------------------------------------------------------------------------
 
 
+#: Encoded pieces (one per frame) an export may produce ahead of the client: encoding overlaps sending, and
+#: memory stays bounded.
+EXPORT_QUEUE = 3
+_END = object()
+
+
+def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[object], stop: threading.Event) -> None:
+    """Run the export generator on this one thread (one thread's allocations: the process does not grow an
+    allocator arena per worker thread it happens to run on) until it ends or the consumer is gone."""
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                pieces.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for piece in body:
+            if not offer(piece):
+                return
+        offer(_END)
+    except Exception as e:  # handed to the response, which raises it
+        offer(e)
+    finally:
+        body.close()
+
+
 async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
-    """Run the blocking export generator on worker threads, one piece at a time (backpressure: the next piece
-    is produced only after the client took the previous one); close it however the response ends."""
+    """Stream the blocking export generator, run by a producer thread of its own at most EXPORT_QUEUE pieces
+    ahead of the client (backpressure); the producer stops and closes it however the response ends."""
+    pieces: queue.Queue[object] = queue.Queue(maxsize=EXPORT_QUEUE)
+    stop = threading.Event()
+    threading.Thread(target=_produce, args=(body, pieces, stop), name="webmacs-export", daemon=True).start()
     try:
         while True:
-            piece = await anyio.to_thread.run_sync(next, body, None)
-            if piece is None:
+            piece = await anyio.to_thread.run_sync(pieces.get)
+            if piece is _END:
                 return
+            if isinstance(piece, BaseException):
+                raise piece
             if piece:
-                yield piece
+                yield piece  # type: ignore[misc]
     finally:
-        await anyio.to_thread.run_sync(body.close)
+        stop.set()
 
 
 def _export_response(request: Request, sel: export_service.Selection, fmt: export_service.Format,
@@ -215,7 +252,8 @@ async def export_events(
     format: Literal["csv", "parquet"] = "csv",
     tz: str | None = None,
 ) -> StreamingResponse:
-    """The events' datapoints in [start, end) (open-ended when omitted), ordered by time then event, columns
+    """The events' datapoints in [start, end) (open-ended when omitted), event by event in the order of
+    `events`, each event's in time order (to read as one series, sort by time), columns
     `time, event_public_id, event_name, unit, value, experiment_public_id`. CSV times are ISO 8601 in `tz`
     (default UTC); Parquet times are timestamp[us, UTC]."""
     zone_info = zone(tz) if tz else UTC
@@ -227,7 +265,7 @@ async def export_events(
     for public_id in events:
         if public_id not in known:
             raise NotFound.entity("Event", public_id)
-    sel = export_service.Selection(event_ids=tuple(sorted({e["id"] for e in known.values()})), start=start, end=end)
+    sel = export_service.Selection(event_ids=tuple(known[p]["id"] for p in dict.fromkeys(events)), start=start, end=end)
     stem = "datapoints" + "".join(f"_{t.astimezone(UTC):%Y%m%dT%H%M%SZ}" for t in (start, end) if t)
     return _export_response(request, sel, format, tz, stem)
 
@@ -235,12 +273,10 @@ async def export_events(
 @router.get("/experiments/{public_id}/export/parquet", response_class=StreamingResponse,
             responses={200: {"content": {"application/vnd.apache.parquet": {}}}})
 async def export_experiment_parquet(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
-    """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event."""
+    """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event. Rows are
+    selected by their experiment tag, as in the CSV export: also those with a time outside the experiment's span."""
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
-    # Datapoints are tagged while the experiment runs: its time span bounds the chunks to read.
-    stopped = experiment["stopped_on"]
-    sel = export_service.Selection(experiment_id=experiment["id"], start=experiment["started_on"],
-                                   end=stopped + export_service.ONE_MICROSECOND if stopped else None)
+    sel = export_service.Selection(experiment_id=experiment["id"])
     stem = f"experiment_{experiment['name'].replace(' ', '_').replace('/', '-')}_{experiment['public_id'][:8]}"
     return _export_response(request, sel, "parquet", None, stem)
 
