@@ -36,11 +36,25 @@ async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
     # learn of it through the `webmacs_catalog` NOTIFY the tables' triggers send.)
     if getattr(request.state, "catalog_changed", False):
         await request.app.state.catalog_refresh()
+    if getattr(request.state, "datapoints_deleted", False):
+        ingest = getattr(request.app.state, "ingest", None)
+        if ingest is not None:
+            # /datapoints/latest is served from the engine's cache: reload it for what was deleted.
+            await ingest.datapoints_deleted(request.state.datapoints_deleted_events)
 
 
 def catalog_changed(request: Request) -> None:
     """Mark this request as having changed events, mappings, plugin instances, experiments or rules."""
     request.state.catalog_changed = True
+
+
+def datapoints_deleted(request: Request, event_public_ids: list[str] | None = None) -> None:
+    """Mark this request as having deleted datapoints (of these events; None = possibly any event)."""
+    previous = getattr(request.state, "datapoints_deleted_events", [])
+    request.state.datapoints_deleted = True
+    request.state.datapoints_deleted_events = (
+        None if event_public_ids is None or previous is None else [*previous, *event_public_ids]
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

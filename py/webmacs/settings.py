@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     webmacs_chunk_interval: str = "1 day"
     #: Connection pool size of the API (the engine has its own connections).
     webmacs_pool_size: int = Field(default=10, ge=1)
+    #: Ingest engine tuning (see README "Ingest"): rows/bytes/age that close a batch, queued rows before REST
+    #: answers 503 and WS reads pause, parallel COPY writer connections.
+    webmacs_ingest_max_rows: int = Field(default=20_000, ge=1)
+    webmacs_ingest_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    webmacs_ingest_max_age_ms: int = Field(default=5, ge=0)
+    webmacs_ingest_queue_capacity: int = Field(default=200_000, ge=1)
+    webmacs_ingest_writers: int = Field(default=2, ge=1, le=16)
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.

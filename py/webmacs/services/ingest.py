@@ -218,7 +218,13 @@ def install(app: FastAPI) -> None:
     async def start(app: FastAPI) -> None:
         # Engine tuning (max_rows, max_bytes, max_age_ms, queue_capacity, …) may be set before start-up;
         # the defaults suit a single server process.
-        options: dict[str, Any] = dict(getattr(app.state, "ingest_options", {}))
+        settings = app.state.settings
+        options: dict[str, Any] = {
+            "max_rows": settings.webmacs_ingest_max_rows, "max_bytes": settings.webmacs_ingest_max_bytes,
+            "max_age_ms": settings.webmacs_ingest_max_age_ms,
+            "queue_capacity": settings.webmacs_ingest_queue_capacity, "writers": settings.webmacs_ingest_writers,
+        }
+        options.update(getattr(app.state, "ingest_options", {}))
         engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
         ingest = Ingest(engine, app.state.pool, asyncio.get_running_loop())
         ingest.start()

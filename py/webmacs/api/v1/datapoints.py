@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from webmacs.deps import Conn, CurrentUser, OperatorUser
+from webmacs.deps import Conn, CurrentUser, OperatorUser, datapoints_deleted
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import datapoints as datapoints_repo
 
@@ -43,6 +43,8 @@ async def get_datapoint(public_id: str, _: CurrentUser, conn: Conn) -> Datapoint
 
 
 @router.delete("/{public_id}", response_model=Status)
-async def delete_datapoint(public_id: str, _: OperatorUser, conn: Conn) -> Status:
+async def delete_datapoint(public_id: str, _: OperatorUser, conn: Conn, request: Request) -> Status:
     await datapoints_repo.delete(conn, public_id=public_id)
+    parsed = datapoints_repo.parse_datapoint_public_id(public_id)
+    datapoints_deleted(request, [parsed[0]] if parsed else None)
     return Status.ok("Datapoint successfully deleted.")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, StringConstraints
 
-from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed
+from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed, datapoints_deleted
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories import logs as logs_repo
@@ -98,4 +98,5 @@ async def export_csv(public_id: str, _: CurrentUser, conn: Conn, request: Reques
 async def delete_experiment(public_id: str, _: OperatorUser, conn: Conn, request: Request) -> Status:
     await experiments_repo.delete(conn, public_id=public_id)
     catalog_changed(request)
+    datapoints_deleted(request)  # its datapoints may include any event's latest value
     return Status.ok("Experiment successfully deleted.")
