@@ -72,12 +72,10 @@ SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "we
 WS_MODULES = ["webmacs.ws.telemetry", "webmacs.ws.stream"]
 
 
-def _optional_modules(names: list[str]) -> list[object]:
+def _modules(names: list[str]) -> list[object]:
     import importlib
-    import importlib.util
 
-    # TODO(integration): make strict once every service has landed.
-    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
+    return [importlib.import_module(n) for n in names]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -124,9 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
-    for module in _optional_modules(WS_MODULES):
+    for module in _modules(WS_MODULES):
         app.include_router(module.router)  # type: ignore[attr-defined]
-    for module in _optional_modules(SERVICE_MODULES):
+    for module in _modules(SERVICE_MODULES):
         module.install(app)  # type: ignore[attr-defined]
     # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
     app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from fastapi import APIRouter
 
@@ -30,8 +29,5 @@ ROUTER_MODULES = [
 def api_router() -> APIRouter:
     root = APIRouter(prefix="/api/v1")
     for name in ROUTER_MODULES:
-        qualified = f"webmacs.api.v1.{name}"
-        if importlib.util.find_spec(qualified) is None:
-            continue  # TODO(integration): make strict once every router has landed
-        root.include_router(importlib.import_module(qualified).router)
+        root.include_router(importlib.import_module(f"webmacs.api.v1.{name}").router)
     return root
