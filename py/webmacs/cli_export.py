@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sel = export_service.Selection(event_ids=tuple(known[e] for e in dict.fromkeys(args.events)), start=start,
                                        end=end)
         progress = Progress(sys.stderr)
-        body = export_service.export(conn, sel, fmt, tz=args.tz,
+        body = export_service.export(conn, sel, fmt, dsn=url, tz=args.tz,
                                      chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,
                                      progress=progress)
         if args.output == "-":

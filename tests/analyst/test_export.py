@@ -145,8 +145,8 @@ def test_small_frames_give_the_same_rows(db_url: str, two_events: dict[str, Any]
     a, b = two_events["a"], two_events["b"]
     sel = export_service.Selection(event_ids=(a.id, b.id))
     with export_service.connect(db_url) as conn:
-        small = b"".join(export_service.export(conn, sel, fmt, chunk_rows=7))  # type: ignore[arg-type]
-        whole = b"".join(export_service.export(conn, sel, fmt, chunk_rows=10**6))  # type: ignore[arg-type]
+        small = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=7))  # type: ignore[arg-type]
+        whole = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=10**6))  # type: ignore[arg-type]
     read = pl.read_csv if fmt == "csv" else pl.read_parquet
     assert read(io.BytesIO(small)).rows() == read(io.BytesIO(whole)).rows()
     assert read(io.BytesIO(small)).height == len(two_events["rows"])

@@ -1,6 +1,8 @@
 //! Bindings for the binary COPY decoder (`crate::pgcopy`): bytes in, one `bytes` buffer per column out.
 
-use pyo3::exceptions::PyValueError;
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
@@ -9,7 +11,25 @@ use super::detached;
 use crate::pgcopy::{self, PgCopyError};
 
 fn value_error(e: PgCopyError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        PgCopyError::Database(_) | PgCopyError::NotStarted => {
+            PyRuntimeError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn columns(py: Python<'_>, cols: pgcopy::DatapointColumns) -> Columns<'_> {
+    (
+        cols.rows,
+        PyBytes::new(py, &cols.time_us),
+        PyBytes::new(py, &cols.event_id),
+        PyBytes::new(py, &cols.value),
+        PyBytes::new(py, &cols.experiment_id),
+        PyBytes::new(py, &cols.experiment_validity),
+        cols.experiment_nulls,
+        cols.finished,
+    )
 }
 
 /// (rows, time_us, event_id, value, experiment_id, experiment_validity, experiment_nulls, finished).
@@ -34,19 +54,65 @@ fn decode_datapoints<'py>(
 ) -> PyResult<Columns<'py>> {
     let cols =
         detached(py, || pgcopy::decode_datapoints(&data, with_header)).map_err(value_error)?;
-    Ok((
-        cols.rows,
-        PyBytes::new(py, &cols.time_us),
-        PyBytes::new(py, &cols.event_id),
-        PyBytes::new(py, &cols.value),
-        PyBytes::new(py, &cols.experiment_id),
-        PyBytes::new(py, &cols.experiment_validity),
-        cols.experiment_nulls,
-        cols.finished,
-    ))
+    Ok(columns(py, cols))
+}
+
+/// A connection of its own running binary COPYs of datapoints, decoded a frame at a time without the GIL.
+#[pyclass(frozen, module = "webmacs._core")]
+struct CopyReader {
+    inner: Mutex<Option<pgcopy::CopyReader>>,
+}
+
+impl CopyReader {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl Send + FnOnce(&mut pgcopy::CopyReader) -> Result<T, PgCopyError>,
+    ) -> PyResult<T> {
+        detached(py, || {
+            // A panic while holding the lock would be a bug elsewhere; the reader is then unusable anyway.
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut() {
+                Some(reader) => f(reader),
+                None => Err(PgCopyError::Database("the reader is closed".into())),
+            }
+        })
+        .map_err(value_error)
+    }
+}
+
+#[pymethods]
+impl CopyReader {
+    #[new]
+    fn new(py: Python<'_>, dsn: String) -> PyResult<Self> {
+        let reader = detached(py, || pgcopy::CopyReader::connect(&dsn)).map_err(value_error)?;
+        Ok(CopyReader {
+            inner: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement.
+    fn start(&self, py: Python<'_>, statement: String) -> PyResult<()> {
+        self.with(py, move |r| r.start(&statement))
+    }
+
+    /// The next frame of up to `max_rows` rows as column buffers; None once the COPY has ended.
+    fn next_frame<'py>(&self, py: Python<'py>, max_rows: usize) -> PyResult<Option<Columns<'py>>> {
+        let cols = self.with(py, move |r| r.next_frame(max_rows))?;
+        Ok(cols.map(|c| columns(py, c)))
+    }
+
+    /// Close the connection (a running COPY is abandoned).
+    fn close(&self, py: Python<'_>) {
+        detached(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            guard.take();
+        });
+    }
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_datapoints, m)?)?;
+    m.add_class::<CopyReader>()?;
     Ok(())
 }

@@ -43,6 +43,8 @@ EXPERIMENT_QUERY = (_SELECT + " WHERE experiment_id = %(experiment)s AND time >=
                     " ORDER BY time, event_id")
 EVENT_COPY = "COPY (" + EVENT_QUERY + ") TO STDOUT (FORMAT binary)"
 EXPERIMENT_COPY = "COPY (" + EXPERIMENT_QUERY + ") TO STDOUT (FORMAT binary)"
+#: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
+CSV_SLICE_ROWS = 20_000
 #: zstd level 1: a fraction of the default level's CPU for a file a few per cent larger.
 ZSTD_LEVEL = 1
 
@@ -143,13 +145,12 @@ class _Lookups:
         self.experiment_public_ids = pa.array([x[1] for x in experiments], pa.string())
         self.schema = frame_schema()
 
-    def frame(self, copy_data: bytes, with_header: bool) -> pa.Table:
-        """Binary COPY tuples (time, event_id, value, experiment_id) → a frame; `with_header` for the first
-        piece of a COPY."""
+    def frame(self, columns: tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]) -> pa.Table:
+        """Decoded COPY columns (`webmacs._core.decode_datapoints`) → a frame."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        n, times, events, values, experiments, validity, nulls, _ = _core.decode_datapoints(copy_data, with_header)
+        n, times, events, values, experiments, validity, nulls, _ = columns
         event = pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(events)])
         experiment = pa.Array.from_buffers(pa.int32(), n, [pa.py_buffer(validity) if nulls else None,
                                                            pa.py_buffer(experiments)], null_count=nulls)
@@ -181,12 +182,13 @@ def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, da
     return windows
 
 
-def frames(conn: psycopg.Connection, sel: Selection, *, chunk_rows: int,
+def frames(conn: psycopg.Connection, sel: Selection, *, dsn: str, chunk_rows: int,
            progress: Callable[[float, int], None] | None = None) -> Iterator[pa.Table]:
-    """The selection as Arrow tables of about `chunk_rows` rows (schema `frame_schema()`).
+    """The selection as Arrow tables of at most `chunk_rows` rows (schema `frame_schema()`).
 
     Event selections come event by event (in `sel.event_ids` order), each in time order; an experiment comes
-    in time order, then event. `progress(fraction done, rows so far)` is called after every frame."""
+    in time order, then event. `conn` reads the lookups; the COPYs run on a connection of their own to `dsn`,
+    read and decoded in Rust. `progress(fraction done, rows so far)` is called after every frame."""
     lookups = _Lookups(conn)
     windows = _bounds(conn, sel)
     if not windows:
@@ -198,31 +200,24 @@ def frames(conn: psycopg.Connection, sel: Selection, *, chunk_rows: int,
     else:
         first, last = windows[0][0], windows[-1][1]
         statements = [(EVENT_COPY, {"event": e, "start": first, "end": last}) for e in dict.fromkeys(sel.event_ids)]
+    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
+    mogrify = psycopg.ClientCursor(conn).mogrify
+    reader = _core.CopyReader(dsn)
     rows_done = 0
-    for done, (query, params) in enumerate(statements):
-        parts: list[bytes] = []
-        with_header = True
-        with conn.cursor() as cur, cur.copy(query, params) as copy:
-            # One COPY message is one tuple (the first also carries the header): they are joined per frame and
-            # decoded in Rust, never parsed row by row in Python.
-            for message in copy:
-                parts.append(bytes(message))
-                if len(parts) >= chunk_rows:
-                    frame = lookups.frame(b"".join(parts), with_header)
-                    parts.clear()
-                    with_header = False
+    try:
+        for done, (query, params) in enumerate(statements):
+            reader.start(mogrify(query, params))
+            while (columns := reader.next_frame(chunk_rows)) is not None:
+                frame = lookups.frame(columns)
+                if frame.num_rows:
                     rows_done += frame.num_rows
                     yield frame
                     if progress:
                         progress(done / len(statements), rows_done)
-        if parts:
-            frame = lookups.frame(b"".join(parts), with_header)
-            parts.clear()
-            if frame.num_rows:
-                rows_done += frame.num_rows
-                yield frame
-        if progress:
-            progress((done + 1) / len(statements), rows_done)
+            if progress:
+                progress((done + 1) / len(statements), rows_done)
+    finally:
+        reader.close()
 
 
 def _csv_time(tz: str | None) -> pl.Expr:
@@ -244,13 +239,15 @@ def encode_csv(frames: Iterator[pa.Table], *, tz: str | None = None) -> Iterator
 
     yield (",".join(COLUMNS) + "\r\n").encode()
     time = _csv_time(tz)
-    schema = parquet_schema()
     for table in frames:
-        frame = pl.from_arrow(table.cast(schema))
+        # Dictionary columns become Categoricals, written as their strings: no string column per frame
+        # (materialising them cost ~40 MiB of peak memory).
+        frame = pl.from_arrow(table)
         assert isinstance(frame, pl.DataFrame)
-        buf = io.BytesIO()
-        frame.with_columns(time).write_csv(buf, include_header=False, line_terminator="\r\n")
-        yield buf.getvalue()
+        for part in frame.iter_slices(CSV_SLICE_ROWS):
+            buf = io.BytesIO()
+            part.with_columns(time).write_csv(buf, include_header=False, line_terminator="\r\n")
+            yield buf.getvalue()
 
 
 def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
@@ -272,10 +269,10 @@ def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
     yield sink.take()
 
 
-def export(conn: psycopg.Connection, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000,
-           progress: Callable[[float, int], None] | None = None) -> Iterator[bytes]:
-    """The encoded export body, piece by piece."""
-    rows = frames(conn, sel, chunk_rows=chunk_rows, progress=progress)
+def export(conn: psycopg.Connection, sel: Selection, fmt: Format, *, dsn: str, tz: str | None = None,
+           chunk_rows: int = 100_000, progress: Callable[[float, int], None] | None = None) -> Iterator[bytes]:
+    """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
+    rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
     return encode_csv(rows, tz=tz) if fmt == "csv" else encode_parquet(rows)
 
 
@@ -288,4 +285,4 @@ def stream(url: str, sel: Selection, fmt: Format, *, tz: str | None = None,
            chunk_rows: int = 100_000) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
-        yield from export(conn, sel, fmt, tz=tz, chunk_rows=chunk_rows)
+        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows)

@@ -184,7 +184,7 @@ async def series(
 
 #: Encoded pieces (one per frame) an export may produce ahead of the client: encoding overlaps sending, and
 #: memory stays bounded.
-EXPORT_QUEUE = 3
+EXPORT_QUEUE = 1
 _END = object()
 
 
