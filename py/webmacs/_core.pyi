@@ -22,6 +22,7 @@ __all__ = [
     "downsample_m4",
     "downsample_avg",
     "decode_datapoints",
+    "CopyReader",
 ]
 
 __version__: str
@@ -97,3 +98,12 @@ def downsample_avg(times: bytes, values: bytes, max_points: int) -> tuple[list[i
 # Binary COPY decoder (`core-rs/src/py/pgcopy.rs`): (time, event_id, value, experiment_id) tuples → native-endian
 # column buffers: (rows, time_us, event_id, value, experiment_id, experiment_validity, experiment_nulls, finished).
 def decode_datapoints(data: bytes, with_header: bool) -> tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]: ...
+
+_Columns = tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]
+
+@final
+class CopyReader:
+    def __new__(cls, dsn: str) -> CopyReader: ...
+    def start(self, statement: str) -> None: ...
+    def next_frame(self, max_rows: int) -> _Columns | None: ...
+    def close(self) -> None: ...
