@@ -140,6 +140,8 @@ struct Shared {
     abort: AtomicBool,
     shutdown: Notify,
     commit_signal: UnixStream,
+    /// Woken after each commit, for waiters inside the runtime (the native listener's acks).
+    commit_notify: Notify,
     /// One connection for catalog loads; the lock also serialises loads so a slow stale read never
     /// overwrites a newer snapshot.
     catalog_client: tokio::sync::Mutex<Option<Client>>,
@@ -227,6 +229,7 @@ impl Shared {
     fn signal_commit(&self) {
         // Non-blocking: a full pipe already holds a pending wake-up, which is all the reader needs.
         let _ = (&self.commit_signal).write(&[1]);
+        self.commit_notify.notify_waiters();
     }
 }
 
@@ -274,6 +277,7 @@ impl Engine {
             abort: AtomicBool::new(false),
             shutdown: Notify::new(),
             commit_signal: signal,
+            commit_notify: Notify::new(),
             catalog_client: tokio::sync::Mutex::new(None),
         });
         runtime.block_on(async {
@@ -300,6 +304,35 @@ impl Engine {
 
     pub fn committed_ticket(&self) -> u64 {
         self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// The engine's runtime, for tasks that live as long as the engine (the native listener).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// Return once `committed_ticket() >= ticket` (from inside the runtime).
+    pub async fn wait_committed(&self, ticket: u64) {
+        loop {
+            let notified = self.shared.commit_notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a commit between the check and the await is not missed.
+            notified.as_mut().enable();
+            if self.committed_ticket() >= ticket {
+                return;
+            }
+            // Bounded, as a backstop; on close the runtime ends this task with the engine.
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+
+    /// Wait for the next commit (room in the queue), at most `timeout`.
+    pub async fn next_commit(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.commit_notify.notified()).await;
     }
 
     /// Parse, validate and queue a frame. `strict` (REST): any malformed entry refuses the whole frame.

@@ -2,12 +2,14 @@
 //!
 //! The core knows nothing of Python; bindings live in `py/` behind the `python` feature.
 
+pub mod auth;
 pub mod batch;
 pub mod catalog;
 pub mod downsample;
 pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod listener;
 pub mod pgcopy;
 pub mod rules;
 pub mod stats;

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     #: Bind address/port of `webmacs serve`.
     webmacs_host: str = "127.0.0.1"
     webmacs_port: int = 8000
+    #: "host:port" where the Rust engine itself serves `/ws/controller/telemetry` (same protocol, no Python
+    #: per frame); empty = off. The API's own `/ws/controller/telemetry` keeps working either way.
+    webmacs_telemetry_listen: str = ""
     #: Command that installs an uploaded plugin wheel (the wheel path is appended; split like a shell would).
     #: Empty: `<this python> -m pip install --no-deps --no-input <wheel>`.
     webmacs_plugin_install_cmd: str = ""

@@ -1,5 +1,6 @@
 //! Bindings for the ingestion engine (`crate::engine`): `Engine` and the `Receipt` of one frame.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -11,6 +12,7 @@ use crate::batch::BatchPolicy;
 use crate::engine::{self, EngineConfig, Firing};
 use crate::error::CoreError;
 use crate::frame::Reject;
+use crate::listener::Listener;
 
 /// What happened to one submitted frame.
 #[pyclass(frozen, module = "webmacs._core")]
@@ -99,7 +101,17 @@ fn live_tuple(p: engine::LivePoint) -> LiveTuple {
 /// after which `committed_ticket()` tells which receipts are durable.
 #[pyclass(frozen, module = "webmacs._core")]
 pub struct Engine {
-    inner: engine::Engine,
+    inner: Arc<engine::Engine>,
+    /// The native telemetry listener, when started.
+    listener: Mutex<Option<Listener>>,
+}
+
+impl Engine {
+    fn stop_listener(&self) {
+        if let Some(l) = self.listener.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            l.stop();
+        }
+    }
 }
 
 #[pymethods]
@@ -132,7 +144,10 @@ impl Engine {
         config.broadcast_interval = secs(broadcast_interval_s)?;
         config.writers = writers;
         let inner = detached(py, || engine::Engine::start(config))?;
-        Ok(Engine { inner })
+        Ok(Engine {
+            inner: Arc::new(inner),
+            listener: Mutex::new(None),
+        })
     }
 
     /// Parse, validate and queue one frame (GIL released). `strict`: a malformed entry refuses the frame.
@@ -148,6 +163,29 @@ impl Engine {
         points: Vec<(String, f64, Option<i64>)>,
     ) -> PyResult<Receipt> {
         Ok(detached(py, || self.inner.submit_points(points))?.into())
+    }
+
+    /// Serve `/ws/controller/telemetry` natively on `address` ("host:port"; port 0 picks one), verifying JWTs
+    /// with `secret_key`/`algorithm`. Returns the bound "host:port". Replaces a running listener.
+    #[pyo3(signature = (address, *, secret_key, algorithm="HS256"))]
+    fn listen(
+        &self,
+        py: Python<'_>,
+        address: &str,
+        secret_key: &str,
+        algorithm: &str,
+    ) -> PyResult<String> {
+        let key = crate::auth::JwtKey::new(secret_key, algorithm)?;
+        self.stop_listener();
+        let listener = detached(py, || Listener::start(self.inner.clone(), address, key))?;
+        let bound = listener.local_addr().to_string();
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+        Ok(bound)
+    }
+
+    /// Stop the native listener (open connections are closed with 1001); no-op when not listening.
+    fn stop_listening(&self) {
+        self.stop_listener();
     }
 
     /// File descriptor that becomes readable after each commit; read and discard its bytes.
@@ -260,6 +298,7 @@ impl Engine {
     #[pyo3(signature = (timeout_s=30.0))]
     fn close(&self, py: Python<'_>, timeout_s: f64) -> usize {
         let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::from_secs(30));
+        self.stop_listener();
         detached(py, || self.inner.close(timeout))
     }
 }

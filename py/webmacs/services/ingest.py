@@ -78,6 +78,7 @@ class Ingest:
 
     async def close(self) -> None:
         self._closed = True
+        self.engine.stop_listening()
         self.loop.remove_reader(self._fd)
         left = await asyncio.to_thread(self.engine.close, 30.0)
         if left:
@@ -226,6 +227,17 @@ def install(app: FastAPI) -> None:
         }
         options.update(getattr(app.state, "ingest_options", {}))
         engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
+        if settings.webmacs_telemetry_listen:
+            try:
+                bound = await asyncio.to_thread(
+                    engine.listen, settings.webmacs_telemetry_listen,
+                    secret_key=settings.secret_key_effective, algorithm=settings.algorithm,
+                )
+            except Exception:
+                await asyncio.to_thread(engine.close, 5.0)
+                raise
+            log.info("native telemetry listener on ws://%s/ws/controller/telemetry", bound)
+            app.state.telemetry_listen = bound
         ingest = Ingest(engine, app.state.pool, asyncio.get_running_loop())
         ingest.start()
         app.state.ingest = ingest
