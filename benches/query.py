@@ -1,14 +1,15 @@
 """Analyst benchmark: series and exports through the API vs the same SQL / COPY TO STDOUT directly.
 
 Runs on its own throwaway TimescaleDB cluster; `make bench-query`. Knobs (env): BENCH_EVENTS (default 100),
-BENCH_POINTS (per event, default 100_000), BENCH_REPEAT (series requests timed, default 20).
+BENCH_POINTS (per event, default 100_000), BENCH_REPEAT (series requests timed, default 30).
 Data: every event gets BENCH_POINTS datapoints evenly over the last 30 days, generated through the ingest engine
 (`webmacs._core.Engine`, client timestamps) when it is available and works, else by COPY.
 Phases:
   series      GET /api/v1/series, one event, 30 days in 2592 s buckets (1,000 points), median of BENCH_REPEAT
-              vs the same time_bucket SQL on one psycopg connection (ratio = API / SQL)
+              vs the same time_bucket SQL (checked identical) on one psycopg connection, interleaved (ratio = API / SQL)
   export      the whole table through GET /api/v1/export as Parquet and as CSV (the server is a subprocess;
-              its peak RSS during the exports is reported) vs `COPY … TO STDOUT` read by psycopg
+              its peak RSS during the exports is reported) vs `COPY … TO STDOUT` read by psycopg, timed before and
+              after the exports (the faster of the two is the baseline)
 The last line is machine-readable.
 """
 
@@ -163,10 +164,16 @@ class Server:
 
 def bench_series(url: str, server: Server, event: tuple[int, str], start: datetime, end: datetime,
                  repeat: int) -> tuple[float, float, int]:
+    """Medians of `repeat` API requests and `repeat` direct queries, interleaved (one of each in turn, after two
+    warm-ups of each), so load from elsewhere on the machine falls on both alike. The direct query runs on one
+    psycopg connection with the API pool's session settings (timezone=UTC) and binary results like the API's."""
     params = {"events": event[1], "start": start.isoformat(), "end": end.isoformat(), "bucket": f"{BUCKET_S}s",
               "agg": "avg"}
-    api_ms = []
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c:
+    api_ms: list[float] = []
+    sql_ms: list[float] = []
+    points = -1
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c, \
+            psycopg.connect(url, options="-c timezone=UTC") as db:
         for i in range(repeat + 2):
             t0 = time.perf_counter()
             r = c.get("/api/v1/series", params=params)
@@ -175,11 +182,9 @@ def bench_series(url: str, server: Server, event: tuple[int, str], start: dateti
             points = len(r.json()["events"][event[1]]["points"])
             if i >= 2:  # two warm-up requests
                 api_ms.append(elapsed)
-    sql_ms = []
-    with psycopg.connect(url, options="-c timezone=UTC") as db:
-        for i in range(repeat + 2):
             t0 = time.perf_counter()
-            rows = db.execute(SERIES_SQL, (f"{BUCKET_S} seconds", "UTC", event[0], start, end)).fetchall()
+            rows = db.cursor(binary=True).execute(
+                SERIES_SQL, (f"{BUCKET_S} seconds", "UTC", event[0], start, end)).fetchall()
             elapsed = (time.perf_counter() - t0) * 1000
             assert len(rows) == points
             if i >= 2:
@@ -230,7 +235,12 @@ def bench_copy_to(url: str, rows: int) -> float:
 def main() -> int:
     n_events = int(os.environ.get("BENCH_EVENTS", "100"))
     points = int(os.environ.get("BENCH_POINTS", "100000"))
-    repeat = int(os.environ.get("BENCH_REPEAT", "20"))
+    repeat = int(os.environ.get("BENCH_REPEAT", "30"))
+    from webmacs.services import series as series_service
+
+    api_sql = series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]).as_string()
+    if api_sql != SERIES_SQL:
+        raise RuntimeError(f"the API's bucket query differs from the one compared with: {api_sql}")
     home = Path(tempfile.mkdtemp(prefix="webmacs-bench-query-"))
     home.chmod(0o755)
     cluster = Cluster(home / "db", free_port())
@@ -257,6 +267,7 @@ def main() -> int:
         print(f"data         {total:,} datapoints ({n_events} events × {points:,}, {DAYS} days) via {how}"
               f" in {seconds:.1f} s", flush=True)
 
+        copy_before = bench_copy_to(url, total)
         server = Server(url, home)
         try:
             # 1,000 whole buckets: align to time_bucket's default origin (2000-01-03 00:00 UTC).
@@ -275,8 +286,10 @@ def main() -> int:
             peak = server.peak_rss_mb()
         finally:
             server.stop()
-        copy_to = bench_copy_to(url, total)
-        print(f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg)", flush=True)
+        copy_after = bench_copy_to(url, total)
+        copy_to = max(copy_before, copy_after)
+        print(f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg; before/after the"
+              f" exports {copy_before:,.0f} / {copy_after:,.0f})", flush=True)
         print(f"query series_ms={series_ms:.1f} series_sql_ms={series_sql_ms:.1f}"
               f" series_ratio={series_ms / series_sql_ms:.2f} parquet_rows_per_s={parquet:.0f}"
               f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"

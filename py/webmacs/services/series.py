@@ -41,11 +41,11 @@ _PACK = (
 RECENT_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= now() - make_interval(mins => %s)"
 RANGE_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= %s AND time < %s"
 
+# Buckets are few (a request may ask for at most 100,000): plain rows, the query an analyst would write, with
+# nothing added (packing them as arrays in SQL cost more than it saved).
 BUCKETED_SQL = sql.SQL(
-    "SELECT string_agg(int8send((extract(epoch FROM bucket) * 1000000)::int8), ''::bytea ORDER BY bucket),"
-    " string_agg(float8send(value), ''::bytea ORDER BY bucket), NULL::bytea"
-    " FROM (SELECT time_bucket(%s::interval, time, %s::text) AS bucket, {agg} AS value FROM datapoints"
-    " WHERE event_id = %s AND time >= %s AND time < %s GROUP BY 1) b"
+    "SELECT time_bucket(%s::interval, time, %s::text) AS bucket, {agg} FROM datapoints"
+    " WHERE event_id = %s AND time >= %s AND time < %s GROUP BY 1 ORDER BY 1"
 )
 
 
@@ -142,11 +142,19 @@ async def in_range(conn: AsyncConnection, *, event_id: int, start: datetime, end
 
 
 async def bucketed(conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime, bucket: str,
-                   tz: str, agg: Agg) -> PackedSeries:
-    """`agg` per `bucket` (a PostgreSQL interval) over [start, end); buckets are aligned in `tz`, so day
-    buckets start at local midnight and last 23 or 25 hours across a DST change."""
-    query = BUCKETED_SQL.format(agg=AGGREGATES[agg])
-    return await _fetch(conn, query, (bucket, tz, event_id, start, end))
+                   tz: str, agg: Agg) -> list[tuple[datetime, float]]:
+    """`agg` per `bucket` (a PostgreSQL interval) over [start, end) as (bucket start, value), time ascending;
+    buckets are aligned in `tz`, so day buckets start at local midnight and last 23 or 25 hours across a DST
+    change. Buckets without datapoints are absent."""
+    cur = conn.cursor(binary=True)
+    await cur.execute(BUCKETED_SQL.format(agg=AGGREGATES[agg]), (bucket, tz, event_id, start, end))
+    return await cur.fetchall()  # type: ignore[return-value]
+
+
+def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:
+    """(time, value) rows as a PackedSeries, for the downsamplers."""
+    one = timedelta(microseconds=1)
+    return PackedSeries(pack_times([(t - EPOCH) // one for t, _ in rows]), pack_values([v for _, v in rows]))
 
 
 # --- bucket intervals ---------------------------------------------------------------------------------------

@@ -154,26 +154,30 @@ async def series(
         if public_id not in known:
             raise NotFound.entity("Event", public_id)
     thin = max_points is not None or mode is not None
+    count = agg == "count" and parsed is not None
     out: dict[str, Any] = {}
     for public_id in dict.fromkeys(events):
         event = known[public_id]
+        rows: list[tuple[datetime, float]] | None = None
         try:
             if parsed is None:
                 packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
             else:
-                packed = await series_service.bucketed(conn, event_id=event["id"], start=start, end=end,
-                                                       bucket=parsed.interval, tz=tz, agg=agg)
+                rows = await series_service.bucketed(conn, event_id=event["id"], start=start, end=end,
+                                                     bucket=parsed.interval, tz=tz, agg=agg)
+                packed = series_service.packed(rows) if thin else series_service.PackedSeries(b"", b"")
         except (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow) as e:
             raise Unprocessable(str(e.diag.message_primary or e)) from e
-        if not thin and len(packed) > MAX_BUCKETS:
+        if not thin and max(len(packed), len(rows or ())) > MAX_BUCKETS:
             raise Unprocessable(f"More than {MAX_BUCKETS} points for event '{public_id}': pass a bucket or max_points.")
-        points = (series_service.downsample(packed, max_points or 1000, mode or "stride") if thin
-                  else series_service.all_points(packed))
-        count = agg == "count" and parsed is not None
-        out[public_id] = {
-            "name": event["name"], "unit": event["unit"],
-            "points": [[p.time.astimezone(zone_info), int(p.value) if count else p.value] for p in points],
-        }
+        if rows is not None and not thin:
+            # Buckets straight from the rows: no detour through packed arrays.
+            pairs: list[list[Any]] = [[t.astimezone(zone_info), int(v) if count else v] for t, v in rows]
+        else:
+            points = (series_service.downsample(packed, max_points or 1000, mode or "stride") if thin
+                      else series_service.all_points(packed))
+            pairs = [[p.time.astimezone(zone_info), int(p.value) if count else p.value] for p in points]
+        out[public_id] = {"name": event["name"], "unit": event["unit"], "points": pairs}
     return _json({"start": start, "end": end, "bucket": parsed.interval if parsed else None,
                   "agg": agg if parsed else None, "tz": tz, "mode": (mode or "stride") if thin else None,
                   "max_points": (max_points or 1000) if thin else None, "events": out})
