@@ -8,7 +8,12 @@ Phases:
   python_path   orjson parse + validate + psycopg binary COPY of the same frames, same batching (the baseline)
   engine        the real server (`webmacs serve`, a subprocess): 4 WS connections of 500-point frames with seq
                 acks, BENCH_WINDOW frames in flight per connection; rows counted from acks (= committed)
-  small_frames  100 WS connections, 1 point per frame, 4 in flight each
+  small_frames  100 WS connections, 1 point per frame, 4 in flight each, driven by the Rust load generator
+                (core-rs/examples/wsload.rs), against the Python endpoint and the engine's native listener
+                (WEBMACS_TELEMETRY_LISTEN) of the same server; once with the engine defaults, once on a second
+                server with SMALL_FRAME_TUNING (2 ms batches, 4 writers). The last line reports the native
+                listener with the tuning (the Python endpoint without a listener; the Python client without cargo)
+  engine_native the engine phase's load (4 connections, 500-point frames) through the native listener
   latency       4 connections at half the engine's rate; frame sent → ack (sent after commit: the rows are
                 visible by then, so this bounds frame-sent→row-visible from above)
 The last line is machine-readable.
@@ -37,12 +42,16 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
 from webmacs.db.cluster import Cluster  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+
 EVENTS = 50
 FRAME_POINTS = 500
 BATCH_ROWS = 20_000
 SECRET = "bench-secret-key-that-is-long-enough-0123456789"
 PG_EPOCH_US = 946_684_800_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Engine settings of the second small-frames run (see `small_frames`).
+SMALL_FRAME_TUNING = {"WEBMACS_INGEST_MAX_AGE_MS": "2", "WEBMACS_INGEST_WRITERS": "4"}
 COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
 
 
@@ -148,9 +157,12 @@ def bench_python_path(url: str, events: list[tuple[int, str]], frames: list[byte
 
 
 class Server:
-    def __init__(self, url: str, home: Path) -> None:
+    def __init__(self, url: str, home: Path, native: bool, settings: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.native_port = free_port() if native else None
+        listen = f"127.0.0.1:{self.native_port}" if native else ""
         env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
+               "WEBMACS_TELEMETRY_LISTEN": listen, **(settings or {}),
                "WEBMACS_HOME": str(home / "home"), "WEBMACS_UPDATE_DIR": str(home / "updates"),
                "WEBMACS_PLUGIN_DIR": str(home / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
         for d in ("updates", "plugins"):
@@ -239,6 +251,49 @@ async def run_clients(url: str, frames: list[bytes], conns: int, seconds: float,
     return sum(rows), time.perf_counter() - t0
 
 
+def build_wsload() -> Path | None:
+    """The Rust load generator (core-rs/examples/wsload.rs), or None without cargo."""
+    if shutil.which("cargo") is None:
+        return None
+    r = subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "wsload"], cwd=ROOT / "core-rs")
+    if r.returncode != 0:
+        return None
+    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT / "core-rs",
+                          capture_output=True, check=True)
+    path = Path(orjson.loads(meta.stdout)["target_directory"]) / "release" / "examples" / "wsload"
+    return path if path.exists() else None
+
+
+def wsload(binary: Path, url: str, events: list[tuple[int, str]], conns: int, seconds: float, window: int,
+           points: int = 1) -> float:
+    """Run the Rust client; acknowledged (= committed) frames per second."""
+    out = subprocess.run(
+        [str(binary), url, "--events", ",".join(e[1] for e in events), "--connections", str(conns),
+         "--seconds", str(seconds), "--window", str(window), "--points", str(points)],
+        capture_output=True, text=True, timeout=seconds + 180, check=True).stdout
+    fields = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])
+    return float(fields["frames_per_s"])
+
+
+def small_frames(server: Server, loader: Path, events: list[tuple[int, str]], seconds: float, setting: str) -> float:
+    """100 connections of 1-point frames, 4 in flight each, Rust client: the Python endpoint, then the native
+    listener; returns the native rate (the Python endpoint's without a listener)."""
+    results: list[float] = []
+    endpoints = [("Python endpoint", server.port)]
+    if server.native_port is not None:
+        endpoints.append(("native listener", server.native_port))
+    for name, port in endpoints:
+        url = f"ws://127.0.0.1:{port}/ws/controller/telemetry?token={server.token}"
+        cpu0 = server.cpu_seconds()
+        fps = wsload(loader, url, events, 100, seconds, 4)
+        cpu = server.cpu_seconds() - cpu0
+        vs = f"; {fps / results[0]:.2f}x the Python endpoint" if results else ""
+        results.append(fps)
+        print(f"small_frames {fps:>12,.0f} frames/s (100 connections, 1 point per frame, Rust client, {name},"
+              f" {setting}; server CPU {cpu / (fps * seconds) * 1e6:.1f} µs/frame{vs})", flush=True)
+    return results[-1]
+
+
 def percentile(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
@@ -267,8 +322,11 @@ def main() -> int:
         print(f"python_path  {python_path:>12,.0f} rows/s  ({python_rows:,} rows, orjson + psycopg binary COPY)",
               flush=True)
 
+        from webmacs._core import Engine
+        native = hasattr(Engine, "listen")
+        loader = build_wsload()
         truncate(url)
-        server = Server(url, home)
+        server = Server(url, home, native)
         try:
             ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
             cpu0 = server.cpu_seconds()
@@ -282,9 +340,24 @@ def main() -> int:
 
             small = [orjson.dumps({"datapoints": [{"value": 1.5, "event_public_id": events[i % EVENTS][1]}]})
                      for i in range(EVENTS)]
-            small_rows, small_elapsed = asyncio.run(run_clients(ws_url, small, 100, min(seconds, 15), 4))
-            small_fps = small_rows / small_elapsed
-            print(f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame)", flush=True)
+            small_s = min(seconds, 15)
+            if loader is None:
+                small_rows, small_elapsed = asyncio.run(run_clients(ws_url, small, 100, small_s, 4))
+                small_fps = small_rows / small_elapsed
+                print(f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame,"
+                      f" Python client)", flush=True)
+            else:
+                small_fps = small_frames(server, loader, events, small_s, "engine defaults")
+                if server.native_port is not None:
+                    native_url = (f"ws://127.0.0.1:{server.native_port}/ws/controller/telemetry"
+                                  f"?token={server.token}")
+                    cpu0 = server.cpu_seconds()
+                    native_fps = wsload(loader, native_url, events, 4, small_s, window, FRAME_POINTS)
+                    cpu = server.cpu_seconds() - cpu0
+                    native_rows = native_fps * FRAME_POINTS
+                    print(f"engine_native {native_rows:>11,.0f} rows/s  (4 connections of {FRAME_POINTS}-point"
+                          f" frames, {window} in flight, Rust client, native listener; server CPU"
+                          f" {cpu / (native_rows * small_s / 1e6):.2f} s per million rows)", flush=True)
 
             latencies: list[float] = []
             per_conn_fps = engine / 2 / FRAME_POINTS / 4
@@ -296,6 +369,15 @@ def main() -> int:
             peak_rss = server.peak_rss_mb()
         finally:
             server.stop()
+        if loader is not None:
+            # 400 frames in flight, each acknowledged after its commit: the rate is 400 / (batch age + COPY +
+            # durable commit). Shorter batches and more writer connections shorten that cycle.
+            server = Server(url, home, native, SMALL_FRAME_TUNING)
+            try:
+                small_fps = small_frames(server, loader, events, small_s, "WEBMACS_INGEST_MAX_AGE_MS=2,"
+                                         " WEBMACS_INGEST_WRITERS=4")
+            finally:
+                server.stop()
         print(f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
               f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
               f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
