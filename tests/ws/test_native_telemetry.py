@@ -233,3 +233,29 @@ def test_other_paths_are_not_found(native: Server) -> None:
         with connect(base(native) + "/ws/datapoints/stream?token=x", open_timeout=10, proxy=None):
             pass
     assert e.value.response.status_code == 404
+
+
+def test_full_queue_pauses_reads_and_shutdown_closes_1001(
+    db_url: str, tmp_path_factory: pytest.TempPathFactory, admin_token: str, db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    s = start_server(make_settings(db_url, tmp_path_factory.mktemp("native-bp"), webmacs_telemetry_listen=listen,
+                                   webmacs_ingest_queue_capacity=1))
+    try:
+        ev = make_active_event()
+        s.refresh_catalog()
+        with telemetry(s, f"token={admin_token}") as ws:
+            # A queue of one row: most frames wait for a commit before they are read; none is lost or reordered.
+            for seq in range(1, 201):
+                ws.send(frame(ev, float(seq), seq=seq))
+            assert [recv_json(ws)["seq"] for _ in range(200)] == list(range(1, 201))
+        assert count(db, ev.id) == 200
+        assert s.app.state.ingest.engine.stats()["queue_full"] > 0
+        with telemetry(s, f"token={admin_token}") as ws:
+            ws.send(frame(ev, 1.0, seq=1))
+            assert recv_json(ws)["seq"] == 1
+            s.stop()
+            assert closed_with(ws) == (1001, "Server shutting down")
+    finally:
+        s.stop()
