@@ -108,7 +108,12 @@ pub struct Engine {
 
 impl Engine {
     fn stop_listener(&self) {
-        if let Some(l) = self.listener.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(l) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             l.stop();
         }
     }
