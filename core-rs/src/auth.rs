@@ -123,7 +123,8 @@ impl JwtKey {
                 return None;
             }
         }
-        if claims.contains_key("aud") {
+        // pyjwt: an `aud` claim needs an expected audience (none is configured); `jti` must be a string.
+        if claims.contains_key("aud") || claims.get("jti").is_some_and(|j| !j.is_string()) {
             return None;
         }
         let sub = claims.get("sub")?.as_str()?;
@@ -246,6 +247,7 @@ pub(crate) mod tests {
             serde_json::json!({"sub": "1234567890123456789", "exp": NOW as i64 + 60}),
             serde_json::json!({"sub": "42", "exp": "soon"}),
             serde_json::json!({"sub": "42", "exp": NOW as i64 + 60, "aud": "x"}),
+            serde_json::json!({"sub": "42", "exp": NOW as i64 + 60, "jti": 7}),
             serde_json::json!(["sub", "42"]),
         ];
         for c in bad_claims {
