@@ -198,14 +198,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
 def test_catalog_follows_notify_from_another_connection(client: httpx.Client, operator: dict[str, str],
                                                         db: psycopg.Connection) -> None:
     name = unique("ev")
-    ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'u', 'sensor')"
-                    " RETURNING id, public_id", (name,)).fetchone()
-    assert ev is not None
-    pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, true)"
-                    " RETURNING id", (unique("inst"),)).fetchone()
-    assert pi is not None
-    db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-               " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)", (pi[0], ev[1]))
+    # One transaction: a reload between the inserts would see the event unmapped (409, not 404/201).
+    with db.transaction():
+        ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type)"
+                        " VALUES (%s, 0, 1, 'u', 'sensor') RETURNING id, public_id", (name,)).fetchone()
+        assert ev is not None
+        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled)"
+                        " VALUES ('simulated', %s, true) RETURNING id", (unique("inst"),)).fetchone()
+        assert pi is not None
+        db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+                   " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)", (pi[0], ev[1]))
 
     # No explicit refresh: the engine learns of the mapping through LISTEN webmacs_catalog.
     def accepted() -> bool:
