@@ -41,8 +41,6 @@ pub enum PgCopyError {
     AfterTrailer(usize),
     #[error("database error: {0}")]
     Database(String),
-    #[error("no COPY is running (call start first)")]
-    NotStarted,
 }
 
 impl From<tokio_postgres::Error> for PgCopyError {
@@ -78,6 +76,28 @@ impl DatapointColumns {
             experiment_validity: Vec::with_capacity(rows.div_ceil(8)),
             ..Default::default()
         }
+    }
+
+    /// Reorder the rows: row `i` becomes the old row `order[i]` (`order` is a permutation of `0..rows`).
+    fn permute(&mut self, order: &[usize]) {
+        fn gather<const W: usize>(buf: &[u8], order: &[usize]) -> Vec<u8> {
+            let mut out = Vec::with_capacity(buf.len());
+            for &i in order {
+                out.extend_from_slice(&buf[i * W..(i + 1) * W]);
+            }
+            out
+        }
+        self.time_us = gather::<8>(&self.time_us, order);
+        self.event_id = gather::<4>(&self.event_id, order);
+        self.value = gather::<8>(&self.value, order);
+        self.experiment_id = gather::<4>(&self.experiment_id, order);
+        let mut validity = vec![0u8; self.experiment_validity.len()];
+        for (to, &from) in order.iter().enumerate() {
+            if self.experiment_validity[from / 8] & (1 << (from % 8)) != 0 {
+                validity[to / 8] |= 1 << (to % 8);
+            }
+        }
+        self.experiment_validity = validity;
     }
 
     /// The times as integers (for tests and callers outside Python).
@@ -262,20 +282,71 @@ pub fn decode_datapoints(data: &[u8], with_header: bool) -> Result<DatapointColu
     Ok(out)
 }
 
-type CopyStream = std::pin::Pin<Box<tokio_postgres::CopyOutStream>>;
+/// The time (µs since the PostgreSQL epoch) of the tuple in one COPY message, None for the trailer. A message
+/// holds one tuple; the first also the header.
+pub fn message_time(message: &[u8]) -> Result<Option<i64>> {
+    let mut r = Reader {
+        data: message,
+        at: 0,
+    };
+    if message.starts_with(SIGNATURE) {
+        header(&mut r)?;
+    }
+    let at = r.at;
+    match r.i16("a tuple's field count")? {
+        -1 => Ok(None),
+        FIELDS => {
+            let time = r.field("time", 8, false)?.expect("not nullable");
+            Ok(Some(i64::from_be_bytes(time.try_into().expect("8 bytes"))))
+        }
+        got => Err(PgCopyError::FieldCount { got, at }),
+    }
+}
+
+/// Order rows of equal time by event id (rows arrive ordered by time only: PostgreSQL sorts on one int8 key
+/// about twice as fast as on two). A run of equal times holds at most one row per event.
+pub fn order_ties_by_event(cols: &mut DatapointColumns) {
+    let times = cols.times();
+    let events = cols.event_ids();
+    let mut order: Option<Vec<usize>> = None;
+    let mut start = 0;
+    while start < times.len() {
+        let mut end = start + 1;
+        while end < times.len() && times[end] == times[start] {
+            end += 1;
+        }
+        if !events[start..end].is_sorted() {
+            let order = order.get_or_insert_with(|| (0..times.len()).collect());
+            order[start..end].sort_unstable_by_key(|&i| events[i]);
+        }
+        start = end;
+    }
+    if let Some(order) = order {
+        cols.permute(&order);
+    }
+}
+
+/// Decoded frames a `CopyReader` reads ahead of its caller: PostgreSQL keeps streaming and Rust keeps decoding
+/// while the caller encodes the previous frame.
+pub const READ_AHEAD: usize = 2;
+
+type Frames = tokio::sync::mpsc::Receiver<Result<DatapointColumns>>;
 
 /// One connection reading binary COPYs of datapoints (statements given whole, parameters already bound as
-/// literals by the caller's SQL composer: COPY takes no bind parameters), one frame of columns at a time.
+/// literals by the caller's SQL composer: COPY takes no bind parameters), decoded on a runtime thread of its own
+/// into frames of columns, at most `READ_AHEAD` frames ahead of the caller.
 pub struct CopyReader {
     runtime: tokio::runtime::Runtime,
-    client: tokio_postgres::Client,
-    stream: Option<CopyStream>,
-    header_pending: bool,
+    client: std::sync::Arc<tokio_postgres::Client>,
+    frames: Option<Frames>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl CopyReader {
     pub fn connect(dsn: &str) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("webmacs-export-copy")
             .enable_all()
             .build()
             .map_err(|e| PgCopyError::Database(e.to_string()))?;
@@ -284,54 +355,124 @@ impl CopyReader {
             .map_err(|e| PgCopyError::Database(e.to_string()))?;
         Ok(CopyReader {
             runtime,
-            client,
-            stream: None,
-            header_pending: false,
+            client: std::sync::Arc::new(client),
+            frames: None,
+            task: None,
         })
     }
 
-    /// Start `statement` (a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)`);
-    /// a COPY still running is abandoned.
-    pub fn start(&mut self, statement: &str) -> Result<()> {
-        self.stream = None;
-        let stream = self.runtime.block_on(self.client.copy_out(statement))?;
-        self.stream = Some(Box::pin(stream));
-        self.header_pending = true;
-        Ok(())
-    }
-
-    /// The next frame of up to `max_rows` rows; None once the COPY has ended.
-    pub fn next_frame(&mut self, max_rows: usize) -> Result<Option<DatapointColumns>> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Ok(None);
-        };
-        let mut data = Vec::new();
-        let mut messages = 0;
-        let mut ended = false;
-        self.runtime.block_on(async {
-            // One message per tuple (the first also carries the header, the last may be the trailer).
-            while messages < max_rows.max(1) {
-                match stream.next().await {
-                    Some(message) => {
-                        data.extend_from_slice(&message?);
-                        messages += 1;
-                    }
-                    None => {
-                        ended = true;
-                        break;
+    /// Start `statement` (a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)`),
+    /// to be read in frames of at most `max_rows` rows; a COPY still running is abandoned. With
+    /// `ties_by_event` the statement orders by time and the reader orders equal times by event: a frame then
+    /// ends between two times and may exceed `max_rows` by up to one row per event.
+    pub fn start(&mut self, statement: &str, max_rows: usize, ties_by_event: bool) {
+        self.stop();
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let client = self.client.clone();
+        let statement = statement.to_owned();
+        let max_rows = max_rows.max(1);
+        self.task = Some(self.runtime.spawn(async move {
+            let stream = match client.copy_out(statement.as_str()).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let mut stream = std::pin::pin!(stream);
+            let mut with_header = true;
+            let mut held: Option<bytes::Bytes> = None;
+            let mut last_time: Option<i64> = None;
+            loop {
+                // One message per tuple (the first also carries the header, the last may be the trailer).
+                // A tuple is 38 or 42 bytes.
+                let mut data = Vec::with_capacity(max_rows.min(1 << 18) * 42);
+                let mut messages = 0;
+                let mut ended = false;
+                if let Some(message) = held.take() {
+                    data.extend_from_slice(&message);
+                    messages += 1;
+                }
+                while messages < max_rows || ties_by_event {
+                    match stream.next().await {
+                        Some(Ok(message)) => {
+                            if ties_by_event && messages + 1 >= max_rows {
+                                // Frames end between two times, so a run of ties is never split.
+                                let time = match message_time(&message) {
+                                    Ok(time) => time,
+                                    Err(e) => {
+                                        let _ = tx.send(Err(e)).await;
+                                        return;
+                                    }
+                                };
+                                let boundary = messages >= max_rows && time != last_time;
+                                last_time = time;
+                                if boundary {
+                                    held = Some(message);
+                                    break;
+                                }
+                            }
+                            data.extend_from_slice(&message);
+                            messages += 1;
+                        }
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                        None => {
+                            ended = true;
+                            break;
+                        }
                     }
                 }
+                if !data.is_empty() {
+                    let mut frame = decode_datapoints(&data, std::mem::take(&mut with_header));
+                    if let (true, Ok(frame)) = (ties_by_event, frame.as_mut()) {
+                        order_ties_by_event(frame);
+                    }
+                    let failed = frame.is_err();
+                    // A closed channel means the caller moved on: stop reading.
+                    if tx.send(frame).await.is_err() || failed {
+                        return;
+                    }
+                }
+                if ended {
+                    return;
+                }
             }
-            Ok::<(), PgCopyError>(())
-        })?;
-        let with_header = std::mem::replace(&mut self.header_pending, false);
-        if ended {
-            self.stream = None;
-        }
-        if data.is_empty() {
+        }));
+        self.frames = Some(rx);
+    }
+
+    /// The next frame; None once the COPY has ended (or none was started).
+    pub fn next_frame(&mut self) -> Result<Option<DatapointColumns>> {
+        let Some(frames) = self.frames.as_mut() else {
             return Ok(None);
+        };
+        match self.runtime.block_on(frames.recv()) {
+            Some(Ok(frame)) => Ok(Some(frame)),
+            Some(Err(e)) => {
+                self.stop();
+                Err(e)
+            }
+            None => {
+                self.frames = None;
+                Ok(None)
+            }
         }
-        decode_datapoints(&data, with_header).map(Some)
+    }
+
+    fn stop(&mut self) {
+        self.frames = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for CopyReader {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -519,6 +660,63 @@ mod tests {
             decode_datapoints(&after, false),
             Err(PgCopyError::AfterTrailer(1))
         );
+    }
+
+    #[test]
+    fn ties_are_ordered_by_event_with_their_columns() {
+        let rows: Vec<(i64, i32, f64, Option<i32>)> = vec![
+            (1, 5, 0.5, None),
+            (2, 9, 0.9, Some(90)),
+            (2, 3, 0.3, None),
+            (2, 7, 0.7, Some(70)),
+            (3, 2, 0.2, None),
+            (4, 8, 0.8, Some(80)),
+            (4, 1, 0.1, Some(10)),
+            (5, 4, 0.4, None),
+            (6, 6, 0.6, Some(60)),
+        ];
+        let data: Vec<u8> = rows
+            .iter()
+            .flat_map(|&(t, e, v, x)| tuple(t, e, v, x))
+            .collect();
+        let mut cols = decode_datapoints(&data, false).unwrap();
+        order_ties_by_event(&mut cols);
+        let mut expected = rows.clone();
+        expected.sort_by_key(|r| (r.0, r.1));
+        assert_eq!(
+            cols.times(),
+            expected
+                .iter()
+                .map(|r| r.0 + PG_EPOCH_US)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            cols.event_ids(),
+            expected.iter().map(|r| r.1).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            cols.values(),
+            expected.iter().map(|r| r.2).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            cols.experiment_ids(),
+            expected.iter().map(|r| r.3).collect::<Vec<_>>()
+        );
+        assert_eq!(cols.experiment_nulls, 4);
+    }
+
+    #[test]
+    fn message_times() {
+        let mut first = header_bytes();
+        first.extend(tuple(42, 1, 1.0, None));
+        assert_eq!(message_time(&first), Ok(Some(42)));
+        assert_eq!(message_time(&tuple(-7, 1, 1.0, Some(2))), Ok(Some(-7)));
+        assert_eq!(message_time(&TRAILER), Ok(None));
+        assert!(message_time(&[0, 4, 0]).is_err());
+        assert!(matches!(
+            message_time(&2i16.to_be_bytes()),
+            Err(PgCopyError::FieldCount { got: 2, .. })
+        ));
     }
 
     #[test]

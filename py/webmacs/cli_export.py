@@ -18,8 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `export` sub-command; its handler is `args.handler(args, settings)`."""
     p = subparsers.add_parser(
         "export", help="export datapoints as CSV or Parquet",
-        description="Export the datapoints of some events in [start, end) — event by event in the order given, "
-                    "each in time order — with "
+        description="Export the datapoints of some events in [start, end) — ordered by time, then event — with "
                     "the columns time, event_public_id, event_name, unit, value, experiment_public_id.",
     )
     p.add_argument("--events", nargs="+", required=True, metavar="PUBLIC_ID", help="event public ids")
@@ -91,8 +90,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if missing:
             print(f"webmacs export: Event '{missing[0]}' not found.", file=sys.stderr)
             return 1
-        sel = export_service.Selection(event_ids=tuple(known[e] for e in dict.fromkeys(args.events)), start=start,
-                                       end=end)
+        sel = export_service.Selection(event_ids=tuple(sorted(set(known.values()))), start=start, end=end)
         progress = Progress(sys.stderr)
         body = export_service.export(conn, sel, fmt, dsn=url, tz=args.tz,
                                      chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,

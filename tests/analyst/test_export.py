@@ -41,11 +41,10 @@ def two_events(db: psycopg.Connection, make_event: Any, make_experiment: Any) ->
 
 def _expected(rows: list[tuple[datetime, int, int | None, float]], events: dict[int, Any],
               experiment: tuple[int, str]) -> list[tuple[datetime, str, str, str, float, str | None]]:
-    """The rows as the range export gives them: event by event in the order of `events`, each in time order."""
-    order = list(events)
+    """The rows as the export gives them: by time, then event (internal id)."""
     return [
         (t, events[e].public_id, events[e].name, events[e].unit, v, experiment[1] if x == experiment[0] else None)
-        for t, e, x, v in sorted(rows, key=lambda r: (order.index(r[1]), r[0]))
+        for t, e, x, v in sorted(rows, key=lambda r: (r[0], r[1]))
     ]
 
 

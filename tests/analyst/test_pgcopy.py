@@ -38,30 +38,39 @@ def test_reader_round_trip(db: psycopg.Connection, db_url: str, make_event: Any,
     reader = _core.CopyReader(db_url)
     try:
         for _ in range(2):  # a reader runs one COPY after another
-            reader.start(COPY.format(ev.id))
+            reader.start(COPY.format(ev.id), max_rows)
             got = []
-            while (columns := reader.next_frame(max_rows)) is not None:
+            while (columns := reader.next_frame()) is not None:
                 assert columns[0] <= max_rows
                 got += _rows(columns)
             assert got == sorted(rows)
-            assert reader.next_frame(max_rows) is None
+            assert reader.next_frame() is None
     finally:
         reader.close()
 
 
 def test_reader_errors(db_url: str) -> None:
     reader = _core.CopyReader(db_url)
-    reader.start("COPY (SELECT 1::int4, 2::int4) TO STDOUT (FORMAT binary)")
+    reader.start("COPY (SELECT 1::int4, 2::int4) TO STDOUT (FORMAT binary)", 10)
     with pytest.raises(ValueError, match="2 fields"):
-        reader.next_frame(10)
-    reader.start("COPY (SELECT 'x') TO STDOUT (FORMAT csv)")
+        reader.next_frame()
+    assert reader.next_frame() is None  # the failed COPY is over
+    reader.start("COPY (SELECT 'x') TO STDOUT (FORMAT csv)", 10)
     with pytest.raises(ValueError, match="signature"):
-        reader.next_frame(10)
+        reader.next_frame()
+    reader.start("COPY (SELECT no_such_column FROM datapoints) TO STDOUT (FORMAT binary)", 10)
     with pytest.raises(RuntimeError, match="database error"):
-        reader.start("COPY (SELECT no_such_column FROM datapoints) TO STDOUT (FORMAT binary)")
+        reader.next_frame()
+    # Abandoning a COPY half read leaves the connection usable.
+    reader.start("COPY (SELECT now(), 1, 1.0::float8, NULL::int4 FROM generate_series(1, 100000)) TO STDOUT"
+                 " (FORMAT binary)", 10)
+    assert reader.next_frame() is not None
+    reader.start("COPY (SELECT now(), 2, 2.0::float8, 3) TO STDOUT (FORMAT binary)", 10)
+    columns = reader.next_frame()
+    assert columns is not None and _rows(columns)[0][1:] == (2, 2.0, 3)
     reader.close()
     with pytest.raises(RuntimeError, match="closed"):
-        reader.start(COPY.format(1))
+        reader.start(COPY.format(1), 10)
     with pytest.raises(RuntimeError):
         _core.CopyReader("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
 
@@ -74,3 +83,29 @@ def test_decode_rejects_truncated_bytes() -> None:
         _core.decode_datapoints(header + one[:-1], True)
     with pytest.raises(ValueError, match="signature"):
         _core.decode_datapoints(b"PGCOPX\n\xff\r\n\x00" + bytes(8), True)
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 5, 1000])
+def test_reader_orders_ties_by_event_without_splitting_them(db: psycopg.Connection, db_url: str, make_event: Any,
+                                                            max_rows: int) -> None:
+    events = [make_event() for _ in range(3)]
+    t0 = datetime(2026, 8, 5, tzinfo=UTC)
+    # Loaded newest event first, so the heap order is not the event order.
+    rows = [(t0 + timedelta(seconds=i), ev.id, float(i), None) for i in range(6) for ev in reversed(events)]
+    load(db, [(t, e, x, v) for t, e, v, x in rows])
+    ids = ",".join(str(ev.id) for ev in events)
+    reader = _core.CopyReader(db_url)
+    try:
+        reader.start("COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id IN"
+                     f" ({ids}) ORDER BY time) TO STDOUT (FORMAT binary)", max_rows, ties_by_event=True)
+        frames = []
+        while (columns := reader.next_frame()) is not None:
+            frames.append(_rows(columns))
+    finally:
+        reader.close()
+    got = [row for frame in frames for row in frame]
+    assert [(t, e) for t, e, _, _ in got] == sorted((t, e) for t, e, _, _ in rows)
+    for before, after in zip(frames, frames[1:]):
+        if before and after:
+            assert before[-1][0] != after[0][0]  # no run of equal times is split
+    assert all(len(frame) <= max(max_rows, 1) + len(events) for frame in frames)

@@ -12,9 +12,7 @@ use crate::pgcopy::{self, PgCopyError};
 
 fn value_error(e: PgCopyError) -> PyErr {
     match e {
-        PgCopyError::Database(_) | PgCopyError::NotStarted => {
-            PyRuntimeError::new_err(e.to_string())
-        }
+        PgCopyError::Database(_) => PyRuntimeError::new_err(e.to_string()),
         _ => PyValueError::new_err(e.to_string()),
     }
 }
@@ -91,14 +89,26 @@ impl CopyReader {
         })
     }
 
-    /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement.
-    fn start(&self, py: Python<'_>, statement: String) -> PyResult<()> {
-        self.with(py, move |r| r.start(&statement))
+    /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement,
+    /// read ahead in frames of at most `max_rows` rows (errors surface from `next_frame`). With
+    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here.
+    #[pyo3(signature = (statement, max_rows, ties_by_event = false))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        statement: String,
+        max_rows: usize,
+        ties_by_event: bool,
+    ) -> PyResult<()> {
+        self.with(py, move |r| {
+            r.start(&statement, max_rows, ties_by_event);
+            Ok(())
+        })
     }
 
-    /// The next frame of up to `max_rows` rows as column buffers; None once the COPY has ended.
-    fn next_frame<'py>(&self, py: Python<'py>, max_rows: usize) -> PyResult<Option<Columns<'py>>> {
-        let cols = self.with(py, move |r| r.next_frame(max_rows))?;
+    /// The next frame as column buffers; None once the COPY has ended.
+    fn next_frame<'py>(&self, py: Python<'py>) -> PyResult<Option<Columns<'py>>> {
+        let cols = self.with(py, |r| r.next_frame())?;
         Ok(cols.map(|c| columns(py, c)))
     }
 

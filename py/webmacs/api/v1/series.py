@@ -256,9 +256,9 @@ async def export_events(
     format: Literal["csv", "parquet"] = "csv",
     tz: str | None = None,
 ) -> StreamingResponse:
-    """The events' datapoints in [start, end) (open-ended when omitted), event by event in the order of
-    `events`, each event's in time order (to read as one series, sort by time), columns
-    `time, event_public_id, event_name, unit, value, experiment_public_id`. CSV times are ISO 8601 in `tz`
+    """The events' datapoints in [start, end) (open-ended when omitted), ordered by time then event (ties of
+    time in the order of the events' creation), columns `time, event_public_id, event_name, unit, value,
+    experiment_public_id`. CSV times are ISO 8601 in `tz`
     (default UTC); Parquet times are timestamp[us, UTC]."""
     zone_info = zone(tz) if tz else UTC
     start = _aware(start, zone_info) if start else None  # type: ignore[arg-type]
@@ -269,7 +269,7 @@ async def export_events(
     for public_id in events:
         if public_id not in known:
             raise NotFound.entity("Event", public_id)
-    sel = export_service.Selection(event_ids=tuple(known[p]["id"] for p in dict.fromkeys(events)), start=start, end=end)
+    sel = export_service.Selection(event_ids=tuple(sorted({e["id"] for e in known.values()})), start=start, end=end)
     stem = "datapoints" + "".join(f"_{t.astimezone(UTC):%Y%m%dT%H%M%SZ}" for t in (start, end) if t)
     return _export_response(request, sel, format, tz, stem)
 
