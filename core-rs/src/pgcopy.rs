@@ -331,15 +331,32 @@ pub fn order_ties_by_event(cols: &mut DatapointColumns) {
 pub const READ_AHEAD: usize = 2;
 
 type Frames = tokio::sync::mpsc::Receiver<Result<DatapointColumns>>;
+type Client = std::sync::Arc<tokio_postgres::Client>;
 
-/// One connection reading binary COPYs of datapoints (statements given whole, parameters already bound as
-/// literals by the caller's SQL composer: COPY takes no bind parameters), decoded on a runtime thread of its own
-/// into frames of columns, at most `READ_AHEAD` frames ahead of the caller.
+/// One COPY in flight: the task reading it and the frames it decoded.
+struct Running {
+    key: (String, usize, bool),
+    connection: usize,
+    task: tokio::task::JoinHandle<()>,
+    frames: Frames,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binary COPYs of datapoints (statements given whole, parameters already bound as literals by the caller's SQL
+/// composer: COPY takes no bind parameters), decoded on a runtime thread of its own into frames of columns, at
+/// most `READ_AHEAD` frames ahead of the caller. The next statement can be started early on a second
+/// connection (`prefetch`), so PostgreSQL sorts the next chunk while this one streams.
 pub struct CopyReader {
     runtime: tokio::runtime::Runtime,
-    client: std::sync::Arc<tokio_postgres::Client>,
-    frames: Option<Frames>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    dsn: String,
+    clients: Vec<Client>,
+    current: Option<Running>,
+    prefetched: Option<Running>,
 }
 
 impl CopyReader {
@@ -350,28 +367,64 @@ impl CopyReader {
             .enable_all()
             .build()
             .map_err(|e| PgCopyError::Database(e.to_string()))?;
-        let client = runtime
-            .block_on(crate::writer::connect(dsn, "webmacs-export"))
-            .map_err(|e| PgCopyError::Database(e.to_string()))?;
-        Ok(CopyReader {
+        let mut reader = CopyReader {
             runtime,
-            client: std::sync::Arc::new(client),
-            frames: None,
-            task: None,
-        })
+            dsn: dsn.to_owned(),
+            clients: Vec::new(),
+            current: None,
+            prefetched: None,
+        };
+        reader.client(0)?;
+        Ok(reader)
+    }
+
+    fn client(&mut self, index: usize) -> Result<Client> {
+        while self.clients.len() <= index {
+            let client = self
+                .runtime
+                .block_on(crate::writer::connect(&self.dsn, "webmacs-export"))
+                .map_err(|e| PgCopyError::Database(e.to_string()))?;
+            self.clients.push(std::sync::Arc::new(client));
+        }
+        Ok(self.clients[index].clone())
     }
 
     /// Start `statement` (a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)`),
     /// to be read in frames of at most `max_rows` rows; a COPY still running is abandoned. With
     /// `ties_by_event` the statement orders by time and the reader orders equal times by event: a frame then
-    /// ends between two times and may exceed `max_rows` by up to one row per event.
-    pub fn start(&mut self, statement: &str, max_rows: usize, ties_by_event: bool) {
-        self.stop();
+    /// ends between two times and may exceed `max_rows` by up to one row per event. `prefetch` starts the
+    /// statement expected next on the other connection (taken over by the next `start` of that statement).
+    pub fn start(
+        &mut self,
+        statement: &str,
+        max_rows: usize,
+        ties_by_event: bool,
+        prefetch: Option<&str>,
+    ) -> Result<()> {
+        self.current = None;
+        let key = (statement.to_owned(), max_rows.max(1), ties_by_event);
+        let current = match self.prefetched.take() {
+            Some(running) if running.key == key => running,
+            other => {
+                drop(other);
+                let connection = 0;
+                self.spawn(key, connection)?
+            }
+        };
+        let other = 1 - current.connection;
+        self.current = Some(current);
+        if let Some(next) = prefetch {
+            let running = self.spawn((next.to_owned(), max_rows.max(1), ties_by_event), other)?;
+            self.prefetched = Some(running);
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, key: (String, usize, bool), connection: usize) -> Result<Running> {
+        let client = self.client(connection)?;
         let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let client = self.client.clone();
-        let statement = statement.to_owned();
-        let max_rows = max_rows.max(1);
-        self.task = Some(self.runtime.spawn(async move {
+        let (statement, max_rows, ties_by_event) = key.clone();
+        let task = self.runtime.spawn(async move {
             let stream = match client.copy_out(statement.as_str()).await {
                 Ok(stream) => stream,
                 Err(e) => {
@@ -440,39 +493,31 @@ impl CopyReader {
                     return;
                 }
             }
-        }));
-        self.frames = Some(rx);
+        });
+        Ok(Running {
+            key,
+            connection,
+            task,
+            frames: rx,
+        })
     }
 
     /// The next frame; None once the COPY has ended (or none was started).
     pub fn next_frame(&mut self) -> Result<Option<DatapointColumns>> {
-        let Some(frames) = self.frames.as_mut() else {
+        let Some(current) = self.current.as_mut() else {
             return Ok(None);
         };
-        match self.runtime.block_on(frames.recv()) {
+        match self.runtime.block_on(current.frames.recv()) {
             Some(Ok(frame)) => Ok(Some(frame)),
             Some(Err(e)) => {
-                self.stop();
+                self.current = None;
                 Err(e)
             }
             None => {
-                self.frames = None;
+                self.current = None;
                 Ok(None)
             }
         }
-    }
-
-    fn stop(&mut self) {
-        self.frames = None;
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for CopyReader {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -109,3 +109,25 @@ def test_reader_orders_ties_by_event_without_splitting_them(db: psycopg.Connecti
         if before and after:
             assert before[-1][0] != after[0][0]  # no run of equal times is split
     assert all(len(frame) <= max(max_rows, 1) + len(events) for frame in frames)
+
+
+def test_reader_prefetch(db_url: str) -> None:
+    """A prefetched statement is taken over when started next; one that is not started is abandoned."""
+    copy = "COPY (SELECT now(), {}, 1.0::float8, NULL::int4 FROM generate_series(1, {})) TO STDOUT (FORMAT binary)"
+    reader = _core.CopyReader(db_url)
+    try:
+        statements = [copy.format(i, 1000 * i) for i in (1, 2, 3)]
+        for i, statement in enumerate(statements):
+            reader.start(statement, 300, prefetch=statements[i + 1] if i + 1 < len(statements) else None)
+            got = []
+            while (columns := reader.next_frame()) is not None:
+                got += _rows(columns)
+            assert len(got) == 1000 * (i + 1) and {row[1] for row in got} == {i + 1}
+        reader.start(statements[0], 300, prefetch=statements[2])
+        reader.start(statements[1], 300)  # not the prefetched one: it is dropped, both connections stay usable
+        assert sum(c[0] for c in iter(reader.next_frame, None)) == 2000
+        reader.start(statements[0], 300, prefetch=statements[1])
+        reader.start(statements[1], 300)
+        assert sum(c[0] for c in iter(reader.next_frame, None)) == 2000
+    finally:
+        reader.close()

@@ -91,18 +91,19 @@ impl CopyReader {
 
     /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement,
     /// read ahead in frames of at most `max_rows` rows (errors surface from `next_frame`). With
-    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here.
-    #[pyo3(signature = (statement, max_rows, ties_by_event = false))]
+    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here. `prefetch`
+    /// starts the statement expected next on a second connection.
+    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None))]
     fn start(
         &self,
         py: Python<'_>,
         statement: String,
         max_rows: usize,
         ties_by_event: bool,
+        prefetch: Option<String>,
     ) -> PyResult<()> {
         self.with(py, move |r| {
-            r.start(&statement, max_rows, ties_by_event);
-            Ok(())
+            r.start(&statement, max_rows, ties_by_event, prefetch.as_deref())
         })
     }
 

@@ -204,9 +204,12 @@ def frames(conn: psycopg.Connection, sel: Selection, *, dsn: str, chunk_rows: in
     mogrify = psycopg.ClientCursor(conn).mogrify
     reader = _core.CopyReader(dsn)
     rows_done = 0
+    copies = [mogrify(query, params) for query, params in statements]
     try:
-        for done, (query, params) in enumerate(statements):
-            reader.start(mogrify(query, params), chunk_rows, ties_by_event=True)
+        for done, copy in enumerate(copies):
+            # The next chunk's COPY starts on a second connection: PostgreSQL sorts it while this one streams.
+            following = copies[done + 1] if done + 1 < len(copies) else None
+            reader.start(copy, chunk_rows, ties_by_event=True, prefetch=following)
             while (columns := reader.next_frame()) is not None:
                 frame = lookups.frame(columns)
                 if frame.num_rows:
