@@ -111,7 +111,8 @@ def generate_with_copy(url: str, events: list[tuple[int, str]], points: int, end
         for i, (event_id, _) in enumerate(events):
             # Server-side rows streamed into COPY-equivalent bulk insert: one statement per event.
             db.execute(
-                "INSERT INTO datapoints (time, event_id, value) SELECT to_timestamp((%s::int8 - (%s::int8 - k) * %s::int8) / 1000.0),"
+                "INSERT INTO datapoints (time, event_id, value)"
+                " SELECT to_timestamp((%s::int8 - (%s::int8 - k) * %s::int8) / 1000.0),"
                 " %s, ((k * 7 + %s) %% 1000) / 10.0 FROM generate_series(0, %s - 1) k",
                 (end_ms, points, step_ms, event_id, i, points),
             )

@@ -1,4 +1,4 @@
-"""`webmacs._core.CopyReader` / `decode_datapoints`: binary COPY of datapoints → column buffers, on the real database."""
+"""`webmacs._core.CopyReader` and `decode_datapoints`: binary COPY of datapoints → column buffers, on a real database."""
 
 from __future__ import annotations
 

@@ -186,9 +186,11 @@ def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, da
 def frames(conn: psycopg.Connection, sel: Selection, *, dsn: str, chunk_rows: int,
            progress: Callable[[float, int], None] | None = None) -> Iterator[pa.Table]:
     """The selection as Arrow tables of about `chunk_rows` rows (schema `frame_schema()`), ordered by time then
-    event (a frame ends between two times, so it may exceed `chunk_rows` by one row per event). `conn` reads the
-    lookups; the COPYs run on a connection of their own to `dsn`,
-    read and decoded in Rust a couple of frames ahead (PostgreSQL streams while this thread encodes). `progress(fraction done, rows so far)` is called after every frame."""
+    event (a frame ends between two times, so it may exceed `chunk_rows` by one row per event).
+
+    `conn` reads the lookups; the COPYs run on connections of their own to `dsn`, read and decoded in Rust a
+    couple of frames ahead (PostgreSQL streams while this thread encodes). `progress(fraction of the chunks
+    done, rows so far)` is called after every frame."""
     lookups = _Lookups(conn)
     windows = _bounds(conn, sel)
     if not windows:
