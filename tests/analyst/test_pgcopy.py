@@ -1,4 +1,4 @@
-"""`webmacs._core.CopyReader` and `decode_datapoints`: binary COPY of datapoints → column buffers, on a real database."""
+"""`webmacs._core.CopyReader` and `decode_datapoints`: binary COPY of datapoints → column buffers (real database)."""
 
 from __future__ import annotations
 
