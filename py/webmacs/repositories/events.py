@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg import AsyncConnection, errors, sql
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
-from webmacs.errors import Conflict, NotFound
+from webmacs.errors import NotFound
+from webmacs.repositories import conflict_on_duplicate
 
 COLUMNS = "id, public_id, name, min_value, max_value, unit, type, user_public_id"
 UPDATABLE = ("name", "min_value", "max_value", "unit", "type")
@@ -48,16 +49,13 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
 async def create(conn: AsyncConnection, *, name: str, min_value: float, max_value: float, unit: str, type: str,
                  user_public_id: str | None) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
-    try:
-        async with conn.transaction():
-            await cur.execute(
-                "INSERT INTO events (name, min_value, max_value, unit, type, user_public_id)"
-                " VALUES (%(name)s, %(min)s, %(max)s, %(unit)s, %(type)s, %(user)s) RETURNING " + COLUMNS,
-                {"name": name, "min": min_value, "max": max_value, "unit": unit, "type": type,
-                 "user": user_public_id},
-            )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Event") from e
+    async with conflict_on_duplicate(conn, "Event"):
+        await cur.execute(
+            "INSERT INTO events (name, min_value, max_value, unit, type, user_public_id)"
+            " VALUES (%(name)s, %(min)s, %(max)s, %(unit)s, %(type)s, %(user)s) RETURNING " + COLUMNS,
+            {"name": name, "min": min_value, "max": max_value, "unit": unit, "type": type,
+             "user": user_public_id},
+        )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
@@ -90,11 +88,8 @@ async def update(conn: AsyncConnection, *, public_id: str, changes: dict[str, An
     stmt = sql.SQL("UPDATE events SET {} WHERE id = %(id)s").format(
         sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
     )
-    try:
-        async with conn.transaction():
-            await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": row["id"]})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Event") from e
+    async with conflict_on_duplicate(conn, "Event"):
+        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": row["id"]})
 
 
 async def delete_ids(conn: AsyncConnection, *, ids: list[int]) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg import AsyncConnection, errors
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from webmacs.errors import Conflict, NotFound
+from webmacs.errors import NotFound
+from webmacs.repositories import conflict_on_duplicate
 
 COLUMNS = "id, public_id, name, started_on, stopped_on, user_public_id"
 
@@ -34,14 +35,11 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
 
 async def create(conn: AsyncConnection, *, name: str, user_public_id: str) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
-    try:
-        async with conn.transaction():
-            await cur.execute(
-                f"INSERT INTO experiments (name, user_public_id) VALUES (%(n)s, %(u)s) RETURNING {COLUMNS}",
-                {"n": name, "u": user_public_id},
-            )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Experiment") from e
+    async with conflict_on_duplicate(conn, "Experiment"):
+        await cur.execute(
+            f"INSERT INTO experiments (name, user_public_id) VALUES (%(n)s, %(u)s) RETURNING {COLUMNS}",
+            {"n": name, "u": user_public_id},
+        )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
@@ -49,11 +47,8 @@ async def create(conn: AsyncConnection, *, name: str, user_public_id: str) -> di
 
 async def rename(conn: AsyncConnection, *, public_id: str, name: str) -> None:
     row = await by_public_id(conn, public_id=public_id)
-    try:
-        async with conn.transaction():
-            await conn.execute("UPDATE experiments SET name = %(n)s WHERE id = %(id)s", {"n": name, "id": row["id"]})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Experiment") from e
+    async with conflict_on_duplicate(conn, "Experiment"):
+        await conn.execute("UPDATE experiments SET name = %(n)s WHERE id = %(id)s", {"n": name, "id": row["id"]})
 
 
 async def stop(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:

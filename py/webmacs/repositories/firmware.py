@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg import AsyncConnection, errors, sql
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
-from webmacs.errors import Conflict, NotFound
+from webmacs.errors import NotFound
+from webmacs.repositories import conflict_on_duplicate
 
 FIRMWARE_COLUMNS = (
     "id, public_id, version, changelog, file_path, file_hash_sha256, file_size_bytes, status, error_message,"
@@ -49,14 +50,11 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
 
 
 async def create(conn: AsyncConnection, *, version: str, changelog: str | None, user_public_id: str) -> None:
-    try:
-        async with conn.transaction():
-            await conn.execute(
-                "INSERT INTO firmware_updates (version, changelog, user_public_id) VALUES (%(v)s, %(c)s, %(u)s)",
-                {"v": version, "c": changelog, "u": user_public_id},
-            )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("FirmwareUpdate") from e
+    async with conflict_on_duplicate(conn, "FirmwareUpdate"):
+        await conn.execute(
+            "INSERT INTO firmware_updates (version, changelog, user_public_id) VALUES (%(v)s, %(c)s, %(u)s)",
+            {"v": version, "c": changelog, "u": user_public_id},
+        )
 
 
 async def update(conn: AsyncConnection, *, firmware_id: int, changes: dict[str, Any]) -> None:

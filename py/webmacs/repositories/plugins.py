@@ -8,6 +8,7 @@ from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import Conflict, NotFound
+from webmacs.repositories import conflict_on_duplicate
 from webmacs.repositories import events as events_repo
 
 COLUMNS = ("id, public_id, plugin_id, instance_name, demo_mode, enabled, status, config_json, error_message,"
@@ -78,16 +79,13 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
 async def create(conn: AsyncConnection, *, plugin_id: str, instance_name: str, demo_mode: bool, enabled: bool,
                  config_json: str | None, user_public_id: str) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
-    try:
-        async with conn.transaction():
-            await cur.execute(
-                "INSERT INTO plugin_instances (plugin_id, instance_name, demo_mode, enabled, config_json, user_public_id)"
-                " VALUES (%(p)s, %(n)s, %(d)s, %(e)s, %(c)s, %(u)s) RETURNING " + COLUMNS,
-                {"p": plugin_id, "n": instance_name, "d": demo_mode, "e": enabled, "c": config_json,
-                 "u": user_public_id},
-            )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Plugin instance") from e
+    async with conflict_on_duplicate(conn, "Plugin instance"):
+        await cur.execute(
+            "INSERT INTO plugin_instances (plugin_id, instance_name, demo_mode, enabled, config_json, user_public_id)"
+            " VALUES (%(p)s, %(n)s, %(d)s, %(e)s, %(c)s, %(u)s) RETURNING " + COLUMNS,
+            {"p": plugin_id, "n": instance_name, "d": demo_mode, "e": enabled, "c": config_json,
+             "u": user_public_id},
+        )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
@@ -99,11 +97,8 @@ async def update(conn: AsyncConnection, *, instance_id: int, changes: dict[str, 
     if not cols:
         return
     stmt = sql.SQL("UPDATE plugin_instances SET {}, updated_on = now() WHERE id = %(id)s").format(_set_clause(cols))
-    try:
-        async with conn.transaction():
-            await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": instance_id})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Plugin instance") from e
+    async with conflict_on_duplicate(conn, "Plugin instance"):
+        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": instance_id})
 
 
 async def delete_cascade(conn: AsyncConnection, *, public_id: str) -> None:
@@ -146,15 +141,13 @@ async def create_mapping(conn: AsyncConnection, *, instance_id: int, channel_id:
     await _check_event(conn, event_public_id)
     cur = conn.cursor(row_factory=dict_row)
     try:
-        async with conn.transaction():
+        async with conflict_on_duplicate(conn, "Channel mapping"):
             await cur.execute(
                 "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
                 " event_public_id) VALUES (%(i)s, %(c)s, %(n)s, %(d)s, %(u)s, %(e)s) RETURNING " + MAPPING_COLUMNS,
                 {"i": instance_id, "c": channel_id, "n": channel_name, "d": direction, "u": unit,
                  "e": event_public_id},
             )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Channel mapping") from e
     except errors.ForeignKeyViolation as e:  # the event (or instance) was deleted since the check
         raise EventNotFound() from e
     row = await cur.fetchone()

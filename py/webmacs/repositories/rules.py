@@ -7,7 +7,8 @@ from typing import Any
 from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
-from webmacs.errors import Conflict, NotFound
+from webmacs.errors import NotFound
+from webmacs.repositories import conflict_on_duplicate
 
 RULE_COLUMNS = (
     "id, public_id, name, event_public_id, operator, threshold, threshold_high, action_type, webhook_event_type,"
@@ -62,10 +63,8 @@ async def create(conn: AsyncConnection, *, values: dict[str, Any], user_public_i
         sql.SQL(", ").join(sql.Placeholder(c) for c in cols),
     )
     try:
-        async with conn.transaction():
+        async with conflict_on_duplicate(conn, "Rule"):
             await conn.execute(stmt, {**{c: values[c] for c in cols}, "_user": user_public_id})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Rule") from e
     except errors.ForeignKeyViolation as e:  # the event was deleted since the check
         raise NotFound(EVENT_NOT_FOUND) from e
 
@@ -78,10 +77,8 @@ async def update(conn: AsyncConnection, *, rule_id: int, changes: dict[str, Any]
         sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
     )
     try:
-        async with conn.transaction():
+        async with conflict_on_duplicate(conn, "Rule"):
             await conn.execute(stmt, {**{c: changes[c] for c in cols}, "_id": rule_id})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("Rule") from e
     except errors.ForeignKeyViolation as e:
         raise NotFound(EVENT_NOT_FOUND) from e
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection, errors
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from webmacs.errors import Conflict, NotFound
+from webmacs.errors import NotFound
+from webmacs.repositories import conflict_on_duplicate
 
 USER_COLUMNS = "id, public_id, email, username, password_hash, role, registered_on, sso_provider"
 
@@ -55,15 +56,12 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
 
 async def create(conn: AsyncConnection, *, email: str, username: str, password_hash: str, role: str) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
-    try:
-        async with conn.transaction():
-            await cur.execute(
-                "INSERT INTO users (email, username, password_hash, role)"
-                " VALUES (%(email)s, %(username)s, %(ph)s, %(role)s) RETURNING " + USER_COLUMNS,
-                {"email": email, "username": username, "ph": password_hash, "role": role},
-            )
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("User") from e
+    async with conflict_on_duplicate(conn, "User"):
+        await cur.execute(
+            "INSERT INTO users (email, username, password_hash, role)"
+            " VALUES (%(email)s, %(username)s, %(ph)s, %(role)s) RETURNING " + USER_COLUMNS,
+            {"email": email, "username": username, "ph": password_hash, "role": role},
+        )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
@@ -80,11 +78,8 @@ async def update(conn: AsyncConnection, *, user_id: int, changes: dict[str, Any]
     stmt = sql.SQL("UPDATE users SET {} WHERE id = %(id)s").format(
         sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
     )
-    try:
-        async with conn.transaction():
-            await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": user_id})
-    except errors.UniqueViolation as e:
-        raise Conflict.exists("User") from e
+    async with conflict_on_duplicate(conn, "User"):
+        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": user_id})
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:

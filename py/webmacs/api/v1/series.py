@@ -24,7 +24,7 @@ from webmacs.repositories.datapoints import datapoint_public_id
 from webmacs.services import export as export_service
 from webmacs.services import retention
 from webmacs.services import series as series_service
-from webmacs.services.series import Agg, Mode, PackedSeries, Point
+from webmacs.services.series import Agg, Mode, Point
 
 router = APIRouter(tags=["series"])
 

@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, EmailStr, StringConstraints
 
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
 from webmacs.pagination import Page, Paging, Status
