@@ -25,7 +25,6 @@ import asyncio
 import math
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import orjson
 import psycopg
 from websockets.asyncio.client import connect
@@ -42,12 +40,15 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
 from webmacs.db.cluster import Cluster  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from common import ServerProcess, count_rows, free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 EVENTS = 50
 FRAME_POINTS = 500
 BATCH_ROWS = 20_000
-SECRET = "bench-secret-key-that-is-long-enough-0123456789"
 PG_EPOCH_US = 946_684_800_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Engine settings of the second small-frames run (see `small_frames`).
@@ -55,26 +56,9 @@ SMALL_FRAME_TUNING = {"WEBMACS_INGEST_MAX_AGE_MS": "2", "WEBMACS_INGEST_WRITERS"
 COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def setup_events(url: str) -> list[tuple[int, str]]:
-    with psycopg.connect(url, autocommit=True) as db:
-        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', 'bench',"
-                        " true) RETURNING id").fetchone()
-        assert pi is not None
-        events = []
-        for i in range(EVENTS):
-            ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'u',"
-                            " 'sensor') RETURNING id, public_id", (f"bench-{i}",)).fetchone()
-            assert ev is not None
-            db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-                       " event_public_id) VALUES (%s, %s, 'c', 'input', 'u', %s)", (pi[0], f"ch{i}", ev[1]))
-            events.append((ev[0], ev[1]))
-        return events
+    return common.setup_events(url, EVENTS, "bench")
 
 
 def truncate(url: str) -> None:
@@ -82,12 +66,6 @@ def truncate(url: str) -> None:
         db.execute("TRUNCATE datapoints")
         db.execute("CHECKPOINT")
 
-
-def count_rows(url: str) -> int:
-    with psycopg.connect(url) as db:
-        row = db.execute("SELECT count(*) FROM datapoints").fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def make_frames(events: list[tuple[int, str]], n: int) -> list[bytes]:
@@ -156,52 +134,13 @@ def bench_python_path(url: str, events: list[tuple[int, str]], frames: list[byte
     return done / elapsed
 
 
-class Server:
+class Server(ServerProcess):
+    """The server subprocess, optionally with the native telemetry listener on a second port."""
+
     def __init__(self, url: str, home: Path, native: bool, settings: dict[str, str] | None = None) -> None:
-        self.port = free_port()
         self.native_port = free_port() if native else None
         listen = f"127.0.0.1:{self.native_port}" if native else ""
-        env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
-               "WEBMACS_TELEMETRY_LISTEN": listen, **(settings or {}),
-               "WEBMACS_HOME": str(home / "home"), "WEBMACS_UPDATE_DIR": str(home / "updates"),
-               "WEBMACS_PLUGIN_DIR": str(home / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
-        for d in ("updates", "plugins"):
-            (home / d).mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        with httpx.Client(base_url=self.base) as c:
-            while True:
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("server did not start")
-                time.sleep(0.1)
-            r = c.post("/api/v1/auth/login", json={"email": "admin@webmacs.io", "password": "admin123"})
-            self.token = r.json()["access_token"]
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(url, home, {"WEBMACS_TELEMETRY_LISTEN": listen, **(settings or {})})
 
 
 async def pump(url: str, frames: list[bytes], seconds: float, window: int, interval: float | None,
