@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,19 @@ class Settings(BaseSettings):
     github_repo: str = "stefanposs/webmacs"
     webmacs_update_dir: Path = Path("/updates")
     webmacs_plugin_dir: Path = Path("/plugins")
+    # SSO / OIDC (spec §3.10)
+    oidc_enabled: bool = False
+    oidc_provider_name: str = "SSO"
+    oidc_issuer_url: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    oidc_scopes: str = "openid email profile"
+    #: Empty: derived from BACKEND_HOST/BACKEND_PORT (see services.sso.redirect_uri).
+    oidc_redirect_uri: str = ""
+    oidc_default_role: Literal["admin", "operator", "viewer"] = "viewer"
+    oidc_auto_create_users: bool = True
+    #: Empty: the first CORS origin.
+    oidc_frontend_url: str = ""
 
     # --- our own (WEBMACS_*) ---
     #: Where the local cluster, uploads in development and caches live.

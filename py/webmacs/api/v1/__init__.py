@@ -10,6 +10,7 @@ from fastapi import APIRouter
 # GET /datapoints/latest) and `series` (POST /datapoints/series) come before `datapoints` (GET /datapoints/{id}).
 ROUTER_MODULES = [
     "auth",
+    "sso",
     "tokens",
     "users",
     "ingest",
