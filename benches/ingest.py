@@ -53,12 +53,57 @@ PG_EPOCH_US = 946_684_800_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Engine settings of the second small-frames run (see `small_frames`).
 SMALL_FRAME_TUNING = {"WEBMACS_INGEST_MAX_AGE_MS": "2", "WEBMACS_INGEST_WRITERS": "4"}
+RULES = 100
+WEBHOOKS = 10
 COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
 
 
 
 def setup_events(url: str) -> list[tuple[int, str]]:
     return common.setup_events(url, EVENTS, "bench")
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that answers 200 to every webhook delivery and counts them."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        receiver = self
+        self.count = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.count += 1
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def add_rules_and_webhooks(url: str, events: list[tuple[int, str]], receiver_url: str) -> None:
+    """100 always-matching rules (2 per event, webhook action, the default 60 s cooldown) and 10 subscribers of
+    sensor.threshold_exceeded: every rule fires when the phase starts and again after each cooldown."""
+    with psycopg.connect(url, autocommit=True) as db:
+        for i in range(RULES):
+            db.execute("INSERT INTO rules (name, event_public_id, operator, threshold, action_type, cooldown_seconds)"
+                       " VALUES (%s, %s, 'gt', -1e300, 'webhook', 60)", (f"bench-rule-{i}", events[i % EVENTS][1]))
+        for _ in range(WEBHOOKS):
+            db.execute("INSERT INTO webhooks (url, events, enabled) VALUES (%s, %s, true)",
+                       (receiver_url, '["sensor.threshold_exceeded"]'))
 
 
 def truncate(url: str) -> None:
@@ -317,6 +362,28 @@ def main() -> int:
                                          " WEBMACS_INGEST_WRITERS=4")
             finally:
                 server.stop()
+        if os.environ.get("BENCH_RULES", "1") != "0":
+            # Issue 5: the same engine phase with 100 matching rules and 10 webhook subscribers (deliveries to a
+            # local receiver), both phases starting on an empty table.
+            # The baseline is measured again right before, under the same conditions (the table has seen tens of
+            # millions of rows by now), so the ratio compares like with like.
+            receiver = WebhookReceiver()
+            rates = []
+            for with_rules in (False, True):
+                truncate(url)
+                if with_rules:
+                    add_rules_and_webhooks(url, events, receiver.url)
+                server = Server(url, home, False, {"WEBMACS_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"})
+                try:
+                    ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
+                    rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, window))
+                    rates.append(rows / elapsed)
+                finally:
+                    server.stop()
+            receiver.close()
+            print(f"rules        {rates[1]:>12,.0f} rows/s  ({RULES} matching rules, {WEBHOOKS} webhook subscribers,"
+                  f" {receiver.count:,} deliveries received) vs {rates[0]:,.0f} rows/s without;"
+                  f" ratio_with_rules={rates[1] / rates[0]:.2f}", flush=True)
         print(f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
               f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
               f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
