@@ -111,19 +111,10 @@ class Settings(BaseSettings):
     #: Compress chunks older than this many days (Timescale-License edition only); unset disables it.
     webmacs_compress_after_days: int | None = Field(default=None, ge=1)
 
-    @field_validator("cors_origins", mode="before")
-    @classmethod
-    def _parse_origins(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = v.strip()
-            if v.startswith("["):
-                return json.loads(v)
-            return [o.strip() for o in v.split(",") if o.strip()]
-        return v
-
-    @field_validator("webmacs_webhook_allow_hosts", "webmacs_webhook_retry_delays_s", mode="before")
+    @field_validator("cors_origins", "webmacs_webhook_allow_hosts", "webmacs_webhook_retry_delays_s", mode="before")
     @classmethod
     def _parse_list(cls, v: Any) -> Any:
+        """List settings from the environment: a JSON list (as WebMACS's CORS_ORIGINS) or comma separated."""
         if isinstance(v, str):
             v = v.strip()
             if v.startswith("["):
