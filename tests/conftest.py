@@ -155,7 +155,7 @@ def admin(admin_token: str) -> dict[str, str]:
     return bearer(admin_token)
 
 
-def _user_with_role(server: Server, admin_headers: dict[str, str], role: str) -> dict[str, str]:
+def user_with_role(server: Server, admin_headers: dict[str, str], role: str) -> dict[str, str]:
     email = f"{unique(role)}@example.com"
     with httpx.Client(base_url=server.url) as c:
         r = c.post("/api/v1/users", headers=admin_headers,
@@ -166,12 +166,12 @@ def _user_with_role(server: Server, admin_headers: dict[str, str], role: str) ->
 
 @pytest.fixture(scope="session")
 def operator(server: Server, admin: dict[str, str]) -> dict[str, str]:
-    return _user_with_role(server, admin, "operator")
+    return user_with_role(server, admin, "operator")
 
 
 @pytest.fixture(scope="session")
 def viewer(server: Server, admin: dict[str, str]) -> dict[str, str]:
-    return _user_with_role(server, admin, "viewer")
+    return user_with_role(server, admin, "viewer")
 
 
 @pytest.fixture(scope="session", autouse=True)

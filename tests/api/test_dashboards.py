@@ -32,9 +32,9 @@ def event(db: psycopg.Connection) -> str:
 
 @pytest.fixture(scope="module")
 def operator2(server, admin):  # type: ignore[no-untyped-def]
-    from tests.conftest import _user_with_role
+    from tests.conftest import user_with_role
 
-    return _user_with_role(server, admin, "operator")
+    return user_with_role(server, admin, "operator")
 
 
 def test_create_returns_full_dashboard(client: httpx.Client, operator: dict[str, str]) -> None:

@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Server, bearer, login, make_settings, start_server, unique
+from tests.conftest import Server, make_settings, start_server, unique, user_with_role
 from tests.services.receiver import Receiver, Reply
 from tests.services.support import admin_headers, fresh_database
 from webmacs.services import ota
@@ -36,15 +36,6 @@ class Ota:
     viewer: dict[str, str]
 
 
-def _user(server: Server, admin: dict[str, str], role: str) -> dict[str, str]:
-    email = f"{unique(role)}@example.com"
-    with httpx.Client(base_url=server.url) as c:
-        r = c.post("/api/v1/users", headers=admin,
-                   json={"email": email, "username": unique(role), "password": "password123", "role": role})
-        assert r.status_code == 201, r.text
-        return bearer(login(c, email, "password123"))
-
-
 @pytest.fixture(scope="module")
 def env(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ota]:
     """A server on its own database (update checks look at every record) with a fake GitHub API, a
@@ -60,7 +51,7 @@ def env(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ota]:
         ))
         try:
             admin = admin_headers(s)
-            yield Ota(s, url, tmp / "updates", github, admin, _user(s, admin, "operator"), _user(s, admin, "viewer"))
+            yield Ota(s, url, tmp / "updates", github, admin, user_with_role(s, admin, "operator"), user_with_role(s, admin, "viewer"))
         finally:
             s.stop()
 
