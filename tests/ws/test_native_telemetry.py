@@ -26,6 +26,7 @@ from tests.conftest import (
     start_server,
     unique,
 )
+from tests.ws.auth_cases import FORGED_TOKENS, MISSING_TOKEN_QUERIES
 
 PATH = "/ws/controller/telemetry"
 
@@ -106,19 +107,12 @@ def new_user(client: httpx.Client, admin: dict[str, str]) -> dict[str, str]:
 
 # --- authentication: accepted first, then close 1008 with the spec's reason ---
 
-@pytest.mark.parametrize("query", [None, "token=", "token=%20%20", "other=1"])
+@pytest.mark.parametrize("query", MISSING_TOKEN_QUERIES)
 def test_missing_token(native: Server, query: str | None) -> None:
     assert refused(native, query) == (1008, "Authentication required")
 
 
-@pytest.mark.parametrize("token", [
-    "garbage",
-    "a.b.c",
-    "nul%00byte",
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, "another-key-of-good-length-0123456789ab",
-               algorithm="HS256"),
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, None, algorithm="none"),  # type: ignore[arg-type]
-])
+@pytest.mark.parametrize("token", FORGED_TOKENS)
 def test_garbage_or_forged_jwt(native: Server, token: str) -> None:
     assert refused(native, f"token={token}") == (1008, "Invalid or expired token")
 

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, SECRET, Server, bearer, login, make_settings, start_server, unique
+from tests.ws.auth_cases import FORGED_TOKENS, MISSING_TOKEN_QUERIES
 from webmacs.app import create_app
 from webmacs.ws.auth import authenticate_websocket
 
@@ -123,19 +124,12 @@ def test_percent_encoded_api_token_is_accepted_and_use_recorded(
 
 # --- refused: close 1008 with the spec's reason ---
 
-@pytest.mark.parametrize("query", [None, "token=", "token=%20%20", "other=1"])
+@pytest.mark.parametrize("query", MISSING_TOKEN_QUERIES)
 def test_missing_token(probe_server: Server, query: str | None) -> None:
     assert refused(probe_server, query) == (1008, "Authentication required")
 
 
-@pytest.mark.parametrize("token", [
-    "garbage",
-    "a.b.c",
-    "nul%00byte",
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, "another-key-of-good-length-0123456789ab",
-               algorithm="HS256"),
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, None, algorithm="none"),  # type: ignore[arg-type]
-])
+@pytest.mark.parametrize("token", FORGED_TOKENS)
 def test_undecodable_or_forged_jwt(probe_server: Server, token: str) -> None:
     assert refused(probe_server, f"token={token}") == (1008, "Invalid or expired token")
 
