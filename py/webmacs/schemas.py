@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: PostgreSQL text cannot hold NUL: string fields refuse it as invalid input (422) instead of failing at the driver.
+NO_NUL = r"^[^\x00]*$"
+
+#: A float that must be finite. NaN/Infinity literals in a body fail validation; the 422 handler reports them
+#: as text (errors.install_handlers), since JSON cannot carry them.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class UserRole(StrEnum):

@@ -13,11 +13,11 @@ from webmacs.deps import Conn, CurrentUser, OperatorUser, User
 from webmacs.errors import Forbidden, NotFound
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import dashboards as dashboards_repo
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/dashboards", tags=["dashboards"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-NO_NUL = r"^[^\x00]*$"
 Title = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
 # Positions are int4 columns; the spec sets no bounds, the column does.
 Position = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]

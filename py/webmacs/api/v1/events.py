@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
+from pydantic import BaseModel, StringConstraints
 
 from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import events as events_repo
+from webmacs.schemas import NO_NUL, Finite
 
 router = APIRouter(prefix="/events", tags=["events"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-NO_NUL = r"^[^\x00]*$"
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
-
-
-def _non_finite_as_text(value: Any) -> Any:
-    # JSON's NaN/Infinity literals parse to floats that the 422 response could not serialise; as text they
-    # still fail validation but are reported.
-    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
-
-
-Finite = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_non_finite_as_text)]
 
 
 class EventType(StrEnum):

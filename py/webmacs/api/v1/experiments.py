@@ -14,11 +14,11 @@ from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories import logs as logs_repo
 from webmacs.services import csv_export, webhooks
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-NO_NUL = r"^[^\x00]*$"
 
 
 class ExperimentCreate(BaseModel):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from webmacs.deps import CurrentUser, OperatorUser
 from webmacs.errors import Conflict, NotFound, TooLarge, Unavailable
@@ -32,12 +31,6 @@ class DatapointCreate(BaseModel):
     event_public_id: str
     timestamp: datetime | float | None = Field(
         default=None, description="Optional client time: RFC 3339, or epoch milliseconds. Server time otherwise.")
-
-    @field_validator("value", mode="before")
-    @classmethod
-    def _non_finite_as_text(cls, v: Any) -> Any:
-        # The 422 body echoes the input, and JSON cannot carry NaN/inf: report it as text.
-        return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class DatapointBatch(BaseModel):

@@ -12,11 +12,11 @@ from pydantic import BaseModel, StringConstraints
 from webmacs.deps import Conn, CurrentUser, OperatorUser
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import logs as logs_repo
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/logging", tags=["logging"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-NO_NUL = r"^[^\x00]*$"
 
 
 class LoggingType(StrEnum):

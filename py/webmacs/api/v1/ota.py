@@ -18,21 +18,21 @@ from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import firmware as firmware_repo
 from webmacs.repositories.firmware import NOW
 from webmacs.services import ota
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/ota", tags=["ota"])
 
 
 # PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
-NoNul = r"^[^\x00]*$"
 
 
 class FirmwareCreate(BaseModel):
     version: Annotated[str, StringConstraints(pattern=ota.SEMVER, max_length=50)]
-    changelog: Annotated[str, StringConstraints(pattern=NoNul)] | None = None
+    changelog: Annotated[str, StringConstraints(pattern=NO_NUL)] | None = None
 
 
 class ApplyRequest(BaseModel):
-    download_url: Annotated[str, StringConstraints(max_length=2048, pattern=NoNul)] | None = None
+    download_url: Annotated[str, StringConstraints(max_length=2048, pattern=NO_NUL)] | None = None
     # The reference only checks the length; hex is required here so a typo fails early, not as a mismatch.
     file_hash_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
 

@@ -18,11 +18,11 @@ from webmacs.errors import NotFound, TooLarge
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import plugins as plugins_repo
 from webmacs.services import plugins as plugins_service
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/plugins", tags=["plugins"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-NO_NUL = r"^[^\x00]*$"
 
 
 def Text(min_length: int, max_length: int) -> Any:  # noqa: N802 - reads as a type in the models below

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from webmacs.deps import Conn, OperatorUser, catalog_changed
 from webmacs.errors import Unprocessable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import rules as rules_repo
 from webmacs.services.webhooks import WebhookEventType
+from webmacs.schemas import NO_NUL, Finite
 
 router = APIRouter(prefix="/rules", tags=["rules"])
 
@@ -35,17 +35,12 @@ class RuleActionType(StrEnum):
 
 
 # PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
-Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
-EventId = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
-
-
-def _non_finite_as_text(value: Any) -> Any:
-    # The 422 echoes the input, and JSON cannot carry NaN/Infinity: report them as text.
-    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
+EventId = Annotated[str, StringConstraints(pattern=NO_NUL)]
 
 
 # NaN and infinities would make every comparison false (or true) forever.
-Level = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_non_finite_as_text)]
+Level = Finite
 # cooldown_seconds is an int4 column.
 Cooldown = Annotated[int, Field(ge=0, le=2**31 - 1)]
 

@@ -11,12 +11,13 @@ from webmacs.deps import Conn, CurrentUser
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_api_token, new_api_token
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
 
 class TokenCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00]*$")  # PostgreSQL text cannot hold NUL
+    name: str = Field(min_length=1, max_length=255, pattern=NO_NUL)  # PostgreSQL text cannot hold NUL
     expires_at: datetime | None = None
 
     @field_validator("expires_at")

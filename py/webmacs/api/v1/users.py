@@ -11,13 +11,13 @@ from pydantic import BaseModel, EmailStr, StringConstraints
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import users as users_repo
-from webmacs.schemas import UserResponse, UserRole
+from webmacs.schemas import NO_NUL, UserResponse, UserRole
 from webmacs.security import hash_password
 
 router = APIRouter(prefix="/users", tags=["users"])
 
 # PostgreSQL text cannot hold NUL: refuse it as invalid input rather than fail at the database.
-Username = Annotated[str, StringConstraints(min_length=2, max_length=50, pattern=r"^[^\x00]*$")]
+Username = Annotated[str, StringConstraints(min_length=2, max_length=50, pattern=NO_NUL)]
 Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
 
 

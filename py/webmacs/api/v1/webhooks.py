@@ -17,12 +17,13 @@ from webmacs.repositories import webhooks as webhooks_repo
 from webmacs.services import ssrf
 from webmacs.services.webhooks import WebhookEventType
 from webmacs.settings import Settings
+from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 # PostgreSQL text cannot hold NUL: refuse it as invalid input instead of failing at the database.
 Url = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^https?://[^\x00]*$")]
-Secret = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
+Secret = Annotated[str, StringConstraints(max_length=255, pattern=NO_NUL)]
 
 
 class DeliveryStatus(StrEnum):
