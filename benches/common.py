@@ -24,16 +24,25 @@ def free_port() -> int:
 def setup_events(url: str, n: int, prefix: str) -> list[tuple[int, str]]:
     """`n` events mapped to one enabled plugin instance (so the engine accepts their datapoints)."""
     with psycopg.connect(url, autocommit=True) as db:
-        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s,"
-                        " true) RETURNING id", (prefix,)).fetchone()
+        pi = db.execute(
+            "INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s,"
+            " true) RETURNING id",
+            (prefix,),
+        ).fetchone()
         assert pi is not None
         events = []
         for i in range(n):
-            ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'u',"
-                            " 'sensor') RETURNING id, public_id", (f"{prefix}-{i}",)).fetchone()
+            ev = db.execute(
+                "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'u',"
+                " 'sensor') RETURNING id, public_id",
+                (f"{prefix}-{i}",),
+            ).fetchone()
             assert ev is not None
-            db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-                       " event_public_id) VALUES (%s, %s, 'c', 'input', 'u', %s)", (pi[0], f"ch{i}", ev[1]))
+            db.execute(
+                "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+                " event_public_id) VALUES (%s, %s, 'c', 'input', 'u', %s)",
+                (pi[0], f"ch{i}", ev[1]),
+            )
             events.append((ev[0], ev[1]))
         return events
 
@@ -50,15 +59,27 @@ class ServerProcess:
 
     def __init__(self, url: str, home: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        full_env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test",
-                    "WEBMACS_BCRYPT_ROUNDS": "4", **(env or {}),
-                    "WEBMACS_HOME": str(home / "home"), "WEBMACS_UPDATE_DIR": str(home / "updates"),
-                    "WEBMACS_PLUGIN_DIR": str(home / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
+        full_env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "SECRET_KEY": SECRET,
+            "ENV": "test",
+            "WEBMACS_BCRYPT_ROUNDS": "4",
+            **(env or {}),
+            "WEBMACS_HOME": str(home / "home"),
+            "WEBMACS_UPDATE_DIR": str(home / "updates"),
+            "WEBMACS_PLUGIN_DIR": str(home / "plugins"),
+            "RATE_LIMIT_PER_MINUTE": "1000000",
+        }
         for d in ("updates", "plugins"):
             (home / d).mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
-            env=full_env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=full_env,
+            cwd=home,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         with httpx.Client(base_url=self.base) as c:

@@ -58,7 +58,6 @@ WEBHOOKS = 10
 COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
 
 
-
 def setup_events(url: str) -> list[tuple[int, str]]:
     return common.setup_events(url, EVENTS, "bench")
 
@@ -99,11 +98,16 @@ def add_rules_and_webhooks(url: str, events: list[tuple[int, str]], receiver_url
     sensor.threshold_exceeded: every rule fires when the phase starts and again after each cooldown."""
     with psycopg.connect(url, autocommit=True) as db:
         for i in range(RULES):
-            db.execute("INSERT INTO rules (name, event_public_id, operator, threshold, action_type, cooldown_seconds)"
-                       " VALUES (%s, %s, 'gt', -1e300, 'webhook', 60)", (f"bench-rule-{i}", events[i % EVENTS][1]))
+            db.execute(
+                "INSERT INTO rules (name, event_public_id, operator, threshold, action_type, cooldown_seconds)"
+                " VALUES (%s, %s, 'gt', -1e300, 'webhook', 60)",
+                (f"bench-rule-{i}", events[i % EVENTS][1]),
+            )
         for _ in range(WEBHOOKS):
-            db.execute("INSERT INTO webhooks (url, events, enabled) VALUES (%s, %s, true)",
-                       (receiver_url, '["sensor.threshold_exceeded"]'))
+            db.execute(
+                "INSERT INTO webhooks (url, events, enabled) VALUES (%s, %s, true)",
+                (receiver_url, '["sensor.threshold_exceeded"]'),
+            )
 
 
 def truncate(url: str) -> None:
@@ -112,13 +116,19 @@ def truncate(url: str) -> None:
         db.execute("CHECKPOINT")
 
 
-
 def make_frames(events: list[tuple[int, str]], n: int) -> list[bytes]:
     frames = []
     for f in range(n):
-        frames.append(orjson.dumps({"datapoints": [
-            {"value": round(20 + 10 * math.sin(f + i), 3), "event_public_id": events[i % EVENTS][1]}
-            for i in range(FRAME_POINTS)]}))
+        frames.append(
+            orjson.dumps(
+                {
+                    "datapoints": [
+                        {"value": round(20 + 10 * math.sin(f + i), 3), "event_public_id": events[i % EVENTS][1]}
+                        for i in range(FRAME_POINTS)
+                    ]
+                }
+            )
+        )
     return frames
 
 
@@ -188,13 +198,15 @@ class Server(ServerProcess):
         super().__init__(url, home, {"WEBMACS_TELEMETRY_LISTEN": listen, **(settings or {})})
 
 
-async def pump(url: str, frames: list[bytes], seconds: float, window: int, interval: float | None,
-               latencies: list[float] | None) -> int:
+async def pump(
+    url: str, frames: list[bytes], seconds: float, window: int, interval: float | None, latencies: list[float] | None
+) -> int:
     """One connection: frames with seq, at most `window` unacknowledged; returns committed rows."""
     rows = 0
     sent_at: dict[int, float] = {}
     free = asyncio.Semaphore(window)
     async with connect(url, max_size=None, compression=None) as ws:
+
         async def acks() -> None:
             nonlocal rows
             async for msg in ws:
@@ -228,8 +240,15 @@ async def pump(url: str, frames: list[bytes], seconds: float, window: int, inter
     return rows
 
 
-async def run_clients(url: str, frames: list[bytes], conns: int, seconds: float, window: int,
-                      interval: float | None = None, latencies: list[float] | None = None) -> tuple[int, float]:
+async def run_clients(
+    url: str,
+    frames: list[bytes],
+    conns: int,
+    seconds: float,
+    window: int,
+    interval: float | None = None,
+    latencies: list[float] | None = None,
+) -> tuple[int, float]:
     t0 = time.perf_counter()
     rows = await asyncio.gather(*(pump(url, frames, seconds, window, interval, latencies) for _ in range(conns)))
     return sum(rows), time.perf_counter() - t0
@@ -242,19 +261,40 @@ def build_wsload() -> Path | None:
     r = subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "wsload"], cwd=ROOT / "core-rs")
     if r.returncode != 0:
         return None
-    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT / "core-rs",
-                          capture_output=True, check=True)
+    meta = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--no-deps"],
+        cwd=ROOT / "core-rs",
+        capture_output=True,
+        check=True,
+    )
     path = Path(orjson.loads(meta.stdout)["target_directory"]) / "release" / "examples" / "wsload"
     return path if path.exists() else None
 
 
-def wsload(binary: Path, url: str, events: list[tuple[int, str]], conns: int, seconds: float, window: int,
-           points: int = 1) -> float:
+def wsload(
+    binary: Path, url: str, events: list[tuple[int, str]], conns: int, seconds: float, window: int, points: int = 1
+) -> float:
     """Run the Rust client; acknowledged (= committed) frames per second."""
     out = subprocess.run(
-        [str(binary), url, "--events", ",".join(e[1] for e in events), "--connections", str(conns),
-         "--seconds", str(seconds), "--window", str(window), "--points", str(points)],
-        capture_output=True, text=True, timeout=seconds + 180, check=True).stdout
+        [
+            str(binary),
+            url,
+            "--events",
+            ",".join(e[1] for e in events),
+            "--connections",
+            str(conns),
+            "--seconds",
+            str(seconds),
+            "--window",
+            str(window),
+            "--points",
+            str(points),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 180,
+        check=True,
+    ).stdout
     fields = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])
     return float(fields["frames_per_s"])
 
@@ -273,8 +313,11 @@ def small_frames(server: Server, loader: Path, events: list[tuple[int, str]], se
         cpu = server.cpu_seconds() - cpu0
         vs = f"; {fps / results[0]:.2f}x the Python endpoint" if results else ""
         results.append(fps)
-        print(f"small_frames {fps:>12,.0f} frames/s (100 connections, 1 point per frame, Rust client, {name},"
-              f" {setting}; server CPU {cpu / (fps * seconds) * 1e6:.1f} µs/frame{vs})", flush=True)
+        print(
+            f"small_frames {fps:>12,.0f} frames/s (100 connections, 1 point per frame, Rust client, {name},"
+            f" {setting}; server CPU {cpu / (fps * seconds) * 1e6:.1f} µs/frame{vs})",
+            flush=True,
+        )
     return results[-1]
 
 
@@ -294,6 +337,7 @@ def main() -> int:
     try:
         url = cluster.up()
         from webmacs.db import migrate
+
         migrate.apply(url, "1 day")
         events = setup_events(url)
         frames = make_frames(events, 64)
@@ -303,10 +347,13 @@ def main() -> int:
         print(f"copy_limit   {copy_limit:>12,.0f} rows/s  ({copy_rows:,} rows, pre-encoded binary COPY)", flush=True)
         truncate(url)
         python_path = bench_python_path(url, events, frames, python_rows)
-        print(f"python_path  {python_path:>12,.0f} rows/s  ({python_rows:,} rows, orjson + psycopg binary COPY)",
-              flush=True)
+        print(
+            f"python_path  {python_path:>12,.0f} rows/s  ({python_rows:,} rows, orjson + psycopg binary COPY)",
+            flush=True,
+        )
 
         from webmacs._core import Engine
+
         native = hasattr(Engine, "listen")
         loader = build_wsload()
         truncate(url)
@@ -318,38 +365,51 @@ def main() -> int:
             cpu = server.cpu_seconds() - cpu0
             engine = rows / elapsed
             stored = count_rows(url)
-            print(f"engine       {engine:>12,.0f} rows/s  ({rows:,} acked rows in {elapsed:.1f} s, {stored:,} stored;"
-                  f" server CPU {cpu:.1f} s)", flush=True)
+            print(
+                f"engine       {engine:>12,.0f} rows/s  ({rows:,} acked rows in {elapsed:.1f} s, {stored:,} stored;"
+                f" server CPU {cpu:.1f} s)",
+                flush=True,
+            )
             cpu_per_million = cpu / (rows / 1e6)
 
-            small = [orjson.dumps({"datapoints": [{"value": 1.5, "event_public_id": events[i % EVENTS][1]}]})
-                     for i in range(EVENTS)]
+            small = [
+                orjson.dumps({"datapoints": [{"value": 1.5, "event_public_id": events[i % EVENTS][1]}]})
+                for i in range(EVENTS)
+            ]
             small_s = min(seconds, 15)
             if loader is None:
                 small_rows, small_elapsed = asyncio.run(run_clients(ws_url, small, 100, small_s, 4))
                 small_fps = small_rows / small_elapsed
-                print(f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame,"
-                      f" Python client)", flush=True)
+                print(
+                    f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame, Python client)",
+                    flush=True,
+                )
             else:
                 small_fps = small_frames(server, loader, events, small_s, "engine defaults")
                 if server.native_port is not None:
-                    native_url = (f"ws://127.0.0.1:{server.native_port}/ws/controller/telemetry"
-                                  f"?token={server.token}")
+                    native_url = f"ws://127.0.0.1:{server.native_port}/ws/controller/telemetry?token={server.token}"
                     cpu0 = server.cpu_seconds()
                     native_fps = wsload(loader, native_url, events, 4, small_s, window, FRAME_POINTS)
                     cpu = server.cpu_seconds() - cpu0
                     native_rows = native_fps * FRAME_POINTS
-                    print(f"engine_native {native_rows:>11,.0f} rows/s  (4 connections of {FRAME_POINTS}-point"
-                          f" frames, {window} in flight, Rust client, native listener; server CPU"
-                          f" {cpu / (native_rows * small_s / 1e6):.2f} s per million rows)", flush=True)
+                    print(
+                        f"engine_native {native_rows:>11,.0f} rows/s  (4 connections of {FRAME_POINTS}-point"
+                        f" frames, {window} in flight, Rust client, native listener; server CPU"
+                        f" {cpu / (native_rows * small_s / 1e6):.2f} s per million rows)",
+                        flush=True,
+                    )
 
             latencies: list[float] = []
             per_conn_fps = engine / 2 / FRAME_POINTS / 4
-            asyncio.run(run_clients(ws_url, frames, 4, min(seconds, 15), 64, interval=1 / per_conn_fps,
-                                    latencies=latencies))
+            asyncio.run(
+                run_clients(ws_url, frames, 4, min(seconds, 15), 64, interval=1 / per_conn_fps, latencies=latencies)
+            )
             p50, p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
-            print(f"latency      p50 {p50:.1f} ms, p99 {p99:.1f} ms at {engine / 2:,.0f} rows/s (half max),"
-                  f" frame sent → ack after commit", flush=True)
+            print(
+                f"latency      p50 {p50:.1f} ms, p99 {p99:.1f} ms at {engine / 2:,.0f} rows/s (half max),"
+                f" frame sent → ack after commit",
+                flush=True,
+            )
             peak_rss = server.peak_rss_mb()
         finally:
             server.stop()
@@ -358,8 +418,9 @@ def main() -> int:
             # durable commit). Shorter batches and more writer connections shorten that cycle.
             server = Server(url, home, native, SMALL_FRAME_TUNING)
             try:
-                small_fps = small_frames(server, loader, events, small_s, "WEBMACS_INGEST_MAX_AGE_MS=2,"
-                                         " WEBMACS_INGEST_WRITERS=4")
+                small_fps = small_frames(
+                    server, loader, events, small_s, "WEBMACS_INGEST_MAX_AGE_MS=2, WEBMACS_INGEST_WRITERS=4"
+                )
             finally:
                 server.stop()
         if os.environ.get("BENCH_RULES", "1") != "0":
@@ -381,13 +442,18 @@ def main() -> int:
                 finally:
                     server.stop()
             receiver.close()
-            print(f"rules        {rates[1]:>12,.0f} rows/s  ({RULES} matching rules, {WEBHOOKS} webhook subscribers,"
-                  f" {receiver.count:,} deliveries received) vs {rates[0]:,.0f} rows/s without;"
-                  f" ratio_with_rules={rates[1] / rates[0]:.2f}", flush=True)
-        print(f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
-              f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
-              f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
-              f" p99_visible_ms={p99:.0f} cpu_s_per_million={cpu_per_million:.2f} peak_rss_mb={peak_rss:.0f}")
+            print(
+                f"rules        {rates[1]:>12,.0f} rows/s  ({RULES} matching rules, {WEBHOOKS} webhook subscribers,"
+                f" {receiver.count:,} deliveries received) vs {rates[0]:,.0f} rows/s without;"
+                f" ratio_with_rules={rates[1] / rates[0]:.2f}",
+                flush=True,
+            )
+        print(
+            f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
+            f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
+            f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
+            f" p99_visible_ms={p99:.0f} cpu_s_per_million={cpu_per_million:.2f} peak_rss_mb={peak_rss:.0f}"
+        )
         return 0
     finally:
         cluster.destroy()

@@ -43,7 +43,6 @@ SERIES_SQL = (
 )
 
 
-
 def setup_events(url: str, n: int) -> list[tuple[int, str]]:
     return common.setup_events(url, n, "query-bench")
 
@@ -60,9 +59,19 @@ def generate_with_engine(url: str, events: list[tuple[int, str]], points: int, e
         t0 = time.perf_counter()
         ticket = 0
         for k0 in range(0, points, per_frame):
-            frame = orjson.dumps({"datapoints": [
-                {"value": (k * 7 + i) % 1000 / 10, "event_public_id": pid, "timestamp": end_ms - (points - k) * step_ms}
-                for k in range(k0, min(points, k0 + per_frame)) for i, (_, pid) in enumerate(events)]})
+            frame = orjson.dumps(
+                {
+                    "datapoints": [
+                        {
+                            "value": (k * 7 + i) % 1000 / 10,
+                            "event_public_id": pid,
+                            "timestamp": end_ms - (points - k) * step_ms,
+                        }
+                        for k in range(k0, min(points, k0 + per_frame))
+                        for i, (_, pid) in enumerate(events)
+                    ]
+                }
+            )
             while True:
                 try:
                     receipt = engine.submit(frame)
@@ -98,18 +107,26 @@ def generate_with_copy(url: str, events: list[tuple[int, str]], points: int, end
 Server = ServerProcess
 
 
-def bench_series(url: str, server: Server, event: tuple[int, str], start: datetime, end: datetime,
-                 repeat: int) -> tuple[float, float, int]:
+def bench_series(
+    url: str, server: Server, event: tuple[int, str], start: datetime, end: datetime, repeat: int
+) -> tuple[float, float, int]:
     """Medians of `repeat` API requests and `repeat` direct queries, interleaved (one of each in turn, after two
     warm-ups of each), so load from elsewhere on the machine falls on both alike. The direct query runs on one
     psycopg connection with the API pool's session settings (timezone=UTC) and binary results like the API's."""
-    params = {"events": event[1], "start": start.isoformat(), "end": end.isoformat(), "bucket": f"{BUCKET_S}s",
-              "agg": "avg"}
+    params = {
+        "events": event[1],
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "bucket": f"{BUCKET_S}s",
+        "agg": "avg",
+    }
     api_ms: list[float] = []
     sql_ms: list[float] = []
     points = -1
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c, \
-            psycopg.connect(url, options="-c timezone=UTC") as db:
+    with (
+        httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c,
+        psycopg.connect(url, options="-c timezone=UTC") as db,
+    ):
         for i in range(repeat + 2):
             t0 = time.perf_counter()
             r = c.get("/api/v1/series", params=params)
@@ -119,8 +136,11 @@ def bench_series(url: str, server: Server, event: tuple[int, str], start: dateti
             if i >= 2:  # two warm-up requests
                 api_ms.append(elapsed)
             t0 = time.perf_counter()
-            rows = db.cursor(binary=True).execute(
-                SERIES_SQL, (f"{BUCKET_S} seconds", "UTC", event[0], start, end)).fetchall()
+            rows = (
+                db.cursor(binary=True)
+                .execute(SERIES_SQL, (f"{BUCKET_S} seconds", "UTC", event[0], start, end))
+                .fetchall()
+            )
             elapsed = (time.perf_counter() - t0) * 1000
             assert len(rows) == points
             if i >= 2:
@@ -137,8 +157,7 @@ def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: 
     params = {"events": [pid for _, pid in events], "format": fmt}
     received = lines = 0
     parquet = bytearray()
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"},
-                      timeout=600) as c:
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=600) as c:
         t0 = time.perf_counter()
         with c.stream("GET", "/api/v1/export", params=params) as r:
             r.raise_for_status()
@@ -159,8 +178,9 @@ def bench_copy_to(url: str, rows: int) -> float:
     with psycopg.connect(url) as db, db.cursor() as cur:
         t0 = time.perf_counter()
         n = 0
-        with cur.copy("COPY (SELECT time, event_id, experiment_id, value FROM datapoints) TO STDOUT (FORMAT binary)"
-                      ) as copy:
+        with cur.copy(
+            "COPY (SELECT time, event_id, experiment_id, value FROM datapoints) TO STDOUT (FORMAT binary)"
+        ) as copy:
             for _ in copy:
                 n += 1
         elapsed = time.perf_counter() - t0
@@ -200,8 +220,11 @@ def main() -> int:
             how = "server-side bulk insert"
         with psycopg.connect(url, autocommit=True) as db:
             db.execute("VACUUM ANALYZE datapoints")
-        print(f"data         {total:,} datapoints ({n_events} events × {points:,}, {DAYS} days) via {how}"
-              f" in {seconds:.1f} s", flush=True)
+        print(
+            f"data         {total:,} datapoints ({n_events} events × {points:,}, {DAYS} days) via {how}"
+            f" in {seconds:.1f} s",
+            flush=True,
+        )
 
         copy_before = bench_copy_to(url, total)
         server = Server(url, home)
@@ -209,11 +232,16 @@ def main() -> int:
             # 1,000 whole buckets: align to time_bucket's default origin (2000-01-03 00:00 UTC).
             origin = datetime(2000, 1, 3, tzinfo=UTC)
             start = origin + (end - timedelta(days=DAYS) - origin) // timedelta(seconds=BUCKET_S) * timedelta(
-                seconds=BUCKET_S)
+                seconds=BUCKET_S
+            )
             series_ms, series_sql_ms, n_points = bench_series(
-                url, server, events[0], start, start + timedelta(seconds=1000 * BUCKET_S), repeat)
-            print(f"series       API {series_ms:.1f} ms vs SQL {series_sql_ms:.1f} ms ({n_points} buckets, median of"
-                  f" {repeat})", flush=True)
+                url, server, events[0], start, start + timedelta(seconds=1000 * BUCKET_S), repeat
+            )
+            print(
+                f"series       API {series_ms:.1f} ms vs SQL {series_sql_ms:.1f} ms ({n_points} buckets, median of"
+                f" {repeat})",
+                flush=True,
+            )
             server.reset_peak_rss()
             parquet, parquet_bytes = bench_export(server, events, "parquet", total)
             print(f"parquet      {parquet:>12,.0f} rows/s ({parquet_bytes / 1e6:,.0f} MB)", flush=True)
@@ -224,12 +252,18 @@ def main() -> int:
             server.stop()
         copy_after = bench_copy_to(url, total)
         copy_to = max(copy_before, copy_after)
-        print(f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg; before/after the"
-              f" exports {copy_before:,.0f} / {copy_after:,.0f})", flush=True)
-        print(f"query series_ms={series_ms:.1f} series_sql_ms={series_sql_ms:.1f}"
-              f" series_ratio={series_ms / series_sql_ms:.2f} parquet_rows_per_s={parquet:.0f}"
-              f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"
-              f" export_peak_rss_mb={peak:.0f}", flush=True)
+        print(
+            f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg; before/after the"
+            f" exports {copy_before:,.0f} / {copy_after:,.0f})",
+            flush=True,
+        )
+        print(
+            f"query series_ms={series_ms:.1f} series_sql_ms={series_sql_ms:.1f}"
+            f" series_ratio={series_ms / series_sql_ms:.2f} parquet_rows_per_s={parquet:.0f}"
+            f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"
+            f" export_peak_rss_mb={peak:.0f}",
+            flush=True,
+        )
         return 0
     finally:
         cluster.destroy()

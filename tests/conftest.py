@@ -87,7 +87,9 @@ def start_server(settings: Settings, app: Any = None) -> Server:
     returns once it accepts requests. Pass `app` to serve an app a test has extended with probe routes."""
     port = free_port()
     app = app if app is not None else create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -158,8 +160,11 @@ def admin(admin_token: str) -> dict[str, str]:
 def user_with_role(server: Server, admin_headers: dict[str, str], role: str) -> dict[str, str]:
     email = f"{unique(role)}@example.com"
     with httpx.Client(base_url=server.url) as c:
-        r = c.post("/api/v1/users", headers=admin_headers,
-                   json={"email": email, "username": unique(role), "password": "password123", "role": role})
+        r = c.post(
+            "/api/v1/users",
+            headers=admin_headers,
+            json={"email": email, "username": unique(role), "password": "password123", "role": role},
+        )
         assert r.status_code == 201, r.text
         return bearer(login(c, email, "password123"))
 
@@ -193,22 +198,31 @@ def make_active_event(db: psycopg.Connection, server: Server) -> Any:
     """Factory: an event mapped to an enabled plugin instance (writable per the phantom-data guard, spec §6),
     created with SQL so engine and rule tests do not depend on the plugins API."""
 
-    def make(name: str | None = None, *, min_value: float = 0.0, max_value: float = 100.0, unit: str = "u",
-             enabled: bool = True) -> ActiveEvent:
+    def make(
+        name: str | None = None,
+        *,
+        min_value: float = 0.0,
+        max_value: float = 100.0,
+        unit: str = "u",
+        enabled: bool = True,
+    ) -> ActiveEvent:
         name = name or unique("ev")
         ev = db.execute(
             "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, %s, %s, %s, 'sensor')"
-            " RETURNING id, public_id", (name, min_value, max_value, unit),
+            " RETURNING id, public_id",
+            (name, min_value, max_value, unit),
         ).fetchone()
         assert ev is not None
         pi = db.execute(
             "INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, %s)"
-            " RETURNING id", (unique("inst"), enabled),
+            " RETURNING id",
+            (unique("inst"), enabled),
         ).fetchone()
         assert pi is not None
         db.execute(
             "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-            " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', %s, %s)", (pi[0], unit, ev[1]),
+            " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', %s, %s)",
+            (pi[0], unit, ev[1]),
         )
         server.refresh_catalog()
         return ActiveEvent(ev[0], ev[1], name, pi[0])

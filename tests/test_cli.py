@@ -38,8 +38,15 @@ def webmacs(home: Path, port: int, *args: str, **env: str) -> subprocess.Complet
     environ = {k: v for k, v in os.environ.items() if k.upper() not in _SCRUBBED}
     environ.update(WEBMACS_HOME=str(home), WEBMACS_DB_PORT=str(port), **env)
     # cwd=home: no .env file of the checkout is read.
-    return subprocess.run([sys.executable, "-m", "webmacs.cli", *args], cwd=home, env=environ,
-                          capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "webmacs.cli", *args],
+        cwd=home,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def postmaster_pid(cluster: Cluster) -> int:
@@ -121,6 +128,7 @@ def test_unknown_db_action_is_a_usage_error(tmp_path: Path) -> None:
 
 # --- Settings ---
 
+
 @pytest.mark.parametrize("secret", ["", "short", "x" * 31])
 def test_production_refuses_a_short_secret(secret: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="SECRET_KEY"):
@@ -153,14 +161,20 @@ def test_development_tolerates_an_empty_secret_with_a_random_signing_key() -> No
     assert a.secret_key_effective != b.secret_key_effective
 
 
-@pytest.mark.parametrize("given,expected", [
-    ("postgresql+asyncpg://webmacs:webmacs@localhost:5432/webmacs", "postgresql://webmacs:webmacs@localhost:5432/webmacs"),
-    ("postgresql+psycopg://u@h/d", "postgresql://u@h/d"),
-    ("postgres://u@h/d", "postgresql://u@h/d"),
-    ("postgresql://u@h/d", "postgresql://u@h/d"),
-    ("  ", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        (
+            "postgresql+asyncpg://webmacs:webmacs@localhost:5432/webmacs",
+            "postgresql://webmacs:webmacs@localhost:5432/webmacs",
+        ),
+        ("postgresql+psycopg://u@h/d", "postgresql://u@h/d"),
+        ("postgres://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+        ("  ", None),
+        ("", None),
+    ],
+)
 def test_database_url_is_normalised(given: str, expected: str | None) -> None:
     assert Settings(_env_file=None, database_url=given).database_url == expected  # type: ignore[call-arg]
 
@@ -177,8 +191,9 @@ def test_settings_read_the_spec_variable_names(monkeypatch: pytest.MonkeyPatch, 
     assert s.cors_origins == ["https://ui.example"]
 
 
-def test_production_from_the_environment_with_a_short_secret_fails(monkeypatch: pytest.MonkeyPatch,
-                                                                   tmp_path: Path) -> None:
+def test_production_from_the_environment_with_a_short_secret_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ENV", "production")
     monkeypatch.setenv("SECRET_KEY", "too-short")
@@ -195,12 +210,14 @@ def test_dotenv_in_the_working_directory_is_read(monkeypatch: pytest.MonkeyPatch
     assert s.env == "production" and s.secret_key == "k" * 40
 
 
-@pytest.mark.parametrize("given,stored", [
-    ("Admin@WEBMACS.IO", "Admin@webmacs.io"),
-    (" admin@webmacs.io ", "admin@webmacs.io"),
-    ("admin@localhost", "admin@localhost"),  # refused by the validator: kept as given
-])
+@pytest.mark.parametrize(
+    "given,stored",
+    [
+        ("Admin@WEBMACS.IO", "Admin@webmacs.io"),
+        (" admin@webmacs.io ", "admin@webmacs.io"),
+        ("admin@localhost", "admin@localhost"),  # refused by the validator: kept as given
+    ],
+)
 def test_initial_admin_email_is_normalised_like_login(given: str, stored: str) -> None:
     # Login lower-cases the domain (spec §3.4); the seeded admin must match or could never log in.
     assert Settings(_env_file=None, initial_admin_email=given).initial_admin_email == stored  # type: ignore[call-arg]
-

@@ -33,12 +33,21 @@ async def _seed(pool: AsyncConnectionPool, settings: Settings) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock(7765626)")  # one seeder among concurrent processes
         if await users_repo.count(conn) == 0:
             ph = await asyncio.to_thread(hash_password, settings.initial_admin_password, settings.webmacs_bcrypt_rounds)
-            await users_repo.create(conn, email=settings.initial_admin_email.strip(),
-                                    username=settings.initial_admin_username, password_hash=ph, role="admin")
+            await users_repo.create(
+                conn,
+                email=settings.initial_admin_email.strip(),
+                username=settings.initial_admin_username,
+                password_hash=ph,
+                role="admin",
+            )
             log.info("seeded initial admin %s", settings.initial_admin_email)
         admin = await users_repo.first_admin(conn)
-        await logs_repo.create(conn, content=f"WebMACS Backend v{webmacs.__version__} started.", logging_type="info",
-                               user_public_id=admin["public_id"] if admin else None)
+        await logs_repo.create(
+            conn,
+            content=f"WebMACS Backend v{webmacs.__version__} started.",
+            logging_type="info",
+            user_public_id=admin["public_id"] if admin else None,
+        )
 
 
 async def _purge_blacklist(pool: AsyncConnectionPool, settings: Settings) -> None:
@@ -88,8 +97,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         url = await asyncio.to_thread(database_url, settings)
         await asyncio.to_thread(migrate.apply, url, settings.webmacs_chunk_interval)
         pool = AsyncConnectionPool(
-            url, min_size=1, max_size=settings.webmacs_pool_size, open=False,
-            kwargs={"options": "-c timezone=UTC"}, name="webmacs-api",
+            url,
+            min_size=1,
+            max_size=settings.webmacs_pool_size,
+            open=False,
+            kwargs={"options": "-c timezone=UTC"},
+            name="webmacs-api",
         )
         await pool.open(wait=True, timeout=30)
         app.state.pool = pool
@@ -110,8 +123,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 t.cancel()
             await pool.close()
 
-    app = FastAPI(title="WebMACS-TS", version=webmacs.__version__, lifespan=lifespan,
-                  description="Time-series-first, WebMACS-compatible backend.")
+    app = FastAPI(
+        title="WebMACS-TS",
+        version=webmacs.__version__,
+        lifespan=lifespan,
+        description="Time-series-first, WebMACS-compatible backend.",
+    )
     app.state.settings = settings
     app.state.started_at = time.monotonic()
     # Services register start/stop hooks here (engine, webhook dispatcher, retention…).
@@ -128,7 +145,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         module.install(app)  # type: ignore[attr-defined]
     # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
     app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=True,
-                       allow_methods=["*"], allow_headers=["*"], max_age=600)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=True,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        max_age=600,
+    )
     app.add_middleware(RequestIdMiddleware)
     return app

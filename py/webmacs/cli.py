@@ -46,7 +46,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.webmacs_host
     port = args.port or settings.webmacs_port
     print(f"WebMACS-TS listening on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level, ws="websockets-sansio", ws_max_size=16 * 1024 * 1024)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        ws="websockets-sansio",
+        ws_max_size=16 * 1024 * 1024,
+    )
     return 0
 
 

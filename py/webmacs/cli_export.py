@@ -17,15 +17,15 @@ from webmacs.settings import Settings
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the `export` sub-command; its handler is `args.handler(args, settings)`."""
     p = subparsers.add_parser(
-        "export", help="export datapoints as CSV or Parquet",
+        "export",
+        help="export datapoints as CSV or Parquet",
         description="Export the datapoints of some events in [start, end) — ordered by time, then event — with "
-                    "the columns time, event_public_id, event_name, unit, value, experiment_public_id.",
+        "the columns time, event_public_id, event_name, unit, value, experiment_public_id.",
     )
     p.add_argument("--events", nargs="+", required=True, metavar="PUBLIC_ID", help="event public ids")
     p.add_argument("--start", type=_moment, help="ISO 8601 start (inclusive); naive times are read in --tz")
     p.add_argument("--end", type=_moment, help="ISO 8601 end (exclusive)")
-    p.add_argument("--format", choices=["csv", "parquet"],
-                   help="default: from the output file's suffix, else csv")
+    p.add_argument("--format", choices=["csv", "parquet"], help="default: from the output file's suffix, else csv")
     p.add_argument("--tz", help="IANA time zone of CSV timestamps and of naive --start/--end (default UTC)")
     p.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per frame (default WEBMACS_EXPORT_CHUNK_ROWS)")
@@ -59,8 +59,9 @@ class Progress:
         self.drawn = now
         filled = round(self.WIDTH * max(0.0, min(1.0, fraction)))
         rate = rows / max(now - self.started, 1e-9)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%} "
-                          f"{rows:,} rows {rate:,.0f} rows/s")
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%} {rows:,} rows {rate:,.0f} rows/s"
+        )
         if final:
             self.stream.write("\n")
         self.stream.flush()
@@ -83,8 +84,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     fmt: export_service.Format = args.format or ("parquet" if args.output.endswith(".parquet") else "csv")
     url = database_url(settings)
     with export_service.connect(url) as conn:
-        rows = conn.execute("SELECT public_id, id FROM events WHERE public_id = ANY(%s)",
-                            ([e for e in args.events if "\x00" not in e],)).fetchall()
+        rows = conn.execute(
+            "SELECT public_id, id FROM events WHERE public_id = ANY(%s)", ([e for e in args.events if "\x00" not in e],)
+        ).fetchall()
         known: dict[str, int] = dict(rows)
         missing = [e for e in args.events if e not in known]
         if missing:
@@ -92,9 +94,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         sel = export_service.Selection(event_ids=tuple(sorted(set(known.values()))), start=start, end=end)
         progress = Progress(sys.stderr)
-        body = export_service.export(conn, sel, fmt, dsn=url, tz=args.tz,
-                                     chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,
-                                     progress=progress)
+        body = export_service.export(
+            conn,
+            sel,
+            fmt,
+            dsn=url,
+            tz=args.tz,
+            chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,
+            progress=progress,
+        )
         if args.output == "-":
             for piece in body:
                 sys.stdout.buffer.write(piece)

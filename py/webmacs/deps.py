@@ -83,8 +83,14 @@ class User:
     @classmethod
     def from_row(cls, row: dict[str, Any], token: str) -> User:
         return cls(
-            id=row["id"], public_id=row["public_id"], email=row["email"], username=row["username"],
-            role=row["role"], registered_on=row["registered_on"], sso_provider=row["sso_provider"], token=token,
+            id=row["id"],
+            public_id=row["public_id"],
+            email=row["email"],
+            username=row["username"],
+            role=row["role"],
+            registered_on=row["registered_on"],
+            sso_provider=row["sso_provider"],
+            token=token,
         )
 
 

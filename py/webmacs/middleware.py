@@ -91,11 +91,17 @@ class RateLimitMiddleware:
         while q and q[0] < cutoff:
             q.popleft()
         if len(q) >= self.limit:
-            await send({
-                "type": "http.response.start", "status": 429,
-                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"60"),
-                            (b"content-length", str(len(_TOO_MANY)).encode())],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 429,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"retry-after", b"60"),
+                        (b"content-length", str(len(_TOO_MANY)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": _TOO_MANY})
             return
         q.append(now)

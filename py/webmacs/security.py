@@ -30,8 +30,13 @@ def create_access_token(*, user_id: int, role: str, key: str, algorithm: str, mi
     now = datetime.now(UTC)
     # `jti` makes every login's token distinct: without it two logins of one user within the same second
     # get the same string, and logging out one session (blacklisting that string) would end the other.
-    claims = {"sub": str(user_id), "exp": now + timedelta(minutes=minutes), "iat": now, "role": role,
-              "jti": secrets.token_urlsafe(12)}
+    claims = {
+        "sub": str(user_id),
+        "exp": now + timedelta(minutes=minutes),
+        "iat": now,
+        "role": role,
+        "jti": secrets.token_urlsafe(12),
+    }
     return jwt.encode(claims, key, algorithm=algorithm)
 
 

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_SECRET_WARNING = "SECRET_KEY is empty or shorter than 32 characters; acceptable only in development."
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", case_sensitive=False, extra="ignore")
 
@@ -139,7 +140,7 @@ class Settings(BaseSettings):
                 return None
             for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
                 if v.startswith(prefix):
-                    return "postgresql://" + v[len(prefix):]
+                    return "postgresql://" + v[len(prefix) :]
         return v
 
     @field_validator("env", mode="after")

@@ -29,7 +29,8 @@ def make_event(db: psycopg.Connection, server: Server) -> Any:
         name = name or unique("series-ev")
         row = db.execute(
             "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, %s, 'sensor')"
-            " RETURNING id, public_id", (name, unit),
+            " RETURNING id, public_id",
+            (name, unit),
         ).fetchone()
         assert row is not None
         return Event(row[0], row[1], name, unit)

@@ -23,14 +23,32 @@ def _run(argv: list[str], db_url: str, tmp_path: Path) -> int:
     return int(args.handler(args, make_settings(db_url, tmp_path)))
 
 
-def test_cli_exports_parquet_with_progress(db: psycopg.Connection, db_url: str, make_event: Any, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exports_parquet_with_progress(
+    db: psycopg.Connection, db_url: str, make_event: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ev = make_event()
     t0 = datetime(2026, 7, 1, tzinfo=UTC)
     load(db, [(t0 + timedelta(minutes=i), ev.id, None, i * 0.5) for i in range(3000)])
     out = tmp_path / "dump.parquet"
-    rc = _run(["export", "--events", ev.public_id, "--start", "2026-07-01T10:00:00", "--tz", "Europe/Berlin",
-               "--end", "2026-07-03T00:00:00Z", "--chunk-rows", "500", "-o", str(out)], db_url, tmp_path)
+    rc = _run(
+        [
+            "export",
+            "--events",
+            ev.public_id,
+            "--start",
+            "2026-07-01T10:00:00",
+            "--tz",
+            "Europe/Berlin",
+            "--end",
+            "2026-07-03T00:00:00Z",
+            "--chunk-rows",
+            "500",
+            "-o",
+            str(out),
+        ],
+        db_url,
+        tmp_path,
+    )
     assert rc == 0
     frame = pl.read_parquet(out)
     # 10:00 Berlin is 08:00 UTC: minutes 480 … 2879 (--end cuts the last two hours off).
@@ -41,8 +59,9 @@ def test_cli_exports_parquet_with_progress(db: psycopg.Connection, db_url: str, 
     assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_cli_csv_to_stdout_and_unknown_event(db: psycopg.Connection, db_url: str, make_event: Any, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_csv_to_stdout_and_unknown_event(
+    db: psycopg.Connection, db_url: str, make_event: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ev = make_event()
     load(db, [(datetime(2026, 7, 5, tzinfo=UTC), ev.id, None, 4.25)])
     assert _run(["export", "--events", ev.public_id, "-o", "-"], db_url, tmp_path) == 0

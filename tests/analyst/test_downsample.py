@@ -92,14 +92,16 @@ def test_selectors_never_exceed_max_points_and_keep_the_ends(
 @given(data=series(), max_points=st.integers(3, 150))
 def test_lttb_is_identical_to_the_python_reference(data: tuple[list[int], list[float]], max_points: int) -> None:
     times, values = data
-    assert _core.downsample_lttb(pack_times(times), pack_values(values), max_points) == \
-        reference_lttb(times, values, max_points)
+    assert _core.downsample_lttb(pack_times(times), pack_values(values), max_points) == reference_lttb(
+        times, values, max_points
+    )
 
 
 @settings(max_examples=200)
 @given(data=series(), max_points=st.integers(4, 150), name=st.sampled_from(["minmax", "m4"]))
-def test_minmax_and_m4_keep_the_global_extremes(data: tuple[list[int], list[float]], max_points: int,
-                                                 name: str) -> None:
+def test_minmax_and_m4_keep_the_global_extremes(
+    data: tuple[list[int], list[float]], max_points: int, name: str
+) -> None:
     times, values = data
     if not values:
         return
@@ -127,8 +129,11 @@ def test_avg_buckets_are_means_within_the_range(data: tuple[list[int], list[floa
 def test_service_downsample_keeps_experiments_and_modes() -> None:
     times = list(range(0, 10_000_000, 1000))
     values = [math.sin(i / 50) for i in range(len(times))]
-    packed = PackedSeries(pack_times(times), pack_values(values), b"".join(
-        (7 if i < 5000 else 0).to_bytes(4, "big") for i in range(len(times))))
+    packed = PackedSeries(
+        pack_times(times),
+        pack_values(values),
+        b"".join((7 if i < 5000 else 0).to_bytes(4, "big") for i in range(len(times))),
+    )
     for mode in ("stride", "lttb", "minmax", "m4", "avg"):
         points = downsample(packed, 100, mode)  # type: ignore[arg-type]
         assert 0 < len(points) <= 100
@@ -137,14 +142,17 @@ def test_service_downsample_keeps_experiments_and_modes() -> None:
             assert points[0].micros == 0 and points[-1].micros == times[-1]
 
 
-@pytest.mark.parametrize("call", [
-    lambda: _core.downsample_stride(10, 1),
-    lambda: _core.downsample_lttb(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 2),
-    lambda: _core.downsample_minmax(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 3),
-    lambda: _core.downsample_m4(pack_times([1, 2, 3]), pack_values([1.0, 2.0]), 10),
-    lambda: _core.downsample_avg(pack_times([3, 2, 1]), pack_values([1.0, 2.0, 3.0]), 10),
-    lambda: _core.downsample_lttb(b"\x00" * 7, b"", 10),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: _core.downsample_stride(10, 1),
+        lambda: _core.downsample_lttb(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 2),
+        lambda: _core.downsample_minmax(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 3),
+        lambda: _core.downsample_m4(pack_times([1, 2, 3]), pack_values([1.0, 2.0]), 10),
+        lambda: _core.downsample_avg(pack_times([3, 2, 1]), pack_values([1.0, 2.0, 3.0]), 10),
+        lambda: _core.downsample_lttb(b"\x00" * 7, b"", 10),
+    ],
+)
 def test_bad_input_raises_value_error(call) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
         call()

@@ -39,8 +39,9 @@ def two_events(db: psycopg.Connection, make_event: Any, make_experiment: Any) ->
     return {"a": a, "b": b, "rows": rows, "experiment": (x_id, x_public)}
 
 
-def _expected(rows: list[tuple[datetime, int, int | None, float]], events: dict[int, Any],
-              experiment: tuple[int, str]) -> list[tuple[datetime, str, str, str, float, str | None]]:
+def _expected(
+    rows: list[tuple[datetime, int, int | None, float]], events: dict[int, Any], experiment: tuple[int, str]
+) -> list[tuple[datetime, str, str, str, float, str | None]]:
     """The rows as the export gives them: by time, then event (internal id)."""
     return [
         (t, events[e].public_id, events[e].name, events[e].unit, v, experiment[1] if x == experiment[0] else None)
@@ -62,31 +63,45 @@ def test_parquet_round_trip(client: httpx.Client, viewer: dict[str, str], two_ev
     assert frame.rows() == expected
 
 
-def test_csv_round_trip_in_a_time_zone(client: httpx.Client, viewer: dict[str, str],
-                                       two_events: dict[str, Any]) -> None:
+def test_csv_round_trip_in_a_time_zone(
+    client: httpx.Client, viewer: dict[str, str], two_events: dict[str, Any]
+) -> None:
     a, b = two_events["a"], two_events["b"]
     start, end = T0 + timedelta(hours=1), T0 + timedelta(days=1, hours=3)
-    r = client.get(EXPORT, headers=viewer, params={
-        "events": [b.public_id, a.public_id], "format": "csv", "tz": "Europe/Berlin",
-        "start": start.isoformat(), "end": end.isoformat()})
+    r = client.get(
+        EXPORT,
+        headers=viewer,
+        params={
+            "events": [b.public_id, a.public_id],
+            "format": "csv",
+            "tz": "Europe/Berlin",
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "text/csv; charset=utf-8"
     assert r.headers["content-disposition"] == (
-        'attachment; filename="datapoints_20260601T230000Z_20260603T010000Z.csv"')
+        'attachment; filename="datapoints_20260601T230000Z_20260603T010000Z.csv"'
+    )
     text = r.content.decode()
     assert text.startswith("time,event_public_id,event_name,unit,value,experiment_public_id\r\n")
     frame = pl.read_csv(io.BytesIO(r.content), schema_overrides={"time": pl.String})
     assert all(t.endswith("+02:00") for t in frame["time"])  # CEST in June
     assert any("." not in t for t in frame["time"]) and any("." in t for t in frame["time"])  # as isoformat()
     times = [datetime.fromisoformat(t) for t in frame["time"]]
-    expected = [row for row in _expected(two_events["rows"], {b.id: b, a.id: a}, two_events["experiment"])
-                if start <= row[0] < end]
+    expected = [
+        row
+        for row in _expected(two_events["rows"], {b.id: b, a.id: a}, two_events["experiment"])
+        if start <= row[0] < end
+    ]
     assert times == [row[0] for row in expected]
     assert frame.drop("time").rows() == [row[1:] for row in expected]
 
 
-def test_experiment_parquet(client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection,
-                            two_events: dict[str, Any]) -> None:
+def test_experiment_parquet(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, two_events: dict[str, Any]
+) -> None:
     a, b = two_events["a"], two_events["b"]
     x_id, x_public = two_events["experiment"]
     # Selected by the tag, as the experiment CSV: also rows timed outside the experiment's span (client
@@ -109,8 +124,11 @@ def test_experiment_parquet(client: httpx.Client, viewer: dict[str, str], db: ps
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_empty_range(client: httpx.Client, viewer: dict[str, str], make_event: Any, fmt: str) -> None:
     ev = make_event()
-    r = client.get(EXPORT, headers=viewer, params={"events": ev.public_id, "format": fmt,
-                                                    "start": "2031-01-01T00:00:00Z", "end": "2031-02-01T00:00:00Z"})
+    r = client.get(
+        EXPORT,
+        headers=viewer,
+        params={"events": ev.public_id, "format": fmt, "start": "2031-01-01T00:00:00Z", "end": "2031-02-01T00:00:00Z"},
+    )
     assert r.status_code == 200
     if fmt == "csv":
         assert r.content == b"time,event_public_id,event_name,unit,value,experiment_public_id\r\n"
@@ -119,14 +137,18 @@ def test_empty_range(client: httpx.Client, viewer: dict[str, str], make_event: A
         assert frame.height == 0 and frame.columns == list(export_service.COLUMNS)
 
 
-@pytest.mark.parametrize(("params", "status"), [
-    ({"events": "no-such-event"}, 404),
-    ({"format": "xlsx"}, 422),
-    ({"tz": "Nowhere/Atlantis"}, 422),
-    ({"start": "2026-06-02T00:00:00Z", "end": "2026-06-01T00:00:00Z"}, 422),
-])
-def test_export_errors(client: httpx.Client, viewer: dict[str, str], make_event: Any,
-                       params: dict[str, str], status: int) -> None:
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"events": "no-such-event"}, 404),
+        ({"format": "xlsx"}, 422),
+        ({"tz": "Nowhere/Atlantis"}, 422),
+        ({"start": "2026-06-02T00:00:00Z", "end": "2026-06-01T00:00:00Z"}, 422),
+    ],
+)
+def test_export_errors(
+    client: httpx.Client, viewer: dict[str, str], make_event: Any, params: dict[str, str], status: int
+) -> None:
     query = {"events": make_event().public_id} | params
     r = client.get(EXPORT, headers=viewer, params=query)
     assert r.status_code == status, r.text
@@ -168,14 +190,33 @@ def subprocess_server(db_url: str, tmp_path: Path) -> Any:
     """The app in a process of its own, so its memory is measured apart from the test's."""
     port = free_port()
     env = os.environ | {
-        "DATABASE_URL": db_url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
-        "WEBMACS_HOME": str(tmp_path / "home"), "WEBMACS_UPDATE_DIR": str(tmp_path / "u"),
-        "WEBMACS_PLUGIN_DIR": str(tmp_path / "p"), "WEBMACS_EXPORT_CHUNK_ROWS": "50000",
+        "DATABASE_URL": db_url,
+        "SECRET_KEY": SECRET,
+        "ENV": "test",
+        "WEBMACS_BCRYPT_ROUNDS": "4",
+        "WEBMACS_HOME": str(tmp_path / "home"),
+        "WEBMACS_UPDATE_DIR": str(tmp_path / "u"),
+        "WEBMACS_PLUGIN_DIR": str(tmp_path / "p"),
+        "WEBMACS_EXPORT_CHUNK_ROWS": "50000",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "webmacs.app:create_app", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "webmacs.app:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -199,9 +240,9 @@ def subprocess_server(db_url: str, tmp_path: Path) -> Any:
                 proc.stderr.close()
 
 
-def test_large_export_streams_with_bounded_memory(db: psycopg.Connection, make_event: Any,
-                                                  subprocess_server: tuple[str, int],
-                                                  admin: dict[str, str]) -> None:
+def test_large_export_streams_with_bounded_memory(
+    db: psycopg.Connection, make_event: Any, subprocess_server: tuple[str, int], admin: dict[str, str]
+) -> None:
     url, pid = subprocess_server
     events = [make_event() for _ in range(3)]
     # All in one hypertable chunk (one day): memory must be bounded inside a chunk too, not only across them.

@@ -12,14 +12,17 @@ import pytest
 from tests.analyst.conftest import load
 from webmacs import _core
 
-COPY = ("COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id = {} ORDER BY time)"
-        " TO STDOUT (FORMAT binary)")
+COPY = (
+    "COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id = {} ORDER BY time)"
+    " TO STDOUT (FORMAT binary)"
+)
 
 
 def _rows(columns: tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]) -> list[tuple[Any, ...]]:
     n, times, events, values, experiments, validity, nulls, _ = columns
-    t, e, v, x = (struct.unpack(f"={n}{c}", b) for c, b in
-                  (("q", times), ("i", events), ("d", values), ("i", experiments)))
+    t, e, v, x = (
+        struct.unpack(f"={n}{c}", b) for c, b in (("q", times), ("i", events), ("d", values), ("i", experiments))
+    )
     valid = [bool(validity[i // 8] >> (i % 8) & 1) if nulls else True for i in range(n)]
     assert nulls == valid.count(False)
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
@@ -27,8 +30,9 @@ def _rows(columns: tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]) -> 
 
 
 @pytest.mark.parametrize("max_rows", [1, 7, 1000])
-def test_reader_round_trip(db: psycopg.Connection, db_url: str, make_event: Any, make_experiment: Any,
-                           max_rows: int) -> None:
+def test_reader_round_trip(
+    db: psycopg.Connection, db_url: str, make_event: Any, make_experiment: Any, max_rows: int
+) -> None:
     ev = make_event()
     x_id, _ = make_experiment(datetime(2026, 8, 1, tzinfo=UTC))
     t0 = datetime(2026, 8, 1, 23, 59, 58, 123457, tzinfo=UTC)  # across a chunk boundary
@@ -62,8 +66,9 @@ def test_reader_errors(db_url: str) -> None:
     with pytest.raises(RuntimeError, match="database error"):
         reader.next_frame()
     # Abandoning a COPY half read leaves the connection usable.
-    reader.start("COPY (SELECT now(), 1, 1.0::float8, NULL::int4 FROM generate_series(1, 100000)) TO STDOUT"
-                 " (FORMAT binary)", 10)
+    reader.start(
+        "COPY (SELECT now(), 1, 1.0::float8, NULL::int4 FROM generate_series(1, 100000)) TO STDOUT (FORMAT binary)", 10
+    )
     assert reader.next_frame() is not None
     reader.start("COPY (SELECT now(), 2, 2.0::float8, 3) TO STDOUT (FORMAT binary)", 10)
     columns = reader.next_frame()
@@ -86,8 +91,9 @@ def test_decode_rejects_truncated_bytes() -> None:
 
 
 @pytest.mark.parametrize("max_rows", [1, 2, 5, 1000])
-def test_reader_orders_ties_by_event_without_splitting_them(db: psycopg.Connection, db_url: str, make_event: Any,
-                                                            max_rows: int) -> None:
+def test_reader_orders_ties_by_event_without_splitting_them(
+    db: psycopg.Connection, db_url: str, make_event: Any, max_rows: int
+) -> None:
     events = [make_event() for _ in range(3)]
     t0 = datetime(2026, 8, 5, tzinfo=UTC)
     # Loaded newest event first, so the heap order is not the event order.
@@ -96,8 +102,12 @@ def test_reader_orders_ties_by_event_without_splitting_them(db: psycopg.Connecti
     ids = ",".join(str(ev.id) for ev in events)
     reader = _core.CopyReader(db_url)
     try:
-        reader.start("COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id IN"
-                     f" ({ids}) ORDER BY time) TO STDOUT (FORMAT binary)", max_rows, ties_by_event=True)
+        reader.start(
+            "COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id IN"
+            f" ({ids}) ORDER BY time) TO STDOUT (FORMAT binary)",
+            max_rows,
+            ties_by_event=True,
+        )
         frames = []
         while (columns := reader.next_frame()) is not None:
             frames.append(_rows(columns))

@@ -36,8 +36,9 @@ def recent_event(db: psycopg.Connection, make_event: Any, make_experiment: Any) 
     return ev, sorted(recent), x_public
 
 
-def test_series_strides_like_the_reference(client: httpx.Client, viewer: dict[str, str],
-                                           recent_event: tuple[Any, list[datetime], str]) -> None:
+def test_series_strides_like_the_reference(
+    client: httpx.Client, viewer: dict[str, str], recent_event: tuple[Any, list[datetime], str]
+) -> None:
     ev, times, x_public = recent_event
     missing = unique("nope")
     r = client.post(SERIES, headers=viewer, json={"event_public_ids": [ev.public_id, missing]})
@@ -57,11 +58,13 @@ def test_series_strides_like_the_reference(client: httpx.Client, viewer: dict[st
     assert all(p["value"] >= 0 for p in points)  # the two-hour-old points (value −1) are outside the window
 
 
-def test_series_minutes_window_and_small_series(client: httpx.Client, viewer: dict[str, str],
-                                                recent_event: tuple[Any, list[datetime], str]) -> None:
+def test_series_minutes_window_and_small_series(
+    client: httpx.Client, viewer: dict[str, str], recent_event: tuple[Any, list[datetime], str]
+) -> None:
     ev, times, _ = recent_event
-    r = client.post(SERIES, headers=viewer, json={"event_public_ids": [ev.public_id], "minutes": 180,
-                                                   "max_points": 2000})
+    r = client.post(
+        SERIES, headers=viewer, json={"event_public_ids": [ev.public_id], "minutes": 180, "max_points": 2000}
+    )
     points = r.json()[ev.public_id]
     assert len(points) == 1205  # everything, oldest first
     assert [p["value"] for p in points[:5]] == [-1.0] * 5
@@ -70,11 +73,11 @@ def test_series_minutes_window_and_small_series(client: httpx.Client, viewer: di
 
 
 @pytest.mark.parametrize("mode", ["stride", "lttb", "minmax", "m4", "avg"])
-def test_series_modes_stay_within_max_points(client: httpx.Client, viewer: dict[str, str], mode: str,
-                                             recent_event: tuple[Any, list[datetime], str]) -> None:
+def test_series_modes_stay_within_max_points(
+    client: httpx.Client, viewer: dict[str, str], mode: str, recent_event: tuple[Any, list[datetime], str]
+) -> None:
     ev, times, _ = recent_event
-    r = client.post(SERIES, headers=viewer, json={"event_public_ids": [ev.public_id], "max_points": 50,
-                                                   "mode": mode})
+    r = client.post(SERIES, headers=viewer, json={"event_public_ids": [ev.public_id], "max_points": 50, "mode": mode})
     assert r.status_code == 200, r.text
     points = r.json()[ev.public_id]
     assert 0 < len(points) <= 50
@@ -86,15 +89,18 @@ def test_series_modes_stay_within_max_points(client: httpx.Client, viewer: dict[
         assert {p["value"] for p in points} >= {0.0, 36.0}
 
 
-@pytest.mark.parametrize("body", [
-    {"event_public_ids": []},
-    {"event_public_ids": ["a"] * 21},
-    {"event_public_ids": ["a"], "minutes": 0},
-    {"event_public_ids": ["a"], "minutes": 14401},
-    {"event_public_ids": ["a"], "max_points": 9},
-    {"event_public_ids": ["a"], "max_points": 2001},
-    {"event_public_ids": ["a"], "mode": "median"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"event_public_ids": []},
+        {"event_public_ids": ["a"] * 21},
+        {"event_public_ids": ["a"], "minutes": 0},
+        {"event_public_ids": ["a"], "minutes": 14401},
+        {"event_public_ids": ["a"], "max_points": 9},
+        {"event_public_ids": ["a"], "max_points": 2001},
+        {"event_public_ids": ["a"], "mode": "median"},
+    ],
+)
 def test_series_validation(client: httpx.Client, viewer: dict[str, str], body: dict[str, Any]) -> None:
     r = client.post(SERIES, headers=viewer, json=body)
     assert r.status_code == 422
@@ -115,16 +121,32 @@ BERLIN_DST = [
 
 
 @pytest.mark.parametrize(("before", "change", "after", "hours"), BERLIN_DST)
-def test_day_buckets_follow_dst_in_berlin(client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection,
-                                          make_event: Any, before: str, change: str, after: str,
-                                          hours: int) -> None:
+def test_day_buckets_follow_dst_in_berlin(
+    client: httpx.Client,
+    viewer: dict[str, str],
+    db: psycopg.Connection,
+    make_event: Any,
+    before: str,
+    change: str,
+    after: str,
+    hours: int,
+) -> None:
     ev = make_event()
     # One datapoint every 15 minutes (UTC) over four days around the change.
     t0 = datetime.fromisoformat(before).replace(tzinfo=UTC) - timedelta(days=1)
     load(db, [(t0 + timedelta(minutes=15 * i), ev.id, None, 1.0) for i in range(4 * 24 * 4)])
-    r = client.get("/api/v1/series", headers=viewer, params={
-        "events": ev.public_id, "start": before, "end": f"{after}T23:59:59", "bucket": "1 day", "agg": "count",
-        "tz": "Europe/Berlin"})
+    r = client.get(
+        "/api/v1/series",
+        headers=viewer,
+        params={
+            "events": ev.public_id,
+            "start": before,
+            "end": f"{after}T23:59:59",
+            "bucket": "1 day",
+            "agg": "count",
+            "tz": "Europe/Berlin",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["start"].startswith(before) and body["tz"] == "Europe/Berlin"
@@ -137,52 +159,87 @@ def test_day_buckets_follow_dst_in_berlin(client: httpx.Client, viewer: dict[str
     assert {p[0][-6:] for p in points} == {"+01:00", "+02:00"}
 
 
-def test_bucket_aggregates(client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection,
-                           make_event: Any) -> None:
+def test_bucket_aggregates(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, make_event: Any
+) -> None:
     a, b = make_event(unit="V"), make_event(unit="A")
     t0 = datetime(2026, 5, 1, tzinfo=UTC)
     # a: values 0..119, one per minute over two hours; b: constant 2.5 over the first hour only.
     load(db, [(t0 + timedelta(minutes=i), a.id, None, float(i)) for i in range(120)])
     load(db, [(t0 + timedelta(minutes=i), b.id, None, 2.5) for i in range(60)])
-    expected = {"avg": [29.5, 89.5], "min": [0, 60], "max": [59, 119], "count": [60, 60], "first": [0, 60],
-                "last": [59, 119], "sum": [sum(range(60)), sum(range(60, 120))]}
+    expected = {
+        "avg": [29.5, 89.5],
+        "min": [0, 60],
+        "max": [59, 119],
+        "count": [60, 60],
+        "first": [0, 60],
+        "last": [59, 119],
+        "sum": [sum(range(60)), sum(range(60, 120))],
+    }
     for agg, values in expected.items():
-        r = client.get("/api/v1/series", headers=viewer, params={
-            "events": [a.public_id, b.public_id], "start": "2026-05-01T00:00:00Z", "end": "2026-05-01T02:00:00Z",
-            "bucket": "1h", "agg": agg})
+        r = client.get(
+            "/api/v1/series",
+            headers=viewer,
+            params={
+                "events": [a.public_id, b.public_id],
+                "start": "2026-05-01T00:00:00Z",
+                "end": "2026-05-01T02:00:00Z",
+                "bucket": "1h",
+                "agg": agg,
+            },
+        )
         assert r.status_code == 200, r.text
         events = r.json()["events"]
         assert events[a.public_id]["unit"] == "V" and events[a.public_id]["name"] == a.name
         assert [p[0] for p in events[a.public_id]["points"]] == ["2026-05-01T00:00:00Z", "2026-05-01T01:00:00Z"]
         assert [p[1] for p in events[a.public_id]["points"]] == values
         assert len(events[b.public_id]["points"]) == 1
-    r = client.get("/api/v1/series", headers=viewer, params={
-        "events": a.public_id, "start": "2026-05-01T00:00:00Z", "end": "2026-05-01T02:00:00Z"})
+    r = client.get(
+        "/api/v1/series",
+        headers=viewer,
+        params={"events": a.public_id, "start": "2026-05-01T00:00:00Z", "end": "2026-05-01T02:00:00Z"},
+    )
     assert len(r.json()["events"][a.public_id]["points"]) == 120  # no bucket: the raw datapoints
-    r = client.get("/api/v1/series", headers=viewer, params={
-        "events": a.public_id, "start": "2026-05-01T00:00:00Z", "end": "2026-05-01T02:00:00Z", "mode": "lttb",
-        "max_points": 10})
+    r = client.get(
+        "/api/v1/series",
+        headers=viewer,
+        params={
+            "events": a.public_id,
+            "start": "2026-05-01T00:00:00Z",
+            "end": "2026-05-01T02:00:00Z",
+            "mode": "lttb",
+            "max_points": 10,
+        },
+    )
     points = r.json()["events"][a.public_id]["points"]
     assert len(points) == 10 and points[0][1] == 0 and points[-1][1] == 119
 
 
-@pytest.mark.parametrize(("params", "status"), [
-    ({"bucket": "5 parsecs"}, 422),
-    ({"bucket": "0m"}, 422),
-    ({"bucket": "1 second", "start": "2000-01-01T00:00:00Z"}, 422),  # far too many buckets
-    ({"tz": "Mars/Olympus_Mons"}, 422),
-    ({"tz": "../../etc/passwd"}, 422),
-    ({"start": "2026-05-02T00:00:00Z"}, 422),
-    ({"start": "2026-05-01T02:00:00Z"}, 422),
-    ({"agg": "median"}, 422),
-    ({"mode": "median"}, 422),
-    ({"events": "unknown-event"}, 404),
-])
-def test_series_query_errors(client: httpx.Client, viewer: dict[str, str], make_event: Any,
-                             params: dict[str, str], status: int) -> None:
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"bucket": "5 parsecs"}, 422),
+        ({"bucket": "0m"}, 422),
+        ({"bucket": "1 second", "start": "2000-01-01T00:00:00Z"}, 422),  # far too many buckets
+        ({"tz": "Mars/Olympus_Mons"}, 422),
+        ({"tz": "../../etc/passwd"}, 422),
+        ({"start": "2026-05-02T00:00:00Z"}, 422),
+        ({"start": "2026-05-01T02:00:00Z"}, 422),
+        ({"agg": "median"}, 422),
+        ({"mode": "median"}, 422),
+        ({"events": "unknown-event"}, 404),
+    ],
+)
+def test_series_query_errors(
+    client: httpx.Client, viewer: dict[str, str], make_event: Any, params: dict[str, str], status: int
+) -> None:
     ev = make_event()
-    query = {"events": ev.public_id, "start": "2026-05-01T00:00:00Z", "end": "2026-05-01T02:00:00Z",
-             "bucket": "1h"} | params
+    query = {
+        "events": ev.public_id,
+        "start": "2026-05-01T00:00:00Z",
+        "end": "2026-05-01T02:00:00Z",
+        "bucket": "1h",
+    } | params
     r = client.get("/api/v1/series", headers=viewer, params=query)
     assert r.status_code == status, r.text
     if status == 404:
@@ -198,8 +255,10 @@ def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make
     start, end = datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 3, tzinfo=UTC)
     sql, params = {
         "range": (series_service.RANGE_SQL, (ev.id, start, end)),
-        "bucketed": (series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]),
-                     ("1 hour", "Europe/Berlin", ev.id, start, end)),
+        "bucketed": (
+            series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]),
+            ("1 hour", "Europe/Berlin", ev.id, start, end),
+        ),
         "recent": (series_service.RECENT_SQL, (ev.id, 60)),
         "export": (export_service.EVENTS_QUERY, {"events": [ev.id], "start": start, "end": end}),
     }[query]

@@ -17,10 +17,11 @@ from tests.conftest import make_settings, start_server
 STORAGE = "/api/v1/admin/storage"
 
 
-def test_storage_report(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection,
-                        make_event: Any) -> None:
+def test_storage_report(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection, make_event: Any) -> None:
     ev = make_event()
-    load(db, [(datetime(2026, 8, 1, tzinfo=UTC), ev.id, None, 1.0), (datetime(2026, 8, 9, tzinfo=UTC), ev.id, None, 2.0)])
+    load(
+        db, [(datetime(2026, 8, 1, tzinfo=UTC), ev.id, None, 1.0), (datetime(2026, 8, 9, tzinfo=UTC), ev.id, None, 2.0)]
+    )
     db.execute("ANALYZE datapoints")
     r = client.get(STORAGE, headers=admin)
     assert r.status_code == 200, r.text
@@ -42,8 +43,9 @@ def test_storage_is_admin_only(client: httpx.Client, request: pytest.FixtureRequ
     assert client.get(STORAGE, headers=headers).status_code == (403 if who else 401)
 
 
-def test_retention_job_drops_expired_chunks(db: psycopg.Connection, db_url: str, make_event: Any,
-                                            admin: dict[str, str], tmp_path: Path) -> None:
+def test_retention_job_drops_expired_chunks(
+    db: psycopg.Connection, db_url: str, make_event: Any, admin: dict[str, str], tmp_path: Path
+) -> None:
     ev = make_event()
     # 20000 days (~55 years) reaches back to early 1972: only chunks from before then can be dropped, so
     # the job touches no other test's data.

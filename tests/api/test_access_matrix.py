@@ -71,10 +71,19 @@ def headers(request: pytest.FixtureRequest) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("headers", ["anonymous", "viewer", "operator", "admin"], indirect=True)
-@pytest.mark.parametrize(("method", "path", "least", "body", "allowed"), ENDPOINTS,
-                         ids=[f"{m} {p}" for m, p, *_ in ENDPOINTS])
-def test_access(client: httpx.Client, headers: dict[str, str], request: pytest.FixtureRequest, method: str,
-                path: str, least: str, body: dict | None, allowed: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "least", "body", "allowed"), ENDPOINTS, ids=[f"{m} {p}" for m, p, *_ in ENDPOINTS]
+)
+def test_access(
+    client: httpx.Client,
+    headers: dict[str, str],
+    request: pytest.FixtureRequest,
+    method: str,
+    path: str,
+    least: str,
+    body: dict | None,
+    allowed: int,
+) -> None:
     role = request.node.callspec.params["headers"]
     r = client.request(method, f"/api/v1{path}", headers=headers, json=body)
     if role == "anonymous":

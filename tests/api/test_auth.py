@@ -22,12 +22,19 @@ USER_FIELDS = {"public_id", "email", "username", "role", "admin", "registered_on
 def new_user(client: httpx.Client, admin: dict[str, str], role: str = "viewer") -> dict[str, Any]:
     """Create a user of its own for a test that changes it (logs out, demotes, deletes)."""
     email, username, password = f"{unique('u')}@example.com", unique("u"), "password123"
-    r = client.post("/api/v1/users", headers=admin,
-                    json={"email": email, "username": username, "password": password, "role": role})
+    r = client.post(
+        "/api/v1/users", headers=admin, json={"email": email, "username": username, "password": password, "role": role}
+    )
     assert r.status_code == 201, r.text
     body = client.post(LOGIN, json={"email": email, "password": password}).json()
-    return {"email": email, "username": username, "password": password, "public_id": body["public_id"],
-            "token": body["access_token"], "headers": bearer(body["access_token"])}
+    return {
+        "email": email,
+        "username": username,
+        "password": password,
+        "public_id": body["public_id"],
+        "token": body["access_token"],
+        "headers": bearer(body["access_token"]),
+    }
 
 
 def signed(claims: dict[str, Any], key: str = SECRET, algorithm: str = "HS256") -> str:
@@ -48,6 +55,7 @@ def assert_unauthorized(r: httpx.Response, detail: str) -> None:
 
 
 # --- login (§3.4) ---
+
 
 def test_login_returns_exactly_the_spec_body(client: httpx.Client, db: psycopg.Connection) -> None:
     r = client.post(LOGIN, json={"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
@@ -75,14 +83,16 @@ def test_login_normalises_the_domain_but_not_the_local_part(client: httpx.Client
     assert_unauthorized(wrong_case, "Invalid email or password.")
 
 
-@pytest.mark.parametrize("email,password", [
-    (ADMIN_EMAIL, "wrong-password"),
-    ("nobody@webmacs.io", ADMIN_PASSWORD),
-    (ADMIN_EMAIL, ADMIN_PASSWORD + " "),
-])
+@pytest.mark.parametrize(
+    "email,password",
+    [
+        (ADMIN_EMAIL, "wrong-password"),
+        ("nobody@webmacs.io", ADMIN_PASSWORD),
+        (ADMIN_EMAIL, ADMIN_PASSWORD + " "),
+    ],
+)
 def test_login_rejects_bad_credentials_without_saying_which(client: httpx.Client, email: str, password: str) -> None:
-    assert_unauthorized(client.post(LOGIN, json={"email": email, "password": password}),
-                        "Invalid email or password.")
+    assert_unauthorized(client.post(LOGIN, json={"email": email, "password": password}), "Invalid email or password.")
 
 
 def test_login_with_empty_body_lists_missing_fields(client: httpx.Client) -> None:
@@ -115,19 +125,22 @@ def test_login_writes_a_log_entry(client: httpx.Client, admin: dict[str, str], d
     assert rows == [(f"User '{user['username']}' logged in.", "info", "unread")]
 
 
-@pytest.mark.parametrize("body", [
-    {"email": "a" * 10_000 + "@example.com", "password": "x"},
-    {"email": ADMIN_EMAIL, "password": "x" * 100_000},
-    {"email": ADMIN_EMAIL, "password": "x" * 4096},
-    {"email": "ü@exämple.com", "password": "pässwörd🔑"},
-    {"email": "' OR '1'='1@example.com", "password": "x"},
-    {"email": ADMIN_EMAIL, "password": "' OR '1'='1' --"},
-    {"email": ADMIN_EMAIL + "'; DROP TABLE users; --", "password": "x"},
-    {"email": ADMIN_EMAIL, "password": "nul\x00byte"},
-    {"email": "nul\x00@example.com", "password": "x"},
-    {"email": 42, "password": ["x"]},
-    {"email": None, "password": None},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"email": "a" * 10_000 + "@example.com", "password": "x"},
+        {"email": ADMIN_EMAIL, "password": "x" * 100_000},
+        {"email": ADMIN_EMAIL, "password": "x" * 4096},
+        {"email": "ü@exämple.com", "password": "pässwörd🔑"},
+        {"email": "' OR '1'='1@example.com", "password": "x"},
+        {"email": ADMIN_EMAIL, "password": "' OR '1'='1' --"},
+        {"email": ADMIN_EMAIL + "'; DROP TABLE users; --", "password": "x"},
+        {"email": ADMIN_EMAIL, "password": "nul\x00byte"},
+        {"email": "nul\x00@example.com", "password": "x"},
+        {"email": 42, "password": ["x"]},
+        {"email": None, "password": None},
+    ],
+)
 def test_hostile_login_input_is_refused_never_a_server_error(client: httpx.Client, body: dict[str, Any]) -> None:
     r = client.post(LOGIN, json=body)
     assert r.status_code in (401, 422), r.text
@@ -143,6 +156,7 @@ def test_login_ignores_unknown_fields(client: httpx.Client) -> None:
 
 
 # --- logout (§3.5) ---
+
 
 def test_logout_revokes_the_token(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     user = new_user(client, admin)
@@ -184,6 +198,7 @@ def test_revoked_token_is_reported_as_revoked_even_when_also_expired(
 
 # --- /me (§3.6) ---
 
+
 def test_me_returns_the_user_response(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     r = client.get(ME, headers=admin)
     assert r.status_code == 200
@@ -205,6 +220,7 @@ def test_me_for_a_viewer_is_not_admin(client: httpx.Client, viewer: dict[str, st
 
 
 # --- credential resolution (§3.1, §3.3) ---
+
 
 def test_missing_credentials_ask_for_bearer_auth(client: httpx.Client) -> None:
     r = client.get(ME)
@@ -284,9 +300,12 @@ def test_role_comes_from_the_database_not_the_token(client: httpx.Client, admin:
     assert client.get(ME, headers=user["headers"]).json()["role"] == "viewer"
 
 
-def test_a_role_claim_cannot_promote_a_viewer(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
+def test_a_role_claim_cannot_promote_a_viewer(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     user = new_user(client, admin)
-    token = signed({"sub": str(user_id(db, user["public_id"])), "role": "admin",
-                    "exp": datetime.now(UTC) + timedelta(minutes=5)})
+    token = signed(
+        {"sub": str(user_id(db, user["public_id"])), "role": "admin", "exp": datetime.now(UTC) + timedelta(minutes=5)}
+    )
     assert client.get(ME, headers=bearer(token)).json()["role"] == "viewer"
     assert client.get("/api/v1/users", headers=bearer(token)).status_code == 403

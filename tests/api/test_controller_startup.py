@@ -52,8 +52,12 @@ def fresh_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def test_startup_sequence(fresh_server: Server) -> None:
-    with httpx.Client(base_url=f"{fresh_server.url}/api/v1", follow_redirects=True, timeout=30,
-                      headers={"Content-Type": "application/json"}) as http:
+    with httpx.Client(
+        base_url=f"{fresh_server.url}/api/v1",
+        follow_redirects=True,
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    ) as http:
 
         def call(method: str, path: str, expected: int, body: object = None) -> object:
             r = http.request(method, path, json=body)
@@ -69,13 +73,20 @@ def test_startup_sequence(fresh_server: Server) -> None:
         plugins = call("GET", "/plugins", 200)
         assert plugins == {"page": 1, "page_size": 25, "total": 0, "data": []}
         assert call("GET", "/events", 200)["data"] == []  # type: ignore[index]
-        assert call("POST", "/plugins", 201, {"plugin_id": "simulated", "instance_name": "Simulated Device",
-                                              "demo_mode": True, "enabled": True}) == {
-            "status": "success", "message": "Plugin instance created."}
-        for content in ("Controller started in development mode",
-                        "Simulated Device plugin auto-registered with 9 channels"):
+        assert call(
+            "POST",
+            "/plugins",
+            201,
+            {"plugin_id": "simulated", "instance_name": "Simulated Device", "demo_mode": True, "enabled": True},
+        ) == {"status": "success", "message": "Plugin instance created."}
+        for content in (
+            "Controller started in development mode",
+            "Simulated Device plugin auto-registered with 9 channels",
+        ):
             assert call("POST", "/logging", 201, {"content": content, "logging_type": "info"}) == {
-                "status": "success", "message": "Log entry successfully created."}
+                "status": "success",
+                "message": "Log entry successfully created.",
+            }
 
         # 3. events, parsed as the controller does
         page = call("GET", "/events", 200)
@@ -84,25 +95,38 @@ def test_startup_sequence(fresh_server: Server) -> None:
         assert all(e.name.startswith("Simulated Device \u2013 ") for e in events)
         assert [e.type for e in events].count(EventType.sensor) == 7
         assert [e.type for e in events].count(EventType.actuator) == 2
-        assert {e.name for e in events} >= {"Simulated Device – Temperature Reactor",
-                                            "Simulated Device – Valve Position"}
+        assert {e.name for e in events} >= {
+            "Simulated Device – Temperature Reactor",
+            "Simulated Device – Valve Position",
+        }
 
         # 5. plugin bridge: enabled instances and their channel map
         instances = [i for i in call("GET", "/plugins", 200)["data"] if i.get("enabled") is not False]  # type: ignore[index]
         assert [(i["plugin_id"], i["instance_name"], i["demo_mode"]) for i in instances] == [
-            ("simulated", "Simulated Device", True)]
+            ("simulated", "Simulated Device", True)
+        ]
         channels = call("GET", f"/plugins/{instances[0]['public_id']}/channels", 200)
         assert isinstance(channels, list) and len(channels) == 9
-        channel_map = {(instances[0]["public_id"], c["channel_id"]): c["event_public_id"] for c in channels
-                       if c["event_public_id"] is not None}
+        channel_map = {
+            (instances[0]["public_id"], c["channel_id"]): c["event_public_id"]
+            for c in channels
+            if c["event_public_id"] is not None
+        }
         assert set(channel_map.values()) == {e.public_id for e in events}
 
         # 6. running, 8. shutting down
-        call("POST", "/logging", 201, {"content": "Controller started – plugin sensor polling active",
-                                       "logging_type": "info"})
+        call(
+            "POST",
+            "/logging",
+            201,
+            {"content": "Controller started – plugin sensor polling active", "logging_type": "info"},
+        )
         call("POST", "/logging", 201, {"content": "Controller shutting down", "logging_type": "warning"})
         logs = call("GET", "/logging/", 200)  # the frontend's trailing-slash form, redirect followed
         contents = [e["content"] for e in logs["data"]]  # type: ignore[index]
-        assert contents[:4] == ["Controller shutting down", "Controller started – plugin sensor polling active",
-                                "Simulated Device plugin auto-registered with 9 channels",
-                                "Controller started in development mode"]
+        assert contents[:4] == [
+            "Controller shutting down",
+            "Controller started – plugin sensor polling active",
+            "Simulated Device plugin auto-registered with 9 channels",
+            "Controller started in development mode",
+        ]

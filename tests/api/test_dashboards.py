@@ -19,15 +19,23 @@ def dashboard(client: httpx.Client, headers: dict[str, str], **fields: object) -
 
 
 def widget(client: httpx.Client, headers: dict[str, str], dash: dict, **fields: object) -> dict:
-    r = client.post(f"/api/v1/dashboards/{dash['public_id']}/widgets", headers=headers,
-                    json={"widget_type": "line_chart", "title": "T", **fields})
+    r = client.post(
+        f"/api/v1/dashboards/{dash['public_id']}/widgets",
+        headers=headers,
+        json={"widget_type": "line_chart", "title": "T", **fields},
+    )
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
 def event(db: psycopg.Connection) -> str:
-    return str(db.execute("INSERT INTO events (name, min_value, max_value, unit, type)"
-                          " VALUES (%s, 0, 1, 'V', 'sensor') RETURNING public_id", (unique("w"),)).fetchone()[0])  # type: ignore[index]
+    return str(
+        db.execute(
+            "INSERT INTO events (name, min_value, max_value, unit, type)"
+            " VALUES (%s, 0, 1, 'V', 'sensor') RETURNING public_id",
+            (unique("w"),),
+        ).fetchone()[0]
+    )  # type: ignore[index]
 
 
 @pytest.fixture(scope="module")
@@ -41,39 +49,46 @@ def test_create_returns_full_dashboard(client: httpx.Client, operator: dict[str,
     me = client.get("/api/v1/auth/me", headers=operator).json()
     d = dashboard(client, operator, name="Übersicht 🌡")
     assert set(d) == DASHBOARD_FIELDS
-    assert (d["name"], d["is_global"], d["widgets"], d["user_public_id"]) == ("Übersicht 🌡", False, [],
-                                                                             me["public_id"])
+    assert (d["name"], d["is_global"], d["widgets"], d["user_public_id"]) == ("Übersicht 🌡", False, [], me["public_id"])
     assert client.get(f"/api/v1/dashboards/{d['public_id']}", headers=operator).json() == d
 
 
-def test_visibility(client: httpx.Client, operator: dict[str, str], operator2: dict[str, str],
-                    admin: dict[str, str], viewer: dict[str, str]) -> None:
+def test_visibility(
+    client: httpx.Client,
+    operator: dict[str, str],
+    operator2: dict[str, str],
+    admin: dict[str, str],
+    viewer: dict[str, str],
+) -> None:
     private = dashboard(client, operator)
     shared = dashboard(client, operator, is_global=True)
     for other in (operator2, admin, viewer):
         r = client.get(f"/api/v1/dashboards/{private['public_id']}", headers=other)
         assert r.status_code == 403 and r.json() == {"detail": "Not allowed."}
         assert client.get(f"/api/v1/dashboards/{shared['public_id']}", headers=other).status_code == 200
-        listed = {d["public_id"] for d in client.get("/api/v1/dashboards", headers=other,
-                                                     params={"page_size": 100}).json()["data"]}
+        listed = {
+            d["public_id"]
+            for d in client.get("/api/v1/dashboards", headers=other, params={"page_size": 100}).json()["data"]
+        }
         assert shared["public_id"] in listed and private["public_id"] not in listed
     mine = client.get("/api/v1/dashboards", headers=operator, params={"page_size": 2}).json()
     # Newest first.
     assert [d["public_id"] for d in mine["data"]] == [shared["public_id"], private["public_id"]]
 
 
-def test_list_total_counts_visible_only(client: httpx.Client, operator2: dict[str, str],
-                                        db: psycopg.Connection) -> None:
+def test_list_total_counts_visible_only(
+    client: httpx.Client, operator2: dict[str, str], db: psycopg.Connection
+) -> None:
     dashboard(client, operator2)
     me = client.get("/api/v1/auth/me", headers=operator2).json()["public_id"]
-    expected = db.execute("SELECT count(*) FROM dashboards WHERE user_public_id = %s OR is_global",
-                          (me,)).fetchone()[0]  # type: ignore[index]
+    expected = db.execute("SELECT count(*) FROM dashboards WHERE user_public_id = %s OR is_global", (me,)).fetchone()[0]  # type: ignore[index]
     body = client.get("/api/v1/dashboards", headers=operator2, params={"page_size": 1}).json()
     assert body["total"] == expected and len(body["data"]) == 1
 
 
-def test_update_and_delete_owner_or_admin(client: httpx.Client, operator: dict[str, str],
-                                          operator2: dict[str, str], admin: dict[str, str]) -> None:
+def test_update_and_delete_owner_or_admin(
+    client: httpx.Client, operator: dict[str, str], operator2: dict[str, str], admin: dict[str, str]
+) -> None:
     d = dashboard(client, operator, is_global=True)
     url = f"/api/v1/dashboards/{d['public_id']}"
     r = client.put(url, headers=operator2, json={"name": "hijack"})
@@ -94,12 +109,31 @@ def test_widget_lifecycle(client: httpx.Client, operator: dict[str, str], db: ps
     d = dashboard(client, operator)
     ev = event(db)
     config = '{"color": "#ff0000",  "minutes": 60, "nested": {"a": [1, 2]}}'
-    w1 = widget(client, operator, d, widget_type="gauge", title="Gauge", event_public_id=ev, x=-3, y=7, w=12, h=1,
-                config_json=config)
+    w1 = widget(
+        client,
+        operator,
+        d,
+        widget_type="gauge",
+        title="Gauge",
+        event_public_id=ev,
+        x=-3,
+        y=7,
+        w=12,
+        h=1,
+        config_json=config,
+    )
     assert set(w1) == WIDGET_FIELDS
-    assert w1 | {"public_id": None} == {"public_id": None, "widget_type": "gauge", "title": "Gauge",
-                                        "event_public_id": ev, "x": -3, "y": 7, "w": 12, "h": 1,
-                                        "config_json": config}
+    assert w1 | {"public_id": None} == {
+        "public_id": None,
+        "widget_type": "gauge",
+        "title": "Gauge",
+        "event_public_id": ev,
+        "x": -3,
+        "y": 7,
+        "w": 12,
+        "h": 1,
+        "config_json": config,
+    }
     w2 = widget(client, operator, d)
     assert (w2["x"], w2["y"], w2["w"], w2["h"], w2["event_public_id"], w2["config_json"]) == (0, 0, 4, 3, None, None)
     url = f"/api/v1/dashboards/{d['public_id']}/widgets/{w1['public_id']}"
@@ -117,8 +151,9 @@ def test_widget_lifecycle(client: httpx.Client, operator: dict[str, str], db: ps
     assert [w["public_id"] for w in got] == [w2["public_id"]]
 
 
-def test_widget_check_order_and_messages(client: httpx.Client, operator: dict[str, str], operator2: dict,
-                                         admin: dict[str, str], viewer: dict[str, str]) -> None:
+def test_widget_check_order_and_messages(
+    client: httpx.Client, operator: dict[str, str], operator2: dict, admin: dict[str, str], viewer: dict[str, str]
+) -> None:
     d = dashboard(client, operator)
     other = dashboard(client, operator)
     w = widget(client, operator, d)
@@ -150,16 +185,19 @@ def test_widget_check_order_and_messages(client: httpx.Client, operator: dict[st
     assert r.status_code == 404 and r.json() == {"detail": "Event not found."}
 
 
-@pytest.mark.parametrize("body", [
-    {"widget_type": "gauge", "title": ""},
-    {"widget_type": "pie", "title": "x"},
-    {"widget_type": "gauge", "title": "x", "w": 0},
-    {"widget_type": "gauge", "title": "x", "h": 13},
-    {"widget_type": "gauge", "title": "x", "x": 2**31},
-    {"widget_type": "gauge", "title": "x", "y": "abc"},
-    {"widget_type": "gauge", "title": "x" * 256},
-    {"title": "x"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"widget_type": "gauge", "title": ""},
+        {"widget_type": "pie", "title": "x"},
+        {"widget_type": "gauge", "title": "x", "w": 0},
+        {"widget_type": "gauge", "title": "x", "h": 13},
+        {"widget_type": "gauge", "title": "x", "x": 2**31},
+        {"widget_type": "gauge", "title": "x", "y": "abc"},
+        {"widget_type": "gauge", "title": "x" * 256},
+        {"title": "x"},
+    ],
+)
 def test_widget_validation(client: httpx.Client, operator: dict[str, str], body: dict) -> None:
     d = dashboard(client, operator)
     assert client.post(f"/api/v1/dashboards/{d['public_id']}/widgets", headers=operator, json=body).status_code == 422

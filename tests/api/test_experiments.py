@@ -25,11 +25,13 @@ def start(client: httpx.Client, headers: dict[str, str], db: psycopg.Connection,
     return {"id": row[0], "public_id": row[1], "name": name}
 
 
-def test_start_runs_logs_and_queues_webhook(client: httpx.Client, operator: dict[str, str], admin: dict,
-                                            db: psycopg.Connection) -> None:
-    hook = db.execute("INSERT INTO webhooks (url, events) VALUES (%s, %s) RETURNING id",
-                      (f"https://example.com/{unique('h')}", json.dumps(["experiment.started",
-                                                                          "experiment.stopped"]))).fetchone()[0]  # type: ignore[index]
+def test_start_runs_logs_and_queues_webhook(
+    client: httpx.Client, operator: dict[str, str], admin: dict, db: psycopg.Connection
+) -> None:
+    hook = db.execute(
+        "INSERT INTO webhooks (url, events) VALUES (%s, %s) RETURNING id",
+        (f"https://example.com/{unique('h')}", json.dumps(["experiment.started", "experiment.stopped"])),
+    ).fetchone()[0]  # type: ignore[index]
     try:
         exp = start(client, operator, db)
         me = client.get("/api/v1/auth/me", headers=operator).json()
@@ -37,11 +39,15 @@ def test_start_runs_logs_and_queues_webhook(client: httpx.Client, operator: dict
         assert set(got) == FIELDS
         assert got["stopped_on"] is None and got["user_public_id"] == me["public_id"]
         assert got["started_on"].endswith("Z")
-        log = db.execute("SELECT logging_type, status_type, user_public_id FROM log_entries WHERE content = %s",
-                         (f"Experiment '{exp['name']}' started.",)).fetchone()
+        log = db.execute(
+            "SELECT logging_type, status_type, user_public_id FROM log_entries WHERE content = %s",
+            (f"Experiment '{exp['name']}' started.",),
+        ).fetchone()
         assert log == ("info", "unread", me["public_id"])
-        payloads = [json.loads(p) for (p,) in db.execute(
-            "SELECT payload FROM webhook_deliveries WHERE webhook_id = %s ORDER BY id", (hook,))]
+        payloads = [
+            json.loads(p)
+            for (p,) in db.execute("SELECT payload FROM webhook_deliveries WHERE webhook_id = %s ORDER BY id", (hook,))
+        ]
         assert [(p["type"], p["experiment"]) for p in payloads] == [("experiment.started", exp["name"])]
 
         r = client.put(f"/api/v1/experiments/{exp['public_id']}/stop", headers=operator)
@@ -51,24 +57,31 @@ def test_start_runs_logs_and_queues_webhook(client: httpx.Client, operator: dict
         client.put(f"/api/v1/experiments/{exp['public_id']}/stop", headers=operator)
         second = client.get(f"/api/v1/experiments/{exp['public_id']}", headers=operator).json()["stopped_on"]
         assert second > first  # every stop re-stamps
-        stops = db.execute("SELECT count(*) FROM log_entries WHERE content = %s",
-                           (f"Experiment '{exp['name']}' stopped.",)).fetchone()
+        stops = db.execute(
+            "SELECT count(*) FROM log_entries WHERE content = %s", (f"Experiment '{exp['name']}' stopped.",)
+        ).fetchone()
         assert stops == (2,)
-        types = [t for (t,) in db.execute("SELECT event_type FROM webhook_deliveries WHERE webhook_id = %s"
-                                          " ORDER BY id", (hook,))]
+        types = [
+            t
+            for (t,) in db.execute(
+                "SELECT event_type FROM webhook_deliveries WHERE webhook_id = %s ORDER BY id", (hook,)
+            )
+        ]
         assert types == ["experiment.started", "experiment.stopped", "experiment.stopped"]
     finally:
         db.execute("DELETE FROM webhooks WHERE id = %s", (hook,))
 
 
-def test_duplicate_name_is_409_and_not_stored_twice(client: httpx.Client, operator: dict[str, str],
-                                                    db: psycopg.Connection) -> None:
+def test_duplicate_name_is_409_and_not_stored_twice(
+    client: httpx.Client, operator: dict[str, str], db: psycopg.Connection
+) -> None:
     exp = start(client, operator, db)
     r = client.post("/api/v1/experiments", headers=operator, json={"name": exp["name"]})
     assert r.status_code == 409 and r.json() == {"detail": "Experiment already exists."}
     # The failed request's side effects were rolled back with it.
-    assert db.execute("SELECT count(*) FROM log_entries WHERE content = %s",
-                      (f"Experiment '{exp['name']}' started.",)).fetchone() == (1,)
+    assert db.execute(
+        "SELECT count(*) FROM log_entries WHERE content = %s", (f"Experiment '{exp['name']}' started.",)
+    ).fetchone() == (1,)
 
 
 def test_concurrent_starts_of_one_name(server: Server, operator: dict[str, str], db: psycopg.Connection) -> None:
@@ -103,8 +116,9 @@ def test_rename_and_conflict(client: httpx.Client, operator: dict[str, str], db:
     assert client.put(f"/api/v1/experiments/{a['public_id']}", headers=operator, json={}).status_code == 200
 
 
-def test_pagination_and_order(client: httpx.Client, viewer: dict[str, str], operator: dict,
-                              db: psycopg.Connection) -> None:
+def test_pagination_and_order(
+    client: httpx.Client, viewer: dict[str, str], operator: dict, db: psycopg.Connection
+) -> None:
     start(client, operator, db)
     start(client, operator, db)
     total = db.execute("SELECT count(*) FROM experiments").fetchone()[0]  # type: ignore[index]
@@ -115,39 +129,55 @@ def test_pagination_and_order(client: httpx.Client, viewer: dict[str, str], oper
     assert [e["public_id"] for e in body["data"]] == [ids[1]]
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", ""), ("PUT", ""), ("PUT", "/stop"), ("DELETE", ""),
-                                              ("GET", "/export/csv")])
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", ""), ("PUT", ""), ("PUT", "/stop"), ("DELETE", ""), ("GET", "/export/csv")]
+)
 def test_unknown_experiment_is_404(client: httpx.Client, operator: dict[str, str], method: str, path: str) -> None:
-    r = client.request(method, f"/api/v1/experiments/nope{path}", headers=operator,
-                       json={"name": "x"} if method == "PUT" and not path else None)
+    r = client.request(
+        method,
+        f"/api/v1/experiments/nope{path}",
+        headers=operator,
+        json={"name": "x"} if method == "PUT" and not path else None,
+    )
     assert r.status_code == 404 and r.json() == {"detail": "Experiment 'nope' not found."}
 
 
-def test_delete_removes_only_its_datapoints(client: httpx.Client, operator: dict[str, str],
-                                            db: psycopg.Connection) -> None:
+def test_delete_removes_only_its_datapoints(
+    client: httpx.Client, operator: dict[str, str], db: psycopg.Connection
+) -> None:
     exp = start(client, operator, db)
-    ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor')"
-                    " RETURNING id", (unique("ev"),)).fetchone()[0]  # type: ignore[index]
+    ev = db.execute(
+        "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor') RETURNING id",
+        (unique("ev"),),
+    ).fetchone()[0]  # type: ignore[index]
     t = datetime.now(UTC)
-    db.execute("INSERT INTO datapoints (time, event_id, experiment_id, value) VALUES (%s, %s, %s, 1),"
-               " (%s, %s, NULL, 2)", (t, ev, exp["id"], t + timedelta(seconds=1), ev))
+    db.execute(
+        "INSERT INTO datapoints (time, event_id, experiment_id, value) VALUES (%s, %s, %s, 1), (%s, %s, NULL, 2)",
+        (t, ev, exp["id"], t + timedelta(seconds=1), ev),
+    )
     r = client.delete(f"/api/v1/experiments/{exp['public_id']}", headers=operator)
     assert r.json() == {"status": "success", "message": "Experiment successfully deleted."}
     assert db.execute("SELECT value FROM datapoints WHERE event_id = %s", (ev,)).fetchall() == [(2.0,)]
     assert client.get(f"/api/v1/experiments/{exp['public_id']}", headers=operator).status_code == 404
 
 
-def test_csv_export_is_byte_exact(client: httpx.Client, operator: dict[str, str], viewer: dict[str, str],
-                                  db: psycopg.Connection) -> None:
+def test_csv_export_is_byte_exact(
+    client: httpx.Client, operator: dict[str, str], viewer: dict[str, str], db: psycopg.Connection
+) -> None:
     name = unique("run 1/a")
     exp = start(client, operator, db, name)
     started = db.execute("SELECT started_on FROM experiments WHERE id = %s", (exp["id"],)).fetchone()[0]  # type: ignore[index]
-    ev_name = unique("volt, \"quoted\"")
-    ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor')"
-                    " RETURNING id, public_id", (ev_name,)).fetchone()
+    ev_name = unique('volt, "quoted"')
+    ev = db.execute(
+        "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor')"
+        " RETURNING id, public_id",
+        (ev_name,),
+    ).fetchone()
     assert ev is not None
-    gone = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor')"
-                      " RETURNING id", (unique("gone"),)).fetchone()[0]  # type: ignore[index]
+    gone = db.execute(
+        "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor') RETURNING id",
+        (unique("gone"),),
+    ).fetchone()[0]  # type: ignore[index]
     t1 = started + timedelta(seconds=1, microseconds=125998 - started.microsecond)
     t2 = started.replace(microsecond=0) + timedelta(seconds=2)
     t3 = t2 + timedelta(microseconds=1)
@@ -187,41 +217,55 @@ def test_csv_export_is_byte_exact(client: httpx.Client, operator: dict[str, str]
     assert (dp["value"], dp["experiment_public_id"]) == (42.5, exp["public_id"])
 
 
-def test_csv_of_empty_experiment_is_header_only(client: httpx.Client, operator: dict[str, str],
-                                                db: psycopg.Connection) -> None:
+def test_csv_of_empty_experiment_is_header_only(
+    client: httpx.Client, operator: dict[str, str], db: psycopg.Connection
+) -> None:
     exp = start(client, operator, db)
     r = client.get(f"/api/v1/experiments/{exp['public_id']}/export/csv", headers=operator)
     assert r.content == b"timestamp,event_name,event_public_id,value,unit,datapoint_public_id\r\n"
 
 
-def test_csv_streams_many_rows_in_order(client: httpx.Client, operator: dict[str, str],
-                                        db: psycopg.Connection) -> None:
+def test_csv_streams_many_rows_in_order(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection) -> None:
     exp = start(client, operator, db)
-    ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor')"
-                    " RETURNING id", (unique("many"),)).fetchone()[0]  # type: ignore[index]
-    db.execute("INSERT INTO datapoints (time, event_id, experiment_id, value)"
-               " SELECT e.started_on + g * interval '1 ms', %s, e.id, g FROM experiments e,"
-               " generate_series(12000, 1, -1) g WHERE e.id = %s", (ev, exp["id"]))
+    ev = db.execute(
+        "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'V', 'sensor') RETURNING id",
+        (unique("many"),),
+    ).fetchone()[0]  # type: ignore[index]
+    db.execute(
+        "INSERT INTO datapoints (time, event_id, experiment_id, value)"
+        " SELECT e.started_on + g * interval '1 ms', %s, e.id, g FROM experiments e,"
+        " generate_series(12000, 1, -1) g WHERE e.id = %s",
+        (ev, exp["id"]),
+    )
     with client.stream("GET", f"/api/v1/experiments/{exp['public_id']}/export/csv", headers=operator) as r:
         lines = b"".join(r.iter_bytes()).split(b"\r\n")
     assert lines[-1] == b"" and len(lines) == 12002
     assert [float(line.split(b",")[3]) for line in lines[1:-1]] == [float(g) for g in range(1, 12001)]
 
 
-@pytest.mark.parametrize(("prefix", "ascii_prefix", "encoded_prefix"), [
-    ('a"b\\c', "a_b_c", "a%22b%5Cc"),
-    ("Prüfung 1", "Pr_fung_1", "Pr%C3%BCfung_1"),
-    ("line\r\nX-Injected: 1", "line__X-Injected:_1", "line%0D%0AX-Injected%3A_1"),
-])
-def test_csv_filename_survives_unsafe_names(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                                            prefix: str, ascii_prefix: str, encoded_prefix: str) -> None:
+@pytest.mark.parametrize(
+    ("prefix", "ascii_prefix", "encoded_prefix"),
+    [
+        ('a"b\\c', "a_b_c", "a%22b%5Cc"),
+        ("Prüfung 1", "Pr_fung_1", "Pr%C3%BCfung_1"),
+        ("line\r\nX-Injected: 1", "line__X-Injected:_1", "line%0D%0AX-Injected%3A_1"),
+    ],
+)
+def test_csv_filename_survives_unsafe_names(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    prefix: str,
+    ascii_prefix: str,
+    encoded_prefix: str,
+) -> None:
     suffix = unique("")  # "-<hex>": unchanged by every rule
     exp = start(client, operator, db, prefix + suffix)
     r = client.get(f"/api/v1/experiments/{exp['public_id']}/export/csv", headers=operator)
     assert r.status_code == 200
     tail = f"{suffix}_{exp['public_id'][:8]}.csv"
     assert r.headers["content-disposition"] == (
-        f'attachment; filename="experiment_{ascii_prefix}{tail}"; filename*=UTF-8\'\'experiment_{encoded_prefix}{tail}'
+        f"attachment; filename=\"experiment_{ascii_prefix}{tail}\"; filename*=UTF-8''experiment_{encoded_prefix}{tail}"
     )
     assert "x-injected" not in r.headers
 

@@ -21,7 +21,11 @@ def test_create_defaults_and_owner(client: httpx.Client, operator: dict[str, str
     got = client.get(f"/api/v1/logging/{pid}", headers=operator).json()
     assert set(got) == FIELDS
     assert (got["content"], got["logging_type"], got["status_type"], got["user_public_id"]) == (
-        content, "info", "unread", me["public_id"])
+        content,
+        "info",
+        "unread",
+        me["public_id"],
+    )
     assert got["created_on"].endswith("Z")
 
 
@@ -31,11 +35,21 @@ def test_types(client: httpx.Client, operator: dict[str, str], logging_type: str
     r = client.post("/api/v1/logging", headers=operator, json={"content": content, "logging_type": logging_type})
     assert r.status_code == 201
     assert db.execute("SELECT logging_type FROM log_entries WHERE content = %s", (content,)).fetchone() == (
-        logging_type,)
+        logging_type,
+    )
 
 
-@pytest.mark.parametrize("body", [{}, {"content": ""}, {"content": "x" * 501}, {"content": "ok", "logging_type": "debug"},
-                                  {"content": "a\x00b"}, {"content": 12}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"content": ""},
+        {"content": "x" * 501},
+        {"content": "ok", "logging_type": "debug"},
+        {"content": "a\x00b"},
+        {"content": 12},
+    ],
+)
 def test_invalid_bodies(client: httpx.Client, operator: dict[str, str], body: dict) -> None:
     assert client.post("/api/v1/logging", headers=operator, json=body).status_code == 422
 
@@ -44,8 +58,9 @@ def test_content_of_500_chars_is_accepted(client: httpx.Client, operator: dict[s
     assert client.post("/api/v1/logging", headers=operator, json={"content": "é" * 500}).status_code == 201
 
 
-def test_newest_first_with_paging(client: httpx.Client, viewer: dict[str, str], operator: dict[str, str],
-                                  db: psycopg.Connection) -> None:
+def test_newest_first_with_paging(
+    client: httpx.Client, viewer: dict[str, str], operator: dict[str, str], db: psycopg.Connection
+) -> None:
     contents = [unique(f"order-{i}") for i in range(3)]
     for c in contents:
         assert client.post("/api/v1/logging", headers=operator, json={"content": c}).status_code == 201
@@ -70,8 +85,9 @@ def test_ties_on_created_on_break_by_id(client: httpx.Client, viewer: dict[str, 
         db.execute("DELETE FROM log_entries WHERE created_on = '2999-01-01'")
 
 
-def test_mark_read_and_edit(client: httpx.Client, operator: dict[str, str], viewer: dict[str, str],
-                            db: psycopg.Connection) -> None:
+def test_mark_read_and_edit(
+    client: httpx.Client, operator: dict[str, str], viewer: dict[str, str], db: psycopg.Connection
+) -> None:
     content = unique("mark")
     client.post("/api/v1/logging", headers=operator, json={"content": content})
     pid = db.execute("SELECT public_id FROM log_entries WHERE content = %s", (content,)).fetchone()[0]  # type: ignore[index]

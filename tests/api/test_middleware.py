@@ -47,6 +47,7 @@ def exhaust(client: httpx.Client, key: str) -> None:
 
 # --- rate limit (§15.3) ---
 
+
 def test_fourth_request_in_a_minute_is_429(limited: httpx.Client) -> None:
     key = public_key()
     exhaust(limited, key)
@@ -77,15 +78,18 @@ def test_health_is_never_limited_nor_counted(limited: httpx.Client) -> None:
     assert limited.get(ME, headers=from_client(key)).status_code == 429
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/api/v1/datapoints"),
-    ("GET", "/api/v1/datapoints/latest"),
-    ("POST", "/api/v1/datapoints"),
-    ("POST", "/api/v1/datapoints/batch"),
-    ("GET", "/api/v1/ota/check"),
-    ("DELETE", "/api/v1/ota/anything"),
-    ("GET", "/ws/datapoints/stream"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/api/v1/datapoints"),
+        ("GET", "/api/v1/datapoints/latest"),
+        ("POST", "/api/v1/datapoints"),
+        ("POST", "/api/v1/datapoints/batch"),
+        ("GET", "/api/v1/ota/check"),
+        ("DELETE", "/api/v1/ota/anything"),
+        ("GET", "/ws/datapoints/stream"),
+    ],
+)
 def test_exempt_paths_are_not_limited(limited: httpx.Client, method: str, path: str) -> None:
     key = public_key()
     for _ in range(LIMIT * 2):
@@ -149,12 +153,17 @@ def test_429_keeps_cors_and_request_id_headers(limited: httpx.Client) -> None:
 
 # --- CORS (§15.2) ---
 
+
 @pytest.mark.parametrize("origin", ["http://localhost:5173", "http://localhost:3000"])
 def test_preflight_from_an_allowed_origin(client: httpx.Client, origin: str) -> None:
-    r = client.options("/api/v1/auth/login", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type",
-    })
+    r = client.options(
+        "/api/v1/auth/login",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == origin
     assert r.headers["access-control-allow-credentials"] == "true"
@@ -165,9 +174,13 @@ def test_preflight_from_an_allowed_origin(client: httpx.Client, origin: str) -> 
 
 
 def test_preflight_from_another_origin_is_400(client: httpx.Client) -> None:
-    r = client.options("/api/v1/auth/login", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-    })
+    r = client.options(
+        "/api/v1/auth/login",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+        },
+    )
     assert r.status_code == 400
     assert r.text == "Disallowed CORS origin"
     assert "access-control-allow-origin" not in r.headers
@@ -182,6 +195,7 @@ def test_simple_request_from_an_allowed_origin_gets_cors_headers(client: httpx.C
 
 
 # --- X-Request-ID (§15.1) ---
+
 
 def _request_id(r: httpx.Response) -> str:
     rid = r.headers.get_list("x-request-id")

@@ -44,14 +44,29 @@ def env(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ota]:
     tmp = tmp_path_factory.mktemp("ota")
     with Receiver() as github:
         github.default = Reply(404, b"{}")
-        s = start_server(make_settings(
-            url, tmp, webmacs_webhook_allow_hosts=["127.0.0.1"], webmacs_ota_max_bundle_bytes=CAP,
-            webmacs_ota_github_api=github.url, github_repo="acme/webmacs", webmacs_ota_download_timeout_s=5,
-            webmacs_ota_github_cache_s=0,
-        ))
+        s = start_server(
+            make_settings(
+                url,
+                tmp,
+                webmacs_webhook_allow_hosts=["127.0.0.1"],
+                webmacs_ota_max_bundle_bytes=CAP,
+                webmacs_ota_github_api=github.url,
+                github_repo="acme/webmacs",
+                webmacs_ota_download_timeout_s=5,
+                webmacs_ota_github_cache_s=0,
+            )
+        )
         try:
             admin = admin_headers(s)
-            yield Ota(s, url, tmp / "updates", github, admin, user_with_role(s, admin, "operator"), user_with_role(s, admin, "viewer"))
+            yield Ota(
+                s,
+                url,
+                tmp / "updates",
+                github,
+                admin,
+                user_with_role(s, admin, "operator"),
+                user_with_role(s, admin, "viewer"),
+            )
         finally:
             s.stop()
 
@@ -94,8 +109,13 @@ def create(api: httpx.Client, odb: psycopg.Connection, version: str | None = Non
     return str(row[0])
 
 
-def bundle(members: dict[str, bytes] | None = None, *, manifest: Any = None, symlink: tuple[str, str] | None = None,
-           padding: int = 5000) -> bytes:
+def bundle(
+    members: dict[str, bytes] | None = None,
+    *,
+    manifest: Any = None,
+    symlink: tuple[str, str] | None = None,
+    padding: int = 5000,
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         files = dict(members or {})
@@ -119,20 +139,38 @@ GOOD_MANIFEST = {"version": "2.1.0", "images_sha256": "ab" * 32, "changelog": "x
 
 # --- records ---
 
+
 def test_create_list_get_delete(api: httpx.Client, odb: psycopg.Connection) -> None:
     v = old_version()
     r = api.post("/api/v1/ota", json={"version": v, "changelog": "Fixes\nmore"})
-    assert r.status_code == 201 and r.json() == {"status": "success",
-                                                 "message": "Firmware update successfully registered."}
+    assert r.status_code == 201 and r.json() == {
+        "status": "success",
+        "message": "Firmware update successfully registered.",
+    }
     r = api.post("/api/v1/ota", json={"version": v})
     assert r.status_code == 409 and r.json() == {"detail": "FirmwareUpdate already exists."}
     pid = odb.execute("SELECT public_id FROM firmware_updates WHERE version = %s", (v,)).fetchone()[0]
     got = api.get(f"/api/v1/ota/{pid}").json()
-    assert set(got) == {"public_id", "version", "changelog", "file_hash_sha256", "file_size_bytes", "status",
-                        "error_message", "created_on", "started_on", "completed_on", "user_public_id",
-                        "has_firmware_file"}
-    assert (got["version"], got["changelog"], got["status"], got["has_firmware_file"]) == (v, "Fixes\nmore",
-                                                                                           "pending", False)
+    assert set(got) == {
+        "public_id",
+        "version",
+        "changelog",
+        "file_hash_sha256",
+        "file_size_bytes",
+        "status",
+        "error_message",
+        "created_on",
+        "started_on",
+        "completed_on",
+        "user_public_id",
+        "has_firmware_file",
+    }
+    assert (got["version"], got["changelog"], got["status"], got["has_firmware_file"]) == (
+        v,
+        "Fixes\nmore",
+        "pending",
+        False,
+    )
     page = api.get("/api/v1/ota", params={"page_size": 100}).json()
     assert pid in [d["public_id"] for d in page["data"]] and all("file_path" not in d for d in page["data"])
     r = api.delete(f"/api/v1/ota/{pid}")
@@ -148,8 +186,12 @@ def test_strict_semver(api: httpx.Client, version: str) -> None:
 
 def test_unknown_record_is_404(api: httpx.Client) -> None:
     detail = {"detail": "FirmwareUpdate 'nope' not found."}
-    for method, path in [("GET", "/api/v1/ota/nope"), ("DELETE", "/api/v1/ota/nope"),
-                         ("POST", "/api/v1/ota/nope/apply"), ("POST", "/api/v1/ota/nope/rollback")]:
+    for method, path in [
+        ("GET", "/api/v1/ota/nope"),
+        ("DELETE", "/api/v1/ota/nope"),
+        ("POST", "/api/v1/ota/nope/apply"),
+        ("POST", "/api/v1/ota/nope/rollback"),
+    ]:
         r = api.request(method, path)
         assert r.status_code == 404 and r.json() == detail, path
 
@@ -161,6 +203,7 @@ def test_creator_deleted_gives_null_user(api: httpx.Client, odb: psycopg.Connect
 
 
 # --- state machine ---
+
 
 def test_apply_then_rollback_lifecycle(api: httpx.Client, odb: psycopg.Connection) -> None:
     pid = create(api, odb)
@@ -176,8 +219,10 @@ def test_apply_then_rollback_lifecycle(api: httpx.Client, odb: psycopg.Connectio
     r = api.post(f"/api/v1/ota/{pid}/apply", json={"download_url": "http://127.0.0.1:1/x"})
     assert r.status_code == 409 and r.json() == {"detail": "Cannot transition from 'completed' to 'downloading'"}
     r = api.post(f"/api/v1/ota/{pid}/rollback")
-    assert r.status_code == 200 and r.json() == {"status": "success",
-                                                 "message": "Firmware update rolled back successfully."}
+    assert r.status_code == 200 and r.json() == {
+        "status": "success",
+        "message": "Firmware update rolled back successfully.",
+    }
     assert api.get(f"/api/v1/ota/{pid}").json()["status"] == "rolled_back"
     r = api.post(f"/api/v1/ota/{pid}/rollback")
     assert r.status_code == 409 and r.json() == {"detail": "Cannot transition from 'rolled_back' to 'rolled_back'"}
@@ -188,8 +233,11 @@ STATES = ["pending", "downloading", "verifying", "applying", "completed", "faile
 
 @pytest.mark.parametrize("state", STATES)
 def test_every_transition_from_every_state(api: httpx.Client, odb: psycopg.Connection, state: str) -> None:
-    for action, target, body in [("apply", "completed", None), ("rollback", "rolled_back", None),
-                                 ("apply", "downloading", {"download_url": "http://10.0.0.1/x.tar.gz"})]:
+    for action, target, body in [
+        ("apply", "completed", None),
+        ("rollback", "rolled_back", None),
+        ("apply", "downloading", {"download_url": "http://10.0.0.1/x.tar.gz"}),
+    ]:
         pid = create(api, odb)
         odb.execute("UPDATE firmware_updates SET status = %s WHERE public_id = %s", (state, pid))
         r = api.post(f"/api/v1/ota/{pid}/{action}", json=body)
@@ -216,6 +264,7 @@ def test_delete_in_any_state(api: httpx.Client, odb: psycopg.Connection) -> None
 
 # --- downloads ---
 
+
 def test_apply_with_download_and_hash(api: httpx.Client, odb: psycopg.Connection, env: Ota) -> None:
     data = bundle(manifest=GOOD_MANIFEST)
     digest = hashlib.sha256(data).hexdigest()
@@ -223,8 +272,10 @@ def test_apply_with_download_and_hash(api: httpx.Client, odb: psycopg.Connection
     version = api.get(f"/api/v1/ota/{pid}").json()["version"]
     with Receiver() as files:
         files.default = Reply(200, data)
-        r = api.post(f"/api/v1/ota/{pid}/apply",
-                     json={"download_url": f"{files.url}/b.tar.gz", "file_hash_sha256": digest.upper()})
+        r = api.post(
+            f"/api/v1/ota/{pid}/apply",
+            json={"download_url": f"{files.url}/b.tar.gz", "file_hash_sha256": digest.upper()},
+        )
         assert r.status_code == 200, r.text
         assert [q.path for q in files.requests] == ["/b.tar.gz"] and files.requests[0].method == "GET"
     got = api.get(f"/api/v1/ota/{pid}").json()
@@ -259,13 +310,19 @@ def _no_firmware_files(env: Ota) -> bool:
     return not [p for p in env.update_dir.iterdir() if p.name.startswith((".firmware-",))]
 
 
-@pytest.mark.parametrize(("reply", "hash_", "detail"), [
-    (Reply(404, b"missing"), None, "download_failed: status 404"),
-    (Reply(200, b"payload"), "00" * 32, "SHA-256 hash verification failed"),
-    (Reply(200, os.urandom(CAP + 1)), None, f"download_failed: larger than {CAP:,} bytes"),
-    (Reply(302, headers={"Location": "http://169.254.169.254/latest"}), None,
-     "download_failed: refused by SSRF guard: 169.254.169.254 is a cloud metadata address"),
-])
+@pytest.mark.parametrize(
+    ("reply", "hash_", "detail"),
+    [
+        (Reply(404, b"missing"), None, "download_failed: status 404"),
+        (Reply(200, b"payload"), "00" * 32, "SHA-256 hash verification failed"),
+        (Reply(200, os.urandom(CAP + 1)), None, f"download_failed: larger than {CAP:,} bytes"),
+        (
+            Reply(302, headers={"Location": "http://169.254.169.254/latest"}),
+            None,
+            "download_failed: refused by SSRF guard: 169.254.169.254 is a cloud metadata address",
+        ),
+    ],
+)
 def test_download_failures_are_400_and_roll_back(
     api: httpx.Client, odb: psycopg.Connection, env: Ota, reply: Reply, hash_: str | None, detail: str
 ) -> None:
@@ -295,8 +352,16 @@ def test_download_follows_vetted_redirects(api: httpx.Client, odb: psycopg.Conne
     assert api.get(f"/api/v1/ota/{pid}").json()["file_size_bytes"] == len(data)
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.1/x", "http://localhost/x", "http://[::1]/x", "ftp://example.com/x",
-                                 "http://no-such-host.invalid/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/x",
+        "http://localhost/x",
+        "http://[::1]/x",
+        "ftp://example.com/x",
+        "http://no-such-host.invalid/x",
+    ],
+)
 def test_download_url_guarded(api: httpx.Client, odb: psycopg.Connection, url: str) -> None:
     pid = create(api, odb)
     r = api.post(f"/api/v1/ota/{pid}/apply", json={"download_url": url})
@@ -312,6 +377,7 @@ def test_apply_body_validation(api: httpx.Client, odb: psycopg.Connection) -> No
 
 # --- update check ---
 
+
 def check(client: httpx.Client) -> dict[str, Any]:
     r = client.get("/api/v1/ota/check")
     assert r.status_code == 200, r.text
@@ -323,9 +389,15 @@ def test_check_without_candidates(api: httpx.Client, odb: psycopg.Connection, en
     newer_failed = create(api, odb, "9.9.9")
     odb.execute("UPDATE firmware_updates SET status = 'failed' WHERE public_id = %s", (newer_failed,))
     try:
-        assert check(api) == {"current_version": "2.0.0", "latest_version": None, "update_available": False,
-                              "github_latest_version": None, "github_download_url": None,
-                              "github_release_url": None, "github_error": None}
+        assert check(api) == {
+            "current_version": "2.0.0",
+            "latest_version": None,
+            "update_available": False,
+            "github_latest_version": None,
+            "github_download_url": None,
+            "github_release_url": None,
+            "github_error": None,
+        }
         [req] = env.github.requests[-1:]
         assert req.path == "/repos/acme/webmacs/releases/latest"
         assert req.headers["Accept"] == "application/vnd.github+json"
@@ -338,10 +410,17 @@ def test_check_with_db_candidate_and_github_release(api: httpx.Client, odb: psyc
     try:
         got = check(api)
         assert (got["update_available"], got["latest_version"], got["current_version"]) == (True, "2.1.0", "2.0.0")
-        release = {"tag_name": "vv2.2.0", "html_url": "https://github.com/acme/webmacs/releases/v2.2.0", "assets": [
-            {"name": "notes.txt", "browser_download_url": "https://x/notes.txt"},
-            {"name": "webmacs-update-2.2.0.tar.gz", "browser_download_url": "https://x/webmacs-update-2.2.0.tar.gz"},
-        ]}
+        release = {
+            "tag_name": "vv2.2.0",
+            "html_url": "https://github.com/acme/webmacs/releases/v2.2.0",
+            "assets": [
+                {"name": "notes.txt", "browser_download_url": "https://x/notes.txt"},
+                {
+                    "name": "webmacs-update-2.2.0.tar.gz",
+                    "browser_download_url": "https://x/webmacs-update-2.2.0.tar.gz",
+                },
+            ],
+        }
         env.github.default = Reply(200, json.dumps(release).encode(), {"Content-Type": "application/json"})
         got = check(api)
         assert got["latest_version"] == "2.2.0" and got["github_latest_version"] == "2.2.0"
@@ -350,8 +429,11 @@ def test_check_with_db_candidate_and_github_release(api: httpx.Client, odb: psyc
         # An older GitHub release is reported but does not win.
         env.github.default = Reply(200, json.dumps({"tag_name": "1.0.0"}).encode())
         got = check(api)
-        assert (got["latest_version"], got["github_latest_version"], got["github_download_url"]) == ("2.1.0", "1.0.0",
-                                                                                                   None)
+        assert (got["latest_version"], got["github_latest_version"], got["github_download_url"]) == (
+            "2.1.0",
+            "1.0.0",
+            None,
+        )
     finally:
         for pid in pids:
             api.delete(f"/api/v1/ota/{pid}")
@@ -385,6 +467,7 @@ def test_github_lookup_edge_cases(env: Ota) -> None:
 
 # --- uploads ---
 
+
 def upload(client: httpx.Client, name: str, data: bytes) -> httpx.Response:
     return client.post("/api/v1/ota/upload", files={"file": (name, data, "application/gzip")})
 
@@ -398,9 +481,10 @@ def test_upload_good_bundle(api: httpx.Client, env: Ota) -> None:
     data = bundle(manifest=GOOD_MANIFEST)
     r = upload(api, name, data)
     assert r.status_code == 201, r.text
-    assert r.json() == {"status": "success",
-                        "message": f"Bundle '{name}' uploaded ({len(data):,} bytes). Update will be applied "
-                                   "automatically."}
+    assert r.json() == {
+        "status": "success",
+        "message": f"Bundle '{name}' uploaded ({len(data):,} bytes). Update will be applied automatically.",
+    }
     assert "," in f"{len(data):,}"
     assert (env.update_dir / name).read_bytes() == data
     r = upload(api, name, data)
@@ -408,8 +492,10 @@ def test_upload_good_bundle(api: httpx.Client, env: Ota) -> None:
     assert leftovers(env) == []
 
 
-@pytest.mark.parametrize("filename", ["../../escape-{u}.tar.gz", "..\\..\\escape-{u}.tar.gz", "/etc/escape-{u}.tar.gz",
-                                      "a/b/c/escape-{u}.tar.gz"])
+@pytest.mark.parametrize(
+    "filename",
+    ["../../escape-{u}.tar.gz", "..\\..\\escape-{u}.tar.gz", "/etc/escape-{u}.tar.gz", "a/b/c/escape-{u}.tar.gz"],
+)
 def test_upload_path_traversal_keeps_base_name(api: httpx.Client, env: Ota, filename: str) -> None:
     u = unique("p")
     r = upload(api, filename.format(u=u), bundle(manifest=GOOD_MANIFEST))
@@ -440,23 +526,30 @@ def test_upload_oversize_is_413_and_removed(api: httpx.Client, env: Ota) -> None
     assert not (env.update_dir / name).exists() and leftovers(env) == []
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"plain text, not gzip", "not a gzip-compressed tar archive"),
-    (bundle(), "manifest.json is missing"),
-    (bundle(manifest=b"{not json"), "manifest.json is not valid JSON"),
-    (bundle(manifest=["2.1.0"]), "manifest.json must be a JSON object"),
-    (bundle(manifest={"images_sha256": "ab" * 32}), "manifest.json 'version' must be a version X.Y.Z"),
-    (bundle(manifest={"version": "v2.1", "images_sha256": "ab" * 32}),
-     "manifest.json 'version' must be a version X.Y.Z"),
-    (bundle(manifest={"version": "2.1.0", "images_sha256": "xyz"}),
-     "manifest.json 'images_sha256' must be 64 hexadecimal characters"),
-    (bundle(manifest={"version": "2.1.0"}), "manifest.json 'images_sha256' must be 64 hexadecimal characters"),
-    (bundle({"../evil.sh": b"rm -rf /"}, manifest=GOOD_MANIFEST), "member '../evil.sh' has an unsafe path"),
-    (bundle({"/etc/cron.d/x": b"x"}, manifest=GOOD_MANIFEST), "member '/etc/cron.d/x' has an unsafe path"),
-    (bundle({"a/../../x": b"x"}, manifest=GOOD_MANIFEST), "member 'a/../../x' has an unsafe path"),
-    (bundle(manifest=GOOD_MANIFEST, symlink=("link", "/etc/passwd")), "link 'link' points outside the bundle"),
-    (bundle(manifest=GOOD_MANIFEST, symlink=("d/link", "../../x")), "link 'd/link' points outside the bundle"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"plain text, not gzip", "not a gzip-compressed tar archive"),
+        (bundle(), "manifest.json is missing"),
+        (bundle(manifest=b"{not json"), "manifest.json is not valid JSON"),
+        (bundle(manifest=["2.1.0"]), "manifest.json must be a JSON object"),
+        (bundle(manifest={"images_sha256": "ab" * 32}), "manifest.json 'version' must be a version X.Y.Z"),
+        (
+            bundle(manifest={"version": "v2.1", "images_sha256": "ab" * 32}),
+            "manifest.json 'version' must be a version X.Y.Z",
+        ),
+        (
+            bundle(manifest={"version": "2.1.0", "images_sha256": "xyz"}),
+            "manifest.json 'images_sha256' must be 64 hexadecimal characters",
+        ),
+        (bundle(manifest={"version": "2.1.0"}), "manifest.json 'images_sha256' must be 64 hexadecimal characters"),
+        (bundle({"../evil.sh": b"rm -rf /"}, manifest=GOOD_MANIFEST), "member '../evil.sh' has an unsafe path"),
+        (bundle({"/etc/cron.d/x": b"x"}, manifest=GOOD_MANIFEST), "member '/etc/cron.d/x' has an unsafe path"),
+        (bundle({"a/../../x": b"x"}, manifest=GOOD_MANIFEST), "member 'a/../../x' has an unsafe path"),
+        (bundle(manifest=GOOD_MANIFEST, symlink=("link", "/etc/passwd")), "link 'link' points outside the bundle"),
+        (bundle(manifest=GOOD_MANIFEST, symlink=("d/link", "../../x")), "link 'd/link' points outside the bundle"),
+    ],
+)
 def test_upload_invalid_bundle_is_422_and_removed(api: httpx.Client, env: Ota, data: bytes, reason: str) -> None:
     name = f"webmacs-update-{unique('bad')}.tar.gz"
     r = upload(api, name, data)
@@ -469,18 +562,26 @@ def test_upload_missing_file_is_422(api: httpx.Client) -> None:
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "file"]
     r = api.post("/api/v1/ota/upload", json={"file": "x"})
     assert r.status_code == 422
-    r = api.post("/api/v1/ota/upload", content=b"--zz\r\ngarbage",
-                 headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    r = api.post(
+        "/api/v1/ota/upload", content=b"--zz\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=zz"}
+    )
     assert r.status_code == 422
 
 
 # --- access ---
 
+
 def test_access_matrix(api: httpx.Client, odb: psycopg.Connection, env: Ota) -> None:
     pid = create(api, odb)
-    admin_only = [("GET", "/api/v1/ota"), ("POST", "/api/v1/ota"), ("GET", f"/api/v1/ota/{pid}"),
-                  ("POST", f"/api/v1/ota/{pid}/apply"), ("POST", f"/api/v1/ota/{pid}/rollback"),
-                  ("DELETE", f"/api/v1/ota/{pid}"), ("POST", "/api/v1/ota/upload")]
+    admin_only = [
+        ("GET", "/api/v1/ota"),
+        ("POST", "/api/v1/ota"),
+        ("GET", f"/api/v1/ota/{pid}"),
+        ("POST", f"/api/v1/ota/{pid}/apply"),
+        ("POST", f"/api/v1/ota/{pid}/rollback"),
+        ("DELETE", f"/api/v1/ota/{pid}"),
+        ("POST", "/api/v1/ota/upload"),
+    ]
     with httpx.Client(base_url=env.server.url) as anon:
         for method, path in [*admin_only, ("GET", "/api/v1/ota/check")]:
             assert anon.request(method, path).status_code == 401, path
@@ -502,8 +603,12 @@ def test_nul_input_is_422_or_404_never_500(api: httpx.Client, odb: psycopg.Conne
     assert api.post("/api/v1/ota", json={"version": old_version(), "changelog": "a\x00b"}).status_code == 422
     pid = create(api, odb)
     assert api.post(f"/api/v1/ota/{pid}/apply", json={"download_url": "http://x\x00/"}).status_code == 422
-    for method, path in [("GET", "/api/v1/ota/x%00"), ("DELETE", "/api/v1/ota/x%00"),
-                         ("POST", "/api/v1/ota/x%00/apply"), ("POST", "/api/v1/ota/x%00/rollback")]:
+    for method, path in [
+        ("GET", "/api/v1/ota/x%00"),
+        ("DELETE", "/api/v1/ota/x%00"),
+        ("POST", "/api/v1/ota/x%00/apply"),
+        ("POST", "/api/v1/ota/x%00/rollback"),
+    ]:
         assert api.request(method, path).status_code == 404, path
 
 
@@ -541,8 +646,9 @@ def test_unwritable_update_dir_is_503_not_500(api: httpx.Client, env: Ota, tmp_p
 
 def test_download_never_writes_outside_the_update_dir(api: httpx.Client, odb: psycopg.Connection) -> None:
     """A version written behind the API's back cannot steer the firmware file name."""
-    row = odb.execute("INSERT INTO firmware_updates (version) VALUES (%s) RETURNING public_id",
-                      (f"../../{unique('evil')}",)).fetchone()
+    row = odb.execute(
+        "INSERT INTO firmware_updates (version) VALUES (%s) RETURNING public_id", (f"../../{unique('evil')}",)
+    ).fetchone()
     assert row is not None
     with Receiver() as files:
         files.default = Reply(200, b"data")

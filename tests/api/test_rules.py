@@ -16,15 +16,21 @@ from tests.conftest import unique
 def event_id(client: httpx.Client, db: psycopg.Connection) -> str:
     row = db.execute(
         "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 100, 'C', 'sensor')"
-        " RETURNING public_id", (unique("ev"),),
+        " RETURNING public_id",
+        (unique("ev"),),
     ).fetchone()
     assert row is not None
     return str(row[0])
 
 
 def rule_body(event_id: str, **over: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"name": unique("rule"), "event_public_id": event_id, "operator": "gt",
-                            "threshold": 50.0, "action_type": "log"}
+    body: dict[str, Any] = {
+        "name": unique("rule"),
+        "event_public_id": event_id,
+        "operator": "gt",
+        "threshold": 50.0,
+        "action_type": "log",
+    }
     body.update(over)
     return body
 
@@ -45,8 +51,15 @@ def create(client: httpx.Client, db: psycopg.Connection) -> Any:
 
 
 def test_create_and_get_round_trip(client: httpx.Client, operator: dict[str, str], event_id: str, create: Any) -> None:
-    body = rule_body(event_id, operator="between", threshold=10, threshold_high=20.5, action_type="webhook",
-                     webhook_event_type="sensor.reading", cooldown_seconds=0)
+    body = rule_body(
+        event_id,
+        operator="between",
+        threshold=10,
+        threshold_high=20.5,
+        action_type="webhook",
+        webhook_event_type="sensor.reading",
+        cooldown_seconds=0,
+    )
     pid = create(operator, body)
     r = client.get(f"/api/v1/rules/{pid}", headers=operator)
     assert r.status_code == 200
@@ -84,16 +97,24 @@ def test_range_operator_without_high_is_422_value_error(
 
 
 def test_high_below_low_is_422(client: httpx.Client, operator: dict[str, str], event_id: str) -> None:
-    r = client.post("/api/v1/rules", headers=operator,
-                    json=rule_body(event_id, operator="between", threshold=10, threshold_high=5))
+    r = client.post(
+        "/api/v1/rules", headers=operator, json=rule_body(event_id, operator="between", threshold=10, threshold_high=5)
+    )
     assert r.status_code == 422
     assert r.json()["detail"][0]["msg"] == "Value error, threshold_high must be >= threshold"
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("operator", "gtx"), ("action_type", "email"), ("webhook_event_type", "sensor.nope"), ("cooldown_seconds", -1),
-    ("name", ""), ("threshold", "abc"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("operator", "gtx"),
+        ("action_type", "email"),
+        ("webhook_event_type", "sensor.nope"),
+        ("cooldown_seconds", -1),
+        ("name", ""),
+        ("threshold", "abc"),
+    ],
+)
 def test_invalid_fields_are_422(
     client: httpx.Client, operator: dict[str, str], event_id: str, field: str, value: Any
 ) -> None:
@@ -103,8 +124,8 @@ def test_invalid_fields_are_422(
 
 
 def test_unknown_event_is_404_before_duplicate_name(
-    client: httpx.Client, operator: dict[str, str], event_id: str
-, create: Any) -> None:
+    client: httpx.Client, operator: dict[str, str], event_id: str, create: Any
+) -> None:
     body = rule_body(event_id)
     create(operator, body)
     r = client.post("/api/v1/rules", headers=operator, json={**body, "event_public_id": "no-such-event"})
@@ -122,8 +143,12 @@ def test_list_is_paginated_in_creation_order(
     last_two = client.get("/api/v1/rules", headers=operator, params={"page": total - 1, "page_size": 1}).json()
     assert last_two["page"] == total - 1 and last_two["page_size"] == 1 and last_two["total"] == total
     assert [d["public_id"] for d in last_two["data"]] == [first]
-    assert client.get("/api/v1/rules", headers=operator,
-                      params={"page": total, "page_size": 1}).json()["data"][0]["public_id"] == second
+    assert (
+        client.get("/api/v1/rules", headers=operator, params={"page": total, "page_size": 1}).json()["data"][0][
+            "public_id"
+        ]
+        == second
+    )
     assert client.get("/api/v1/rules", headers=operator, params={"page_size": 0}).status_code == 422
 
 
@@ -131,8 +156,11 @@ def test_update_fields(
     client: httpx.Client, operator: dict[str, str], event_id: str, db: psycopg.Connection, create: Any
 ) -> None:
     pid = create(operator, rule_body(event_id))
-    r = client.put(f"/api/v1/rules/{pid}", headers=operator,
-                   json={"threshold": 70, "enabled": False, "operator": "lte", "cooldown_seconds": 5})
+    r = client.put(
+        f"/api/v1/rules/{pid}",
+        headers=operator,
+        json={"threshold": 70, "enabled": False, "operator": "lte", "cooldown_seconds": 5},
+    )
     assert r.status_code == 200 and r.json() == {"status": "success", "message": "Rule successfully updated."}
     got = client.get(f"/api/v1/rules/{pid}", headers=operator).json()
     assert (got["threshold"], got["enabled"], got["operator"], got["cooldown_seconds"]) == (70.0, False, "lte", 5)
@@ -142,8 +170,8 @@ def test_update_fields(
 
 
 def test_update_merged_validation_uses_string_details(
-    client: httpx.Client, operator: dict[str, str], event_id: str
-, create: Any) -> None:
+    client: httpx.Client, operator: dict[str, str], event_id: str, create: Any
+) -> None:
     pid = create(operator, rule_body(event_id, threshold=10))
     r = client.put(f"/api/v1/rules/{pid}", headers=operator, json={"operator": "between"})
     assert r.status_code == 422
@@ -187,8 +215,8 @@ def test_delete_then_404(client: httpx.Client, operator: dict[str, str], event_i
 
 
 def test_event_delete_cascades_to_rules(
-    client: httpx.Client, operator: dict[str, str], event_id: str, db: psycopg.Connection
-, create: Any) -> None:
+    client: httpx.Client, operator: dict[str, str], event_id: str, db: psycopg.Connection, create: Any
+) -> None:
     pid = create(operator, rule_body(event_id))
     db.execute("DELETE FROM events WHERE public_id = %s", (event_id,))
     assert client.get(f"/api/v1/rules/{pid}", headers=operator).status_code == 404
@@ -196,27 +224,38 @@ def test_event_delete_cascades_to_rules(
 
 # --- hysteresis (beyond the reference) ---
 
-@pytest.mark.parametrize(("op", "threshold", "clear"), [
-    ("gt", 50, 45), ("gte", 50, 50), ("lt", 10, 12), ("lte", 10, 10),
-])
+
+@pytest.mark.parametrize(
+    ("op", "threshold", "clear"),
+    [
+        ("gt", 50, 45),
+        ("gte", 50, 50),
+        ("lt", 10, 12),
+        ("lte", 10, 10),
+    ],
+)
 def test_hysteresis_accepted_on_the_non_firing_side(
-    client: httpx.Client, operator: dict[str, str], event_id: str, op: str, threshold: float, clear: float
-, create: Any) -> None:
-    pid = create(operator, rule_body(event_id, operator=op, threshold=threshold, clear_threshold=clear,
-                                             rearm_on_clear=True))
+    client: httpx.Client, operator: dict[str, str], event_id: str, op: str, threshold: float, clear: float, create: Any
+) -> None:
+    pid = create(
+        operator, rule_body(event_id, operator=op, threshold=threshold, clear_threshold=clear, rearm_on_clear=True)
+    )
     got = client.get(f"/api/v1/rules/{pid}", headers=operator).json()
     assert got["clear_threshold"] == float(clear) and got["rearm_on_clear"] is True
 
 
-@pytest.mark.parametrize(("op", "threshold", "clear", "msg"), [
-    ("gt", 50, 55, "clear_threshold must be <= threshold for gt/gte operators"),
-    ("gte", 50, 50.1, "clear_threshold must be <= threshold for gt/gte operators"),
-    ("lt", 10, 9, "clear_threshold must be >= threshold for lt/lte operators"),
-    ("lte", 10, -1, "clear_threshold must be >= threshold for lt/lte operators"),
-    ("eq", 10, 10, "clear_threshold must be null for eq/between/not_between operators"),
-    ("between", 10, 10, "clear_threshold must be null for eq/between/not_between operators"),
-    ("not_between", 10, 12, "clear_threshold must be null for eq/between/not_between operators"),
-])
+@pytest.mark.parametrize(
+    ("op", "threshold", "clear", "msg"),
+    [
+        ("gt", 50, 55, "clear_threshold must be <= threshold for gt/gte operators"),
+        ("gte", 50, 50.1, "clear_threshold must be <= threshold for gt/gte operators"),
+        ("lt", 10, 9, "clear_threshold must be >= threshold for lt/lte operators"),
+        ("lte", 10, -1, "clear_threshold must be >= threshold for lt/lte operators"),
+        ("eq", 10, 10, "clear_threshold must be null for eq/between/not_between operators"),
+        ("between", 10, 10, "clear_threshold must be null for eq/between/not_between operators"),
+        ("not_between", 10, 12, "clear_threshold must be null for eq/between/not_between operators"),
+    ],
+)
 def test_hysteresis_rejected(
     client: httpx.Client, operator: dict[str, str], event_id: str, op: str, threshold: float, clear: float, msg: str
 ) -> None:
@@ -229,14 +268,17 @@ def test_hysteresis_rejected(
 def test_rearm_on_clear_without_level_is_allowed_for_any_operator(
     client: httpx.Client, operator: dict[str, str], event_id: str
 ) -> None:
-    r = client.post("/api/v1/rules", headers=operator,
-                    json=rule_body(event_id, operator="between", threshold=1, threshold_high=2, rearm_on_clear=True))
+    r = client.post(
+        "/api/v1/rules",
+        headers=operator,
+        json=rule_body(event_id, operator="between", threshold=1, threshold_high=2, rearm_on_clear=True),
+    )
     assert r.status_code == 201
 
 
 def test_hysteresis_checked_after_merge_on_update(
-    client: httpx.Client, operator: dict[str, str], event_id: str
-, create: Any) -> None:
+    client: httpx.Client, operator: dict[str, str], event_id: str, create: Any
+) -> None:
     pid = create(operator, rule_body(event_id, operator="gt", threshold=50, clear_threshold=40))
     r = client.put(f"/api/v1/rules/{pid}", headers=operator, json={"operator": "lt"})
     assert r.status_code == 422
@@ -253,26 +295,40 @@ def test_hysteresis_checked_after_merge_on_update(
 
 
 def test_rule_changes_notify_other_processes(
-    client: httpx.Client, operator: dict[str, str], event_id: str, db_url: str
-, create: Any) -> None:
+    client: httpx.Client, operator: dict[str, str], event_id: str, db_url: str, create: Any
+) -> None:
     """Every server process refreshes its catalog on `webmacs_catalog`, including hysteresis-only changes."""
     pid = create(operator, rule_body(event_id, clear_threshold=10))
     with psycopg.connect(db_url, autocommit=True) as listener:
         listener.execute("LISTEN webmacs_catalog")
-        assert client.put(f"/api/v1/rules/{pid}", headers=operator,
-                          json={"clear_threshold": 20, "rearm_on_clear": True}).status_code == 200
+        assert (
+            client.put(
+                f"/api/v1/rules/{pid}", headers=operator, json={"clear_threshold": 20, "rearm_on_clear": True}
+            ).status_code
+            == 200
+        )
         got = [n.payload for n in listener.notifies(timeout=10, stop_after=1)]
     assert got == ["rules"]
 
 
 # --- access ---
 
-def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: dict[str, str],
-                       viewer: dict[str, str], event_id: str, create: Any) -> None:
+
+def test_access_matrix(
+    client: httpx.Client,
+    admin: dict[str, str],
+    operator: dict[str, str],
+    viewer: dict[str, str],
+    event_id: str,
+    create: Any,
+) -> None:
     pid = create(admin, rule_body(event_id))
-    calls = [("GET", "/api/v1/rules", None), ("GET", f"/api/v1/rules/{pid}", None),
-             ("PUT", f"/api/v1/rules/{pid}", {"enabled": True}),
-             ("POST", "/api/v1/rules", rule_body(event_id))]
+    calls = [
+        ("GET", "/api/v1/rules", None),
+        ("GET", f"/api/v1/rules/{pid}", None),
+        ("PUT", f"/api/v1/rules/{pid}", {"enabled": True}),
+        ("POST", "/api/v1/rules", rule_body(event_id)),
+    ]
     for method, url, body in calls:
         assert client.request(method, url, json=body).status_code == 401
         r = client.request(method, url, headers=viewer, json=body)

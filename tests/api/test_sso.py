@@ -84,8 +84,11 @@ class FakeIdP:
         self.userinfo_auth: list[str] = []
 
     def discovery_doc(self) -> dict[str, Any]:
-        doc = {"issuer": self.url, "authorization_endpoint": f"{self.url}/authorize?tenant=t1",
-               "token_endpoint": f"{self.url}/token"}
+        doc = {
+            "issuer": self.url,
+            "authorization_endpoint": f"{self.url}/authorize?tenant=t1",
+            "token_endpoint": f"{self.url}/token",
+        }
         if self.with_userinfo:
             doc["userinfo_endpoint"] = f"{self.url}/userinfo"
         return doc
@@ -107,9 +110,14 @@ def idp() -> Iterator[FakeIdP]:
 
 def oidc_settings(db_url: str, tmp: Path, idp: FakeIdP, **overrides: Any) -> Any:
     values: dict[str, Any] = {
-        "oidc_enabled": True, "oidc_provider_name": PROVIDER, "oidc_issuer_url": idp.url + "/",
-        "oidc_client_id": CLIENT_ID, "oidc_client_secret": CLIENT_SECRET, "oidc_frontend_url": FRONTEND + "/",
-        "oidc_default_role": "operator", "oidc_redirect_uri": "http://api.example/api/v1/auth/sso/callback",
+        "oidc_enabled": True,
+        "oidc_provider_name": PROVIDER,
+        "oidc_issuer_url": idp.url + "/",
+        "oidc_client_id": CLIENT_ID,
+        "oidc_client_secret": CLIENT_SECRET,
+        "oidc_frontend_url": FRONTEND + "/",
+        "oidc_default_role": "operator",
+        "oidc_redirect_uri": "http://api.example/api/v1/auth/sso/callback",
     }
     values.update(overrides)
     return make_settings(db_url, tmp, **values)
@@ -139,7 +147,9 @@ def authorize(api: httpx.Client) -> dict[str, str]:
     return {k: v[0] for k, v in query.items()}
 
 
-def callback(api: httpx.Client, idp: FakeIdP, userinfo: dict[str, Any] | None, code: str = "idp-code") -> httpx.Response:
+def callback(
+    api: httpx.Client, idp: FakeIdP, userinfo: dict[str, Any] | None, code: str = "idp-code"
+) -> httpx.Response:
     """Walk authorize → (the IdP authenticates the user) → callback; returns the callback response."""
     state = authorize(api)["state"]
     if userinfo is not None:
@@ -177,6 +187,7 @@ def assert_detail(r: httpx.Response, status: int, contains: str) -> None:
 
 # --- config ---
 
+
 def test_config_disabled_by_default(client: httpx.Client) -> None:
     r = client.get(f"{BASE}/config")
     assert r.status_code == 200
@@ -198,14 +209,23 @@ def test_config_enabled(api: httpx.Client) -> None:
 
 # --- authorize ---
 
+
 def test_authorize_redirects_with_pkce_and_a_signed_state(api: httpx.Client, idp: FakeIdP) -> None:
     r = api.get(f"{BASE}/authorize")
     assert r.status_code == 307
     location = urlsplit(r.headers["location"])
     assert f"{location.scheme}://{location.netloc}{location.path}" == f"{idp.url}/authorize"
     q = {k: v[0] for k, v in parse_qs(location.query).items()}
-    assert q.keys() == {"tenant", "response_type", "client_id", "redirect_uri", "scope", "state",
-                        "code_challenge", "code_challenge_method"}
+    assert q.keys() == {
+        "tenant",
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    }
     assert q["tenant"] == "t1"  # the endpoint's own query survives
     assert q["response_type"] == "code"
     assert q["client_id"] == CLIENT_ID
@@ -232,6 +252,7 @@ def test_discovery_is_cached(api: httpx.Client, idp: FakeIdP, sso_server: Server
 
 # --- callback: the user ---
 
+
 def test_new_user_is_created_with_the_default_role(api: httpx.Client, idp: FakeIdP, db: psycopg.Connection) -> None:
     name = unique("newbie")
     claims = person(preferred_username=name)
@@ -240,11 +261,15 @@ def test_new_user_is_created_with_the_default_role(api: httpx.Client, idp: FakeI
     assert me["email"] == claims["email"]
     assert me["role"] == "operator" and me["admin"] is False  # OIDC_DEFAULT_ROLE, not a hard-coded viewer
     assert me["sso_provider"] == PROVIDER
-    row = db.execute("SELECT sso_provider, sso_subject_id FROM users WHERE public_id = %s", (me["public_id"],)).fetchone()
+    row = db.execute(
+        "SELECT sso_provider, sso_subject_id FROM users WHERE public_id = %s", (me["public_id"],)
+    ).fetchone()
     assert row == (PROVIDER, claims["sub"])
     # The audit log records the SSO login (spec §14).
-    log = db.execute("SELECT logging_type, status_type FROM log_entries WHERE content = %s AND user_public_id = %s",
-                     (f"User '{name}' logged in via SSO ({PROVIDER}).", me["public_id"])).fetchall()
+    log = db.execute(
+        "SELECT logging_type, status_type FROM log_entries WHERE content = %s AND user_public_id = %s",
+        (f"User '{name}' logged in via SSO ({PROVIDER}).", me["public_id"]),
+    ).fetchall()
     assert log == [("info", "unread")]
     # Logging in again resolves to the same user by (provider, subject), even with a changed email.
     again = login(api, idp, {**claims, "email": f"{unique('changed')}@example.com"})
@@ -259,8 +284,13 @@ def test_callback_exchanges_the_code_with_pkce_and_client_credentials(api: httpx
     one_time_code(r)
     assert r.headers["cache-control"] == "no-store"
     [req] = idp.token_requests
-    assert req["form"] == {"grant_type": "authorization_code", "code": "the-idp-code", "client_id": CLIENT_ID,
-                           "redirect_uri": "http://api.example/api/v1/auth/sso/callback", "code_verifier": verifier}
+    assert req["form"] == {
+        "grant_type": "authorization_code",
+        "code": "the-idp-code",
+        "client_id": CLIENT_ID,
+        "redirect_uri": "http://api.example/api/v1/auth/sso/callback",
+        "code_verifier": verifier,
+    }
     user, _, secret = base64.b64decode(req["authorization"].removeprefix("Basic ")).decode().partition(":")
     assert (user, secret) == (CLIENT_ID, "s3cr%3Aet%2F%2B")  # RFC 6749 §2.3.1: form-encoded, then Basic
     assert idp.userinfo_auth == ["Bearer idp-access-token"]
@@ -288,7 +318,8 @@ def test_sanitise_username_rules() -> None:
     assert sso.sanitise_username("ok.name_-1") == "ok.name_-1"
     assert re.fullmatch(r"sso_user_[0-9a-f]{6}", sso.sanitise_username("ü"))
     assert sso.identity({"sub": 42, "email": "x@Example.COM", "email_verified": "true"}) == sso.Identity(
-        subject="42", email="x@example.com", email_verified=True, username_hint="x")
+        subject="42", email="x@example.com", email_verified=True, username_hint="x"
+    )
     assert sso.identity({"sub": "s", "email": "x@e.com", "email_verified": "false"}).email_verified is False
 
 
@@ -296,8 +327,11 @@ def test_existing_verified_user_is_linked_by_email(
     api: httpx.Client, idp: FakeIdP, client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
 ) -> None:
     email, username = f"{unique('local')}@example.com", unique("local")
-    r = client.post("/api/v1/users", headers=admin,
-                    json={"email": email, "username": username, "password": "password123", "role": "viewer"})
+    r = client.post(
+        "/api/v1/users",
+        headers=admin,
+        json={"email": email, "username": username, "password": "password123", "role": "viewer"},
+    )
     assert r.status_code == 201, r.text
     claims = person(email=email, preferred_username="ignored-for-existing-users")
     me = login(api, idp, claims)
@@ -306,11 +340,13 @@ def test_existing_verified_user_is_linked_by_email(
     assert row == (claims["sub"],)
 
 
-def test_unverified_email_is_not_linked(api: httpx.Client, idp: FakeIdP, client: httpx.Client,
-                                        admin: dict[str, str], db: psycopg.Connection) -> None:
+def test_unverified_email_is_not_linked(
+    api: httpx.Client, idp: FakeIdP, client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     email = f"{unique('unv')}@example.com"
-    r = client.post("/api/v1/users", headers=admin,
-                    json={"email": email, "username": unique("unv"), "password": "password123"})
+    r = client.post(
+        "/api/v1/users", headers=admin, json={"email": email, "username": unique("unv"), "password": "password123"}
+    )
     assert r.status_code == 201
     for verified in (False, None):  # explicitly false, or no claim at all
         assert_detail(callback(api, idp, person(email=email, email_verified=verified)), 403, "verified")
@@ -341,6 +377,7 @@ def test_auto_create_disabled(db_url: str, tmp_path: Path, idp: FakeIdP, db: psy
 
 
 # --- callback: failures ---
+
 
 def test_bad_or_expired_state(api: httpx.Client, idp: FakeIdP) -> None:
     now = datetime.now(UTC)
@@ -395,6 +432,7 @@ def test_missing_email_or_subject_is_400(api: httpx.Client, idp: FakeIdP) -> Non
 
 # --- exchange ---
 
+
 def test_exchange_is_single_use(api: httpx.Client, idp: FakeIdP) -> None:
     code = one_time_code(callback(api, idp, person()))
     assert api.post(f"{BASE}/exchange", json={"code": code}).status_code == 200
@@ -417,6 +455,7 @@ def test_exchange_unknown_or_expired_code(api: httpx.Client, idp: FakeIdP, sso_s
 
 
 # --- configuration ---
+
 
 def test_misconfigured_and_unreachable_issuer(db_url: str, tmp_path: Path, idp: FakeIdP) -> None:
     server = start_server(oidc_settings(db_url, tmp_path, idp, oidc_issuer_url=""))
@@ -452,4 +491,6 @@ def test_redirect_uri_and_frontend_defaults(db_url: str, tmp_path: Path) -> None
     assert sso.redirect_uri(s) == "https://api.example:9000/api/v1/auth/sso/callback"
     assert sso.frontend_url(make_settings(db_url, tmp_path, cors_origins=["http://ui.example/"])) == "http://ui.example"
     assert sso.frontend_url(make_settings(db_url, tmp_path, cors_origins=[])) == "http://localhost:5173"
-    assert sso.frontend_url(make_settings(db_url, tmp_path, oidc_frontend_url="https://f.example/")) == "https://f.example"
+    assert (
+        sso.frontend_url(make_settings(db_url, tmp_path, oidc_frontend_url="https://f.example/")) == "https://f.example"
+    )

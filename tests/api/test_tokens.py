@@ -20,8 +20,11 @@ LISTED_FIELDS = {"public_id", "name", "last_used_at", "expires_at", "created_at"
 
 def new_user(client: httpx.Client, admin: dict[str, str], role: str = "viewer") -> dict[str, Any]:
     email, password = f"{unique('tok')}@example.com", "password123"
-    r = client.post("/api/v1/users", headers=admin,
-                    json={"email": email, "username": unique("tok"), "password": password, "role": role})
+    r = client.post(
+        "/api/v1/users",
+        headers=admin,
+        json={"email": email, "username": unique("tok"), "password": password, "role": role},
+    )
     assert r.status_code == 201, r.text
     body = client.post("/api/v1/auth/login", json={"email": email, "password": password}).json()
     return {"public_id": body["public_id"], "headers": bearer(body["access_token"]), "token": body["access_token"]}
@@ -116,8 +119,9 @@ def test_list_paging(client: httpx.Client, admin: dict[str, str]) -> None:
     assert client.get(TOKENS, headers=user["headers"], params={"page_size": 101}).status_code == 422
 
 
-@pytest.mark.parametrize("body", [{}, {"name": ""}, {"name": "x" * 256}, {"name": "ok", "expires_at": "soon"},
-                                  {"name": "nul\x00name"}])
+@pytest.mark.parametrize(
+    "body", [{}, {"name": ""}, {"name": "x" * 256}, {"name": "ok", "expires_at": "soon"}, {"name": "nul\x00name"}]
+)
 def test_create_validates_the_body(client: httpx.Client, viewer: dict[str, str], body: dict[str, Any]) -> None:
     assert client.post(TOKENS, headers=viewer, json=body).status_code == 422
 
@@ -148,21 +152,27 @@ def test_non_admin_cannot_delete_another_users_token(
     assert client.get(ME, headers=bearer(created["token"])).status_code == 200
     # An admin may delete anyone's.
     assert client.delete(f"{TOKENS}/{created['public_id']}", headers=admin).status_code == 200
-    assert db.execute("SELECT count(*) FROM api_tokens WHERE public_id = %s", (created["public_id"],)).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM api_tokens WHERE public_id = %s", (created["public_id"],)).fetchone() == (
+        0,
+    )
 
 
-@pytest.mark.parametrize("public_id", ["no-such-token", "00000000-0000-0000-0000-000000000000", "' OR 1=1 --",
-                                       "nul%00id"])
+@pytest.mark.parametrize(
+    "public_id", ["no-such-token", "00000000-0000-0000-0000-000000000000", "' OR 1=1 --", "nul%00id"]
+)
 def test_delete_unknown_token_is_404(client: httpx.Client, viewer: dict[str, str], public_id: str) -> None:
     r = client.delete(f"{TOKENS}/{public_id}", headers=viewer)
     assert r.status_code == 404 and r.json() == {"detail": "API token not found."}
 
 
-@pytest.mark.parametrize("expires_at", [
-    (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
-    # A naive timestamp is taken as UTC by the session and must not crash the comparison (spec §21.9).
-    (datetime.now(UTC) - timedelta(days=1)).replace(tzinfo=None).isoformat(),
-])
+@pytest.mark.parametrize(
+    "expires_at",
+    [
+        (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
+        # A naive timestamp is taken as UTC by the session and must not crash the comparison (spec §21.9).
+        (datetime.now(UTC) - timedelta(days=1)).replace(tzinfo=None).isoformat(),
+    ],
+)
 def test_expired_token_is_refused(client: httpx.Client, viewer: dict[str, str], expires_at: str) -> None:
     created = create_token(client, viewer, expires_at=expires_at)
     # Echoed as given: a naive value stays naive (spec §0), an aware one keeps its instant.
@@ -173,15 +183,19 @@ def test_expired_token_is_refused(client: httpx.Client, viewer: dict[str, str], 
     assert "www-authenticate" not in r.headers
 
 
-@pytest.mark.parametrize("expires_at,status", [
-    ("9999-12-31T23:59:59-05:00", 422),  # year 10000 in UTC: unrepresentable when read back
-    ("0001-01-01T00:00:00+01:00", 422),  # year 0 in UTC
-    ("9999-12-31T23:59:59", 201),
-    ("0001-01-01T00:00:00", 201),
-    (1e15, 422),
-])
-def test_expiry_at_the_edges_of_time_is_never_a_server_error(client: httpx.Client, viewer: dict[str, str],
-                                                             expires_at: Any, status: int) -> None:
+@pytest.mark.parametrize(
+    "expires_at,status",
+    [
+        ("9999-12-31T23:59:59-05:00", 422),  # year 10000 in UTC: unrepresentable when read back
+        ("0001-01-01T00:00:00+01:00", 422),  # year 0 in UTC
+        ("9999-12-31T23:59:59", 201),
+        ("0001-01-01T00:00:00", 201),
+        (1e15, 422),
+    ],
+)
+def test_expiry_at_the_edges_of_time_is_never_a_server_error(
+    client: httpx.Client, viewer: dict[str, str], expires_at: Any, status: int
+) -> None:
     r = client.post(TOKENS, headers=viewer, json={"name": "edge", "expires_at": expires_at})
     assert r.status_code == status, r.text
     assert client.get(TOKENS, headers=viewer, params={"page_size": 100}).status_code == 200
@@ -216,8 +230,9 @@ def test_logging_out_the_jwt_leaves_api_tokens_working(client: httpx.Client, adm
     assert client.get(ME, headers=bearer(token)).status_code == 200
 
 
-def test_token_in_use_elsewhere_does_not_block_a_request(client: httpx.Client, viewer: dict[str, str],
-                                                         db: psycopg.Connection) -> None:
+def test_token_in_use_elsewhere_does_not_block_a_request(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection
+) -> None:
     # Parallel requests with one token (a controller posting batches) must not queue behind each other's
     # last_used_at update: hold the row lock as a concurrent request would, and the request still completes.
     created = create_token(client, viewer)
@@ -228,4 +243,3 @@ def test_token_in_use_elsewhere_does_not_block_a_request(client: httpx.Client, v
     assert client.get(ME, headers=bearer(created["token"])).status_code == 200
     row = db.execute("SELECT last_used_at FROM api_tokens WHERE public_id = %s", (created["public_id"],)).fetchone()
     assert row is not None and row[0] is not None
-

@@ -16,8 +16,13 @@ ADMIN_ONLY = {"detail": "Admin privileges required."}
 
 
 def user_body(role: str = "viewer", **overrides: Any) -> dict[str, Any]:
-    return {"email": f"{unique('usr')}@example.com", "username": unique("usr"), "password": "password123",
-            "role": role, **overrides}
+    return {
+        "email": f"{unique('usr')}@example.com",
+        "username": unique("usr"),
+        "password": "password123",
+        "role": role,
+        **overrides,
+    }
 
 
 def create(client: httpx.Client, admin: dict[str, str], role: str = "viewer", **overrides: Any) -> dict[str, Any]:
@@ -31,11 +36,13 @@ def create(client: httpx.Client, admin: dict[str, str], role: str = "viewer", **
 
 
 def stored(db: psycopg.Connection, public_id: str) -> tuple[Any, ...] | None:
-    return db.execute("SELECT email, username, role, password_hash FROM users WHERE public_id = %s",
-                      (public_id,)).fetchone()
+    return db.execute(
+        "SELECT email, username, role, password_hash FROM users WHERE public_id = %s", (public_id,)
+    ).fetchone()
 
 
 # --- admin CRUD ---
+
 
 def test_admin_creates_a_user(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     body = user_body("operator")
@@ -54,12 +61,15 @@ def test_role_defaults_to_viewer(client: httpx.Client, admin: dict[str, str], db
     assert db.execute("SELECT role FROM users WHERE email = %s", (body["email"],)).fetchone() == ("viewer",)
 
 
-def test_created_email_is_stored_normalised(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
+def test_created_email_is_stored_normalised(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     local = unique("Mixed")
     body = user_body(email=f"{local}@EXAMPLE.COM")
     assert client.post(USERS, headers=admin, json=body).status_code == 201
     assert db.execute("SELECT email FROM users WHERE username = %s", (body["username"],)).fetchone() == (
-        f"{local}@example.com",)
+        f"{local}@example.com",
+    )
     r = client.post("/api/v1/auth/login", json={"email": f"{local}@Example.Com", "password": body["password"]})
     assert r.status_code == 200
 
@@ -86,25 +96,37 @@ def test_get_user_by_public_id(client: httpx.Client, admin: dict[str, str]) -> N
     body = r.json()
     assert set(body) == USER_FIELDS
     assert (body["email"], body["username"], body["role"], body["admin"]) == (
-        user["email"], user["username"], "operator", False)
+        user["email"],
+        user["username"],
+        "operator",
+        False,
+    )
 
 
 def test_admin_updates_another_user(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     user = create(client, admin)
     new_name, new_email = unique("renamed"), f"{unique('new')}@example.com"
-    r = client.put(f"{USERS}/{user['public_id']}", headers=admin,
-                   json={"username": new_name, "email": new_email, "role": "operator"})
+    r = client.put(
+        f"{USERS}/{user['public_id']}",
+        headers=admin,
+        json={"username": new_name, "email": new_email, "role": "operator"},
+    )
     assert r.status_code == 200
     assert r.json() == {"status": "success", "message": "User successfully updated."}
     row = stored(db, user["public_id"])
     assert row is not None and row[:3] == (new_email, new_name, "operator")
 
 
-def test_explicit_nulls_leave_fields_unchanged(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
+def test_explicit_nulls_leave_fields_unchanged(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     user = create(client, admin)
     before = stored(db, user["public_id"])
-    r = client.put(f"{USERS}/{user['public_id']}", headers=admin,
-                   json={"email": None, "username": None, "password": None, "role": None})
+    r = client.put(
+        f"{USERS}/{user['public_id']}",
+        headers=admin,
+        json={"email": None, "username": None, "password": None, "role": None},
+    )
     assert r.status_code == 200
     assert stored(db, user["public_id"]) == before
 
@@ -127,13 +149,15 @@ def test_deleting_a_user_deletes_their_api_tokens_and_log_entries(
     assert db.execute("SELECT count(*) FROM api_tokens WHERE user_id = %s", (uid,)).fetchone() == (1,)
     assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
     assert db.execute("SELECT count(*) FROM api_tokens WHERE user_id = %s", (uid,)).fetchone() == (0,)
-    assert db.execute("SELECT count(*) FROM log_entries WHERE user_public_id = %s",
-                      (user["public_id"],)).fetchone() == (0,)
+    assert db.execute(
+        "SELECT count(*) FROM log_entries WHERE user_public_id = %s", (user["public_id"],)
+    ).fetchone() == (0,)
     r = client.get("/api/v1/auth/me", headers=bearer(token))
     assert r.status_code == 401 and r.json() == {"detail": "Invalid API token."}
 
 
 # --- conflicts: committed before responding, so a duplicate is a 409, never a false 201 ---
+
 
 def test_duplicate_email_is_409(client: httpx.Client, admin: dict[str, str], db: psycopg.Connection) -> None:
     user = create(client, admin)
@@ -142,8 +166,9 @@ def test_duplicate_email_is_409(client: httpx.Client, admin: dict[str, str], db:
     assert db.execute("SELECT count(*) FROM users WHERE email = %s", (user["email"],)).fetchone() == (1,)
 
 
-def test_duplicate_username_is_409_and_not_stored(client: httpx.Client, admin: dict[str, str],
-                                                  db: psycopg.Connection) -> None:
+def test_duplicate_username_is_409_and_not_stored(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     user = create(client, admin)
     body = user_body(username=user["username"])
     r = client.post(USERS, headers=admin, json=body)
@@ -151,8 +176,9 @@ def test_duplicate_username_is_409_and_not_stored(client: httpx.Client, admin: d
     assert db.execute("SELECT count(*) FROM users WHERE email = %s", (body["email"],)).fetchone() == (0,)
 
 
-def test_update_into_a_taken_username_or_email_is_409(client: httpx.Client, admin: dict[str, str],
-                                                      db: psycopg.Connection) -> None:
+def test_update_into_a_taken_username_or_email_is_409(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     a, b = create(client, admin), create(client, admin)
     before = stored(db, b["public_id"])
     for change in ({"username": a["username"]}, {"email": a["email"]}):
@@ -170,25 +196,33 @@ def test_connection_stays_usable_after_a_conflict(client: httpx.Client, admin: d
 
 # --- validation ---
 
-@pytest.mark.parametrize("override,field", [
-    ({"password": "short"}, "password"),
-    ({"password": "1234567"}, "password"),
-    ({"email": "not-an-email"}, "email"),
-    ({"email": "a@"}, "email"),
-    ({"username": "x"}, "username"),
-    ({"username": "x" * 51}, "username"),
-    ({"role": "superuser"}, "role"),
-    ({"role": "Admin"}, "role"),
-])
-def test_create_rejects_invalid_fields(client: httpx.Client, admin: dict[str, str], override: dict[str, Any],
-                                       field: str) -> None:
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"password": "short"}, "password"),
+        ({"password": "1234567"}, "password"),
+        ({"email": "not-an-email"}, "email"),
+        ({"email": "a@"}, "email"),
+        ({"username": "x"}, "username"),
+        ({"username": "x" * 51}, "username"),
+        ({"role": "superuser"}, "role"),
+        ({"role": "Admin"}, "role"),
+    ],
+)
+def test_create_rejects_invalid_fields(
+    client: httpx.Client, admin: dict[str, str], override: dict[str, Any], field: str
+) -> None:
     r = client.post(USERS, headers=admin, json=user_body(**override))
     assert r.status_code == 422
     assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
 
 
 def test_boundary_lengths_are_accepted(client: httpx.Client, admin: dict[str, str]) -> None:
-    assert client.post(USERS, headers=admin, json=user_body(username=unique("")[:2], password="12345678")).status_code == 201
+    assert (
+        client.post(USERS, headers=admin, json=user_body(username=unique("")[:2], password="12345678")).status_code
+        == 201
+    )
     assert client.post(USERS, headers=admin, json=user_body(username=unique("u").ljust(50, "x"))).status_code == 201
 
 
@@ -198,16 +232,20 @@ def test_update_rejects_invalid_fields(client: httpx.Client, admin: dict[str, st
     assert client.put(f"{USERS}/{user['public_id']}", headers=admin, json=change).status_code == 422
 
 
-@pytest.mark.parametrize("override", [
-    {"username": "nul\x00name"},
-    {"password": "nul\x00password"},
-    {"username": "名前-ünïcödé"},
-    {"username": "'; DROP TABLE users; --"},
-    {"email": "robert'); DROP TABLE users;--@example.com"},
-    {"password": "p" * 5000},
-])
-def test_hostile_user_input_is_never_a_server_error(client: httpx.Client, admin: dict[str, str],
-                                                    db: psycopg.Connection, override: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"username": "nul\x00name"},
+        {"password": "nul\x00password"},
+        {"username": "名前-ünïcödé"},
+        {"username": "'; DROP TABLE users; --"},
+        {"email": "robert'); DROP TABLE users;--@example.com"},
+        {"password": "p" * 5000},
+    ],
+)
+def test_hostile_user_input_is_never_a_server_error(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection, override: dict[str, Any]
+) -> None:
     r = client.post(USERS, headers=admin, json=user_body(**override))
     assert r.status_code in (201, 422), r.text
     assert db.execute("SELECT count(*) FROM users WHERE username = 'admin'").fetchone() == (1,)
@@ -221,9 +259,11 @@ def test_unicode_username_round_trips(client: httpx.Client, admin: dict[str, str
 
 # --- access matrix (spec §5) ---
 
+
 @pytest.mark.parametrize("who", ["viewer", "operator"])
-def test_non_admins_cannot_list_create_or_delete(client: httpx.Client, admin: dict[str, str], who: str,
-                                                 request: pytest.FixtureRequest) -> None:
+def test_non_admins_cannot_list_create_or_delete(
+    client: httpx.Client, admin: dict[str, str], who: str, request: pytest.FixtureRequest
+) -> None:
     headers = request.getfixturevalue(who)
     target = create(client, admin)
     for r in (
@@ -239,13 +279,19 @@ def test_non_admins_cannot_list_create_or_delete(client: httpx.Client, admin: di
 
 
 def test_unauthenticated_requests_are_401(client: httpx.Client) -> None:
-    for r in (client.get(USERS), client.post(USERS, json={}), client.get(f"{USERS}/x"),
-              client.put(f"{USERS}/x", json={}), client.delete(f"{USERS}/x")):
+    for r in (
+        client.get(USERS),
+        client.post(USERS, json={}),
+        client.get(f"{USERS}/x"),
+        client.put(f"{USERS}/x", json={}),
+        client.delete(f"{USERS}/x"),
+    ):
         assert r.status_code == 401 and r.json() == {"detail": "Authentication required."}
 
 
-def test_any_authenticated_user_may_read_a_user(client: httpx.Client, admin: dict[str, str],
-                                                viewer: dict[str, str]) -> None:
+def test_any_authenticated_user_may_read_a_user(
+    client: httpx.Client, admin: dict[str, str], viewer: dict[str, str]
+) -> None:
     other = create(client, admin, "operator")
     r = client.get(f"{USERS}/{other['public_id']}", headers=viewer)
     assert r.status_code == 200 and r.json()["username"] == other["username"]
@@ -273,18 +319,23 @@ def test_user_cannot_update_someone_else(client: httpx.Client, admin: dict[str, 
 
 
 @pytest.mark.parametrize("role", ["admin", "operator", "viewer"])
-def test_non_admin_cannot_change_a_role_and_nothing_changes(client: httpx.Client, admin: dict[str, str],
-                                                            db: psycopg.Connection, role: str) -> None:
+def test_non_admin_cannot_change_a_role_and_nothing_changes(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection, role: str
+) -> None:
     user = create(client, admin)
     before = stored(db, user["public_id"])
-    r = client.put(f"{USERS}/{user['public_id']}", headers=user["headers"],
-                   json={"username": unique("sneaky"), "password": "newpassword1", "role": role})
+    r = client.put(
+        f"{USERS}/{user['public_id']}",
+        headers=user["headers"],
+        json={"username": unique("sneaky"), "password": "newpassword1", "role": role},
+    )
     assert r.status_code == 403 and r.json() == {"detail": "Only admins can change user roles."}
     assert stored(db, user["public_id"]) == before
 
 
-def test_null_role_from_a_non_admin_is_no_role_change(client: httpx.Client, admin: dict[str, str],
-                                                      db: psycopg.Connection) -> None:
+def test_null_role_from_a_non_admin_is_no_role_change(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
     user = create(client, admin)
     new_name = unique("nullrole")
     r = client.put(f"{USERS}/{user['public_id']}", headers=user["headers"], json={"username": new_name, "role": None})
@@ -310,8 +361,9 @@ def test_admin_changes_a_role(client: httpx.Client, admin: dict[str, str]) -> No
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-@pytest.mark.parametrize("public_id", ["no-such-user", "00000000-0000-0000-0000-000000000000", "x" * 300, "%27%20OR%201%3D1",
-                                       "nul%00id"])
+@pytest.mark.parametrize(
+    "public_id", ["no-such-user", "00000000-0000-0000-0000-000000000000", "x" * 300, "%27%20OR%201%3D1", "nul%00id"]
+)
 def test_unknown_user_is_404(client: httpx.Client, admin: dict[str, str], method: str, public_id: str) -> None:
     r = client.request(method, f"{USERS}/{public_id}", headers=admin, json={} if method == "PUT" else None)
     assert r.status_code == 404
@@ -321,9 +373,11 @@ def test_unknown_user_is_404(client: httpx.Client, admin: dict[str, str], method
 
 # --- paths and pagination (spec §0, §0.1) ---
 
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
-def test_trailing_slash_redirects_preserving_the_method(client: httpx.Client, admin: dict[str, str], server: Server,
-                                                       method: str) -> None:
+def test_trailing_slash_redirects_preserving_the_method(
+    client: httpx.Client, admin: dict[str, str], server: Server, method: str
+) -> None:
     # The bundled frontend calls GET/POST /api/v1/users/ and relies on this redirect (spec §0).
     r = client.request(method, f"{USERS}/", headers=admin, json={} if method == "POST" else None)
     assert r.status_code == 307
@@ -352,12 +406,21 @@ def test_pagination_envelope(client: httpx.Client, admin: dict[str, str], db: ps
     assert len(client.get(USERS, headers=admin, params={"page_size": 100}).json()["data"]) == min(total, 100)
 
 
-@pytest.mark.parametrize("params,field", [
-    ({"page": 0}, "page"), ({"page": -1}, "page"), ({"page": "abc"}, "page"), ({"page": 1.5}, "page"),
-    ({"page_size": 0}, "page_size"), ({"page_size": 101}, "page_size"), ({"page_size": "x"}, "page_size"),
-])
-def test_out_of_range_paging_is_422(client: httpx.Client, admin: dict[str, str], params: dict[str, Any],
-                                    field: str) -> None:
+@pytest.mark.parametrize(
+    "params,field",
+    [
+        ({"page": 0}, "page"),
+        ({"page": -1}, "page"),
+        ({"page": "abc"}, "page"),
+        ({"page": 1.5}, "page"),
+        ({"page_size": 0}, "page_size"),
+        ({"page_size": 101}, "page_size"),
+        ({"page_size": "x"}, "page_size"),
+    ],
+)
+def test_out_of_range_paging_is_422(
+    client: httpx.Client, admin: dict[str, str], params: dict[str, Any], field: str
+) -> None:
     r = client.get(USERS, headers=admin, params=params)
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["query", field]
@@ -370,8 +433,9 @@ def test_a_page_far_past_the_end_is_empty(client: httpx.Client, admin: dict[str,
     assert r.json()["data"] == [] and r.json()["page"] == page and r.json()["total"] >= 1
 
 
-def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admin: dict[str, str],
-                                                       server: Server) -> None:
+def test_deleting_a_user_refreshes_the_ingest_catalog(
+    client: httpx.Client, admin: dict[str, str], server: Server
+) -> None:
     # The user's events, plugin instances and rules cascade away; the engine must stop accepting them.
     refreshed = []
     original = server.app.state.catalog_refresh
@@ -390,4 +454,3 @@ def test_deleting_a_user_refreshes_the_ingest_catalog(client: httpx.Client, admi
         assert refreshed == [True]
     finally:
         server.app.state.catalog_refresh = original
-

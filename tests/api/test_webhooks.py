@@ -64,27 +64,45 @@ def test_create_message_and_duplicate(client: httpx.Client, admin: dict[str, str
         db.execute("DELETE FROM webhooks WHERE url = %s", (url,))
 
 
-@pytest.mark.parametrize("body", [
-    {"url": "ftp://example.com/x", "events": ["sensor.reading"]},
-    {"url": "example.com", "events": ["sensor.reading"]},
-    {"url": "https://example.com/" + "a" * 2048, "events": ["sensor.reading"]},
-    {"url": "https://example.com/x", "events": []},
-    {"url": "https://example.com/x", "events": ["sensor.bogus"]},
-    {"url": "https://example.com/x"},
-    {"url": "https://example.com/x", "events": ["sensor.reading"], "secret": "s" * 256},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"url": "ftp://example.com/x", "events": ["sensor.reading"]},
+        {"url": "example.com", "events": ["sensor.reading"]},
+        {"url": "https://example.com/" + "a" * 2048, "events": ["sensor.reading"]},
+        {"url": "https://example.com/x", "events": []},
+        {"url": "https://example.com/x", "events": ["sensor.bogus"]},
+        {"url": "https://example.com/x"},
+        {"url": "https://example.com/x", "events": ["sensor.reading"], "secret": "s" * 256},
+    ],
+)
 def test_invalid_bodies_are_422(client: httpx.Client, admin: dict[str, str], body: dict[str, Any]) -> None:
     r = client.post("/api/v1/webhooks", headers=admin, json=body)
     assert r.status_code == 422
     assert isinstance(r.json()["detail"], list)
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/hook", "http://127.1.2.3:8080/x", "http://10.0.0.1/", "http://172.16.5.4/", "http://192.168.1.1/",
-    "http://169.254.169.254/latest/meta-data/", "http://[::1]/x", "http://localhost:9000/x", "http://LOCALHOST./x",
-    "http://[::ffff:127.0.0.1]/x", "http://[fd00::1]/x", "http://[fe80::1]/x", "http://100.64.0.1/", "http://0.0.0.0/",
-    "http://224.0.0.1/", "http://2130706433/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/hook",
+        "http://127.1.2.3:8080/x",
+        "http://10.0.0.1/",
+        "http://172.16.5.4/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/x",
+        "http://localhost:9000/x",
+        "http://LOCALHOST./x",
+        "http://[::ffff:127.0.0.1]/x",
+        "http://[fd00::1]/x",
+        "http://[fe80::1]/x",
+        "http://100.64.0.1/",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/",
+        "http://2130706433/",
+    ],
+)
 def test_private_targets_refused_at_create(client: httpx.Client, admin: dict[str, str], url: str) -> None:
     r = client.post("/api/v1/webhooks", headers=admin, json={"url": url, "events": ["sensor.reading"]})
     assert r.status_code == 422, r.text
@@ -98,8 +116,9 @@ def test_update_fields_and_url_check(
 ) -> None:
     pid, body = make_hook()
     new_url = hook_url()
-    r = client.put(f"/api/v1/webhooks/{pid}", headers=admin,
-                   json={"url": new_url, "enabled": False, "secret": "new", "events": []})
+    r = client.put(
+        f"/api/v1/webhooks/{pid}", headers=admin, json={"url": new_url, "enabled": False, "secret": "new", "events": []}
+    )
     assert r.status_code == 200 and r.json() == {"status": "success", "message": "Webhook successfully updated."}
     got = client.get(f"/api/v1/webhooks/{pid}", headers=admin).json()
     assert (got["url"], got["enabled"], got["events"]) == (new_url, False, [])
@@ -120,8 +139,10 @@ def test_list_paginated_in_creation_order(client: httpx.Client, admin: dict[str,
     first = client.get("/api/v1/webhooks", headers=admin, params={"page_size": 1}).json()
     total = first["total"]
     assert first["page_size"] == 1 and len(first["data"]) == 1 and total >= 2
-    pages = [client.get("/api/v1/webhooks", headers=admin, params={"page": p, "page_size": 100}).json()["data"]
-             for p in range(1, total // 100 + 2)]
+    pages = [
+        client.get("/api/v1/webhooks", headers=admin, params={"page": p, "page_size": 100}).json()["data"]
+        for p in range(1, total // 100 + 2)
+    ]
     everything = [d["public_id"] for page in pages for d in page]
     assert len(everything) == total and everything.index(a) + 1 == everything.index(b)
     assert all("secret" not in d for page in pages for d in page)
@@ -129,8 +150,12 @@ def test_list_paginated_in_creation_order(client: httpx.Client, admin: dict[str,
 
 def test_unknown_webhook_404(client: httpx.Client, admin: dict[str, str]) -> None:
     detail = {"detail": "Webhook 'nope' not found."}
-    for method, url in [("GET", "/api/v1/webhooks/nope"), ("PUT", "/api/v1/webhooks/nope"),
-                        ("DELETE", "/api/v1/webhooks/nope"), ("GET", "/api/v1/webhooks/nope/deliveries")]:
+    for method, url in [
+        ("GET", "/api/v1/webhooks/nope"),
+        ("PUT", "/api/v1/webhooks/nope"),
+        ("DELETE", "/api/v1/webhooks/nope"),
+        ("GET", "/api/v1/webhooks/nope/deliveries"),
+    ]:
         r = client.request(method, url, headers=admin, json={} if method == "PUT" else None)
         assert r.status_code == 404 and r.json() == detail, (method, url)
 
@@ -140,19 +165,32 @@ def test_deliveries_list_newest_first_filtered(
 ) -> None:
     pid, _ = make_hook()
     assert client.get(f"/api/v1/webhooks/{pid}/deliveries", headers=admin).json() == {
-        "page": 1, "page_size": 25, "total": 0, "data": []}
+        "page": 1,
+        "page_size": 25,
+        "total": 0,
+        "data": [],
+    }
     # Final states written directly, so the dispatcher leaves them alone.
     db.execute(
         "INSERT INTO webhook_deliveries (webhook_id, event_type, payload, status, attempts, last_error, response_code,"
         " created_on, next_attempt_at) SELECT id, 'sensor.reading', '{}', s, 3, e, c, now() - make_interval(secs => o),"
         " NULL FROM webhooks, (VALUES ('dead_letter', 'HTTP 500', 500, 30), ('delivered', NULL, 200, 20),"
-        " ('dead_letter', 'Timeout', NULL, 10)) AS v(s, e, c, o) WHERE public_id = %s", (pid,),
+        " ('dead_letter', 'Timeout', NULL, 10)) AS v(s, e, c, o) WHERE public_id = %s",
+        (pid,),
     )
     page = client.get(f"/api/v1/webhooks/{pid}/deliveries", headers=admin).json()
     assert page["total"] == 3
     assert [d["last_error"] for d in page["data"]] == ["Timeout", None, "HTTP 500"]
-    assert set(page["data"][0]) == {"public_id", "event_type", "status", "attempts", "last_error", "response_code",
-                                    "created_on", "delivered_on"}
+    assert set(page["data"][0]) == {
+        "public_id",
+        "event_type",
+        "status",
+        "attempts",
+        "last_error",
+        "response_code",
+        "created_on",
+        "delivered_on",
+    }
     dead = client.get(f"/api/v1/webhooks/{pid}/deliveries", headers=admin, params={"status": "dead_letter"}).json()
     assert dead["total"] == 2 and {d["status"] for d in dead["data"]} == {"dead_letter"}
     one = client.get(f"/api/v1/webhooks/{pid}/deliveries", headers=admin, params={"page_size": 1, "page": 3}).json()
@@ -167,25 +205,35 @@ def test_unparseable_events_row_is_skipped_not_fatal(server: Any, db: psycopg.Co
     url = hook_url()
     db.execute("INSERT INTO webhooks (url, events) VALUES (%s, 'not json')", (url,))
     try:
+
         async def go() -> int:
             async with server.app.state.pool.connection() as conn:
                 return await webhooks.enqueue(conn, event_type="system.health_changed")
 
         # Only well-formed subscriptions count; the broken row neither matches nor raises.
         queued = server.call(go())
-        assert db.execute("SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-                          " WHERE w.url = %s", (url,)).fetchone() == (0,)
+        assert db.execute(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE w.url = %s", (url,)
+        ).fetchone() == (0,)
         assert isinstance(queued, int)
     finally:
         db.execute("DELETE FROM webhooks WHERE url = %s", (url,))
 
 
-def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: dict[str, str],
-                       viewer: dict[str, str], make_hook: Any, db: psycopg.Connection) -> None:
+def test_access_matrix(
+    client: httpx.Client,
+    admin: dict[str, str],
+    operator: dict[str, str],
+    viewer: dict[str, str],
+    make_hook: Any,
+    db: psycopg.Connection,
+) -> None:
     pid, _ = make_hook()
     calls: list[tuple[str, str, Any]] = [
-        ("GET", "/api/v1/webhooks", None), ("GET", f"/api/v1/webhooks/{pid}", None),
-        ("PUT", f"/api/v1/webhooks/{pid}", {"enabled": True}), ("GET", f"/api/v1/webhooks/{pid}/deliveries", None),
+        ("GET", "/api/v1/webhooks", None),
+        ("GET", f"/api/v1/webhooks/{pid}", None),
+        ("PUT", f"/api/v1/webhooks/{pid}", {"enabled": True}),
+        ("GET", f"/api/v1/webhooks/{pid}/deliveries", None),
         ("POST", "/api/v1/webhooks", {"url": hook_url(), "events": ["system.health_changed"]}),
         ("DELETE", f"/api/v1/webhooks/{pid}", None),
     ]
@@ -200,10 +248,16 @@ def test_access_matrix(client: httpx.Client, admin: dict[str, str], operator: di
 
 
 def test_nul_input_is_422_or_404_never_500(client: httpx.Client, admin: dict[str, str]) -> None:
-    for body in ({"url": "https://example.com/a\x00b", "events": ["sensor.reading"]},
-                 {"url": hook_url(), "secret": "s\x00", "events": ["sensor.reading"]}):
+    for body in (
+        {"url": "https://example.com/a\x00b", "events": ["sensor.reading"]},
+        {"url": hook_url(), "secret": "s\x00", "events": ["sensor.reading"]},
+    ):
         assert client.post("/api/v1/webhooks", headers=admin, json=body).status_code == 422
-    for method, path in [("GET", "/api/v1/webhooks/x%00"), ("PUT", "/api/v1/webhooks/x%00"),
-                         ("DELETE", "/api/v1/webhooks/x%00"), ("GET", "/api/v1/webhooks/x%00/deliveries")]:
+    for method, path in [
+        ("GET", "/api/v1/webhooks/x%00"),
+        ("PUT", "/api/v1/webhooks/x%00"),
+        ("DELETE", "/api/v1/webhooks/x%00"),
+        ("GET", "/api/v1/webhooks/x%00/deliveries"),
+    ]:
         r = client.request(method, path, headers=admin, json={} if method == "PUT" else None)
         assert r.status_code == 404, path

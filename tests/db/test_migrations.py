@@ -15,9 +15,22 @@ from tests.conftest import unique
 from webmacs.db import migrate
 
 SPEC_TABLES = {
-    "users", "events", "experiments", "datapoints", "blacklist_tokens", "api_tokens", "log_entries", "webhooks",
-    "webhook_deliveries", "rules", "firmware_updates", "dashboards", "dashboard_widgets", "plugin_instances",
-    "channel_mappings", "plugin_packages",
+    "users",
+    "events",
+    "experiments",
+    "datapoints",
+    "blacklist_tokens",
+    "api_tokens",
+    "log_entries",
+    "webhooks",
+    "webhook_deliveries",
+    "rules",
+    "firmware_updates",
+    "dashboards",
+    "dashboard_widgets",
+    "plugin_instances",
+    "channel_mappings",
+    "plugin_packages",
 }
 
 CreateDb = Callable[[], str]
@@ -131,8 +144,9 @@ def test_the_repository_migrations_are_well_formed() -> None:
 
 def test_every_spec_table_exists(migrated: str) -> None:
     with psycopg.connect(migrated) as c:
-        tables = {r[0] for r in c.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
+        tables = {
+            r[0] for r in c.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        }
     assert SPEC_TABLES <= tables
 
 
@@ -141,7 +155,8 @@ def test_relational_tables_expose_a_unique_public_id(migrated: str) -> None:
         for table in sorted(SPEC_TABLES - {"datapoints", "blacklist_tokens"}):
             col = c.execute(
                 "SELECT data_type, character_maximum_length, is_nullable FROM information_schema.columns"
-                " WHERE table_schema = 'public' AND table_name = %s AND column_name = 'public_id'", (table,),
+                " WHERE table_schema = 'public' AND table_name = %s AND column_name = 'public_id'",
+                (table,),
             ).fetchone()
             assert col == ("character varying", 100, "NO"), table
             unique_on_public_id = c.execute(

@@ -37,8 +37,13 @@ def poll(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def test_full_queue_rest_503_and_ws_waits(tiny_queue_server: Server, operator: dict[str, str], admin_token: str,
-                                         db_url: str, make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_full_queue_rest_503_and_ws_waits(
+    tiny_queue_server: Server,
+    operator: dict[str, str],
+    admin_token: str,
+    db_url: str,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     server = tiny_queue_server
     ev = make_active_event()
     server.refresh_catalog()
@@ -59,14 +64,17 @@ def test_full_queue_rest_503_and_ws_waits(tiny_queue_server: Server, operator: d
             posters[-1].start()
             # Frames 1 and 2 are taken by a writer each before the next is sent; frame 3 finds none free.
             depth = 1 if n == 3 else 0
-            poll(lambda n=n, depth=depth: engine.stats()["accepted"] == n and engine.stats()["queue_depth"] == depth,
-                 f"frame {n} accepted, queue depth {depth}")
+            poll(
+                lambda n=n, depth=depth: engine.stats()["accepted"] == n and engine.stats()["queue_depth"] == depth,
+                f"frame {n} accepted, queue depth {depth}",
+            )
         assert engine.stats()["batches"] == 0
         r = client.post("/api/v1/datapoints/batch", headers=operator, json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json() == {"detail": "Ingest queue is full; retry later."}
-        with connect(f"{server.url.replace('http://', 'ws://')}/ws/controller/telemetry?token={admin_token}",
-                     open_timeout=10) as ws:
+        with connect(
+            f"{server.url.replace('http://', 'ws://')}/ws/controller/telemetry?token={admin_token}", open_timeout=10
+        ) as ws:
             ws.send(orjson.dumps({"seq": 9, **body}))
             poll(lambda: engine.stats()["queue_full"] >= 2, "WS frame refused by the full queue")
             locker.rollback()  # release the lock: the queue drains, the WS frame gets in and is acknowledged

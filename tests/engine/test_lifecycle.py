@@ -12,11 +12,19 @@ import psycopg
 from tests.conftest import ActiveEvent, Server, make_settings, start_server
 
 
-def test_latest_is_initialised_from_the_database(client: httpx.Client, operator: dict[str, str], db_url: str,
-                                                 tmp_path: Path, make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_latest_is_initialised_from_the_database(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db_url: str,
+    tmp_path: Path,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
-    r = client.post("/api/v1/datapoints/batch", headers=operator,
-                    json={"datapoints": [{"value": 7.5, "event_public_id": ev.public_id}]})
+    r = client.post(
+        "/api/v1/datapoints/batch",
+        headers=operator,
+        json={"datapoints": [{"value": 7.5, "event_public_id": ev.public_id}]},
+    )
     assert r.status_code == 201
     fresh = start_server(make_settings(db_url, tmp_path))
     try:
@@ -27,8 +35,9 @@ def test_latest_is_initialised_from_the_database(client: httpx.Client, operator:
     assert [d["value"] for d in latest if d["event_public_id"] == ev.public_id] == [7.5]
 
 
-def test_shutdown_writes_everything_queued(db_url: str, tmp_path: Path,
-                                           make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_shutdown_writes_everything_queued(
+    db_url: str, tmp_path: Path, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     ev = make_active_event()
     server = start_server(make_settings(db_url, tmp_path))
     accepted = 0
@@ -72,9 +81,13 @@ def test_engine_after_close_refuses_data(db_url: str, tmp_path: Path, server: Se
         raise AssertionError("a closed engine took a call")
 
 
-def test_latest_follows_deletions_outside_the_engine(client: httpx.Client, operator: dict[str, str],
-                                                     db: psycopg.Connection, server: Server,
-                                                     make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_latest_follows_deletions_outside_the_engine(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     for v in (1.0, 2.0):
         r = client.post("/api/v1/datapoints", headers=operator, json={"value": v, "event_public_id": ev.public_id})
@@ -93,16 +106,24 @@ def test_latest_follows_deletions_outside_the_engine(client: httpx.Client, opera
     assert latest() == []
 
 
-def test_single_create_honours_a_client_timestamp(client: httpx.Client, operator: dict[str, str],
-                                                  db: psycopg.Connection,
-                                                  make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_single_create_honours_a_client_timestamp(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     from datetime import UTC, datetime
 
     ev = make_active_event()
     for ts in ("2025-05-05T05:05:05.123456Z", 1746421505124):
-        r = client.post("/api/v1/datapoints", headers=operator,
-                        json={"value": 1, "event_public_id": ev.public_id, "timestamp": ts})
+        r = client.post(
+            "/api/v1/datapoints", headers=operator, json={"value": 1, "event_public_id": ev.public_id, "timestamp": ts}
+        )
         assert r.status_code == 201, r.text
-    times = [r[0] for r in db.execute("SELECT time FROM datapoints WHERE event_id = %s ORDER BY time",
-                                      (ev.id,)).fetchall()]
-    assert times == [datetime(2025, 5, 5, 5, 5, 5, 123456, tzinfo=UTC), datetime(2025, 5, 5, 5, 5, 5, 124000, tzinfo=UTC)]
+    times = [
+        r[0] for r in db.execute("SELECT time FROM datapoints WHERE event_id = %s ORDER BY time", (ev.id,)).fetchall()
+    ]
+    assert times == [
+        datetime(2025, 5, 5, 5, 5, 5, 123456, tzinfo=UTC),
+        datetime(2025, 5, 5, 5, 5, 5, 124000, tzinfo=UTC),
+    ]

@@ -21,7 +21,18 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, SECRET, Server, bearer, free_port, login, make_settings, start_server, unique
+from tests.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    SECRET,
+    Server,
+    bearer,
+    free_port,
+    login,
+    make_settings,
+    start_server,
+    unique,
+)
 from webmacs.db.cluster import Cluster
 
 
@@ -40,13 +51,22 @@ def own_cluster() -> Iterator[Cluster]:
 
 def active_event(url: str) -> tuple[int, str]:
     with psycopg.connect(url, autocommit=True) as db:
-        ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'u', 'sensor')"
-                        " RETURNING id, public_id", (unique("fault"),)).fetchone()
-        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, true)"
-                        " RETURNING id", (unique("inst"),)).fetchone()
+        ev = db.execute(
+            "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'u', 'sensor')"
+            " RETURNING id, public_id",
+            (unique("fault"),),
+        ).fetchone()
+        pi = db.execute(
+            "INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, true)"
+            " RETURNING id",
+            (unique("inst"),),
+        ).fetchone()
         assert ev is not None and pi is not None
-        db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-                   " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)", (pi[0], ev[1]))
+        db.execute(
+            "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+            " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)",
+            (pi[0], ev[1]),
+        )
         return ev[0], ev[1]
 
 
@@ -64,8 +84,7 @@ def fault_server(own_cluster: Cluster, tmp_path: Path) -> Iterator[Server]:
         s.stop()
 
 
-def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster: Cluster,
-                                                                    fault_server: Server) -> None:
+def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster: Cluster, fault_server: Server) -> None:
     url = own_cluster.url()
     event_id, event = active_event(url)
     fault_server.refresh_catalog()
@@ -74,8 +93,10 @@ def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster:
     per_frame = 50
     acked: dict[int, int] = {}
     sent: list[int] = []
-    with connect(f"{fault_server.url.replace('http://', 'ws://')}/ws/controller/telemetry?token={token}",
-                 open_timeout=10) as ws:
+    with connect(
+        f"{fault_server.url.replace('http://', 'ws://')}/ws/controller/telemetry?token={token}", open_timeout=10
+    ) as ws:
+
         def receive() -> None:
             try:
                 while True:
@@ -93,8 +114,14 @@ def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster:
         # ~10 s of ingest (bounded by count too), with a fast restart of PostgreSQL after ~3 s.
         while time.monotonic() - started < 10 and seq < 2000:
             seq += 1
-            ws.send(orjson.dumps({"seq": seq, "datapoints": [
-                {"value": seq * 1000 + i, "event_public_id": event} for i in range(per_frame)]}))
+            ws.send(
+                orjson.dumps(
+                    {
+                        "seq": seq,
+                        "datapoints": [{"value": seq * 1000 + i, "event_public_id": event} for i in range(per_frame)],
+                    }
+                )
+            )
             sent.append(seq)
             if restart is None and time.monotonic() - started > 3:
                 restart = threading.Thread(target=own_cluster.restart, daemon=True)
@@ -104,8 +131,14 @@ def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster:
         restart.join(timeout=90)
         # One more frame after the restart surely completed: the writer must have reconnected for it.
         seq += 1
-        ws.send(orjson.dumps({"seq": seq, "datapoints": [
-            {"value": seq * 1000 + i, "event_public_id": event} for i in range(per_frame)]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": seq,
+                    "datapoints": [{"value": seq * 1000 + i, "event_public_id": event} for i in range(per_frame)],
+                }
+            )
+        )
         sent.append(seq)
         deadline = time.monotonic() + 90
         while len(acked) < len(sent) and time.monotonic() < deadline:
@@ -124,13 +157,26 @@ def test_sigkill_during_rest_ingest_keeps_every_acknowledged_batch(own_cluster: 
     url = own_cluster.url()
     event_id, event = active_event(url)
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "SECRET_KEY": SECRET, "ENV": "test", "WEBMACS_BCRYPT_ROUNDS": "4",
-           "WEBMACS_HOME": str(tmp_path / "home"), "WEBMACS_UPDATE_DIR": str(tmp_path / "updates"),
-           "WEBMACS_PLUGIN_DIR": str(tmp_path / "plugins"), "RATE_LIMIT_PER_MINUTE": "1000000"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "SECRET_KEY": SECRET,
+        "ENV": "test",
+        "WEBMACS_BCRYPT_ROUNDS": "4",
+        "WEBMACS_HOME": str(tmp_path / "home"),
+        "WEBMACS_UPDATE_DIR": str(tmp_path / "updates"),
+        "WEBMACS_PLUGIN_DIR": str(tmp_path / "plugins"),
+        "RATE_LIMIT_PER_MINUTE": "1000000",
+    }
     for d in ("updates", "plugins"):
         (tmp_path / d).mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--log-level",
-                             "warning"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     acked: list[list[int]] = []
     try:
         base = f"http://127.0.0.1:{port}"
@@ -154,8 +200,11 @@ def test_sigkill_during_rest_ingest_keeps_every_acknowledged_batch(own_cluster: 
                     n += 1
                     values = [(worker * 10_000_000) + n * 1000 + i for i in range(100)]
                     try:
-                        r = c.post("/api/v1/datapoints/batch", headers=headers, json={"datapoints": [
-                            {"value": v, "event_public_id": event} for v in values]})
+                        r = c.post(
+                            "/api/v1/datapoints/batch",
+                            headers=headers,
+                            json={"datapoints": [{"value": v, "event_public_id": event} for v in values]},
+                        )
                     except httpx.TransportError:
                         return
                     if r.status_code == 201:

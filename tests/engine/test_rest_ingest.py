@@ -15,8 +15,12 @@ from webmacs import _core
 
 
 def rows_of(db: psycopg.Connection, event_id: int) -> list[tuple[datetime, float]]:
-    return [(r[0], r[1]) for r in db.execute(
-        "SELECT time, value FROM datapoints WHERE event_id = %s ORDER BY time", (event_id,)).fetchall()]
+    return [
+        (r[0], r[1])
+        for r in db.execute(
+            "SELECT time, value FROM datapoints WHERE event_id = %s ORDER BY time", (event_id,)
+        ).fetchall()
+    ]
 
 
 def post_batch(client: httpx.Client, headers: dict[str, str], points: list[dict[str, Any]]) -> httpx.Response:
@@ -24,12 +28,17 @@ def post_batch(client: httpx.Client, headers: dict[str, str], points: list[dict[
 
 
 def raw_batch(client: httpx.Client, headers: dict[str, str], body: bytes) -> httpx.Response:
-    return client.post("/api/v1/datapoints/batch", headers={**headers, "Content-Type": "application/json"},
-                       content=body)
+    return client.post(
+        "/api/v1/datapoints/batch", headers={**headers, "Content-Type": "application/json"}, content=body
+    )
 
 
-def test_single_create_is_committed_before_201(client: httpx.Client, operator: dict[str, str],
-                                               db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_single_create_is_committed_before_201(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     r = client.post("/api/v1/datapoints", headers=operator, json={"value": "21.5", "event_public_id": ev.public_id})
     assert r.status_code == 201, r.text
@@ -37,8 +46,13 @@ def test_single_create_is_committed_before_201(client: httpx.Client, operator: d
     assert [v for _, v in rows_of(db, ev.id)] == [21.5]
 
 
-def test_single_unknown_inactive_and_roles(client: httpx.Client, operator: dict[str, str], viewer: dict[str, str],
-                                           db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_single_unknown_inactive_and_roles(
+    client: httpx.Client,
+    operator: dict[str, str],
+    viewer: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     r = client.post("/api/v1/datapoints", headers=operator, json={"value": 1, "event_public_id": unique("nope")})
     assert (r.status_code, r.json()) == (404, {"detail": "Event not found."})
     off = make_active_event(enabled=False)
@@ -56,20 +70,30 @@ def test_single_validation_is_list_shaped(client: httpx.Client, operator: dict[s
     assert r.json()["detail"][0]["type"] == "missing" and r.json()["detail"][0]["loc"] == ["body", "event_public_id"]
     r = client.post("/api/v1/datapoints", headers=operator, json={"value": "abc", "event_public_id": "x"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "value"]
-    r = client.post("/api/v1/datapoints", headers={**operator, "Content-Type": "application/json"},
-                    content=b'{"value": NaN, "event_public_id": "x"}')
+    r = client.post(
+        "/api/v1/datapoints",
+        headers={**operator, "Content-Type": "application/json"},
+        content=b'{"value": NaN, "event_public_id": "x"}',
+    )
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "finite_number"
     r = client.post("/api/v1/datapoints", headers={**operator, "Content-Type": "application/json"}, content=b"{nope")
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
 def test_batch_counts_accepted_and_drops_unknown_and_inactive(
-        client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-        make_active_event: Callable[..., ActiveEvent]) -> None:
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     off = make_active_event(enabled=False)
-    points = [{"value": 1, "event_public_id": ev.public_id}, {"value": 2, "event_public_id": unique("ghost")},
-              {"value": 3, "event_public_id": off.public_id}, {"value": "4", "event_public_id": ev.public_id}]
+    points = [
+        {"value": 1, "event_public_id": ev.public_id},
+        {"value": 2, "event_public_id": unique("ghost")},
+        {"value": 3, "event_public_id": off.public_id},
+        {"value": "4", "event_public_id": ev.public_id},
+    ]
     r = post_batch(client, operator, points)
     assert r.status_code == 201, r.text
     assert r.json() == {"status": "success", "message": "2 datapoints successfully created."}
@@ -77,8 +101,12 @@ def test_batch_counts_accepted_and_drops_unknown_and_inactive(
     assert rows_of(db, off.id) == []
 
 
-def test_batch_limits(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                      make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_batch_limits(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     r = post_batch(client, operator, [])
     assert r.status_code == 201 and r.json()["message"] == "0 datapoints successfully created."
@@ -93,8 +121,12 @@ def test_batch_limits(client: httpx.Client, operator: dict[str, str], db: psycop
     assert len(rows_of(db, ev.id)) == 500
 
 
-def test_batch_malformed_input(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                               make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_batch_malformed_input(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     good = {"value": 1, "event_public_id": ev.public_id}
     cases: list[tuple[bytes, int, str]] = [
@@ -127,16 +159,22 @@ def test_batch_body_byte_limit(client: httpx.Client, operator: dict[str, str]) -
     assert (r.status_code, r.json()) == (413, {"detail": "Request body too large."})
 
 
-def test_client_timestamps_duplicates_and_order(client: httpx.Client, operator: dict[str, str],
-                                                db: psycopg.Connection, server: Server,
-                                                make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_client_timestamps_duplicates_and_order(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     engine = server.app.state.ingest.engine
     t1 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
     t0 = datetime(2025, 3, 1, 11, 59, 0, 123000, tzinfo=UTC)  # epoch ms carry milliseconds
-    points = [{"value": 2, "event_public_id": ev.public_id, "timestamp": t1.isoformat()},
-              # Out of order and as epoch milliseconds: honoured as given.
-              {"value": 1, "event_public_id": ev.public_id, "timestamp": int(t0.timestamp() * 1000)}]
+    points = [
+        {"value": 2, "event_public_id": ev.public_id, "timestamp": t1.isoformat()},
+        # Out of order and as epoch milliseconds: honoured as given.
+        {"value": 1, "event_public_id": ev.public_id, "timestamp": int(t0.timestamp() * 1000)},
+    ]
     assert post_batch(client, operator, points).status_code == 201
     dup_before = engine.stats()["duplicates"]
     # A client retry with the same timestamps: 201, stored once, counted as duplicates.
@@ -152,13 +190,25 @@ def test_client_timestamps_duplicates_and_order(client: httpx.Client, operator: 
     assert len(rows_of(db, ev.id)) == 2
 
 
-def test_latest_one_row_per_event_last_value_wins(client: httpx.Client, operator: dict[str, str],
-                                                  viewer: dict[str, str],
-                                                  make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_latest_one_row_per_event_last_value_wins(
+    client: httpx.Client,
+    operator: dict[str, str],
+    viewer: dict[str, str],
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     a, b = make_active_event(), make_active_event()
-    assert post_batch(client, operator, [{"value": 10, "event_public_id": a.public_id},
-                                         {"value": 20, "event_public_id": a.public_id},
-                                         {"value": 5, "event_public_id": b.public_id}]).status_code == 201
+    assert (
+        post_batch(
+            client,
+            operator,
+            [
+                {"value": 10, "event_public_id": a.public_id},
+                {"value": 20, "event_public_id": a.public_id},
+                {"value": 5, "event_public_id": b.public_id},
+            ],
+        ).status_code
+        == 201
+    )
     r = client.get("/api/v1/datapoints/latest", headers=viewer)
     assert r.status_code == 200
     mine = {d["event_public_id"]: d for d in r.json() if d["event_public_id"] in (a.public_id, b.public_id)}
@@ -170,8 +220,13 @@ def test_latest_one_row_per_event_last_value_wins(client: httpx.Client, operator
     assert set(latest_a) == {"public_id", "value", "timestamp", "event_public_id", "experiment_public_id"}
 
 
-def test_running_experiment_is_assigned(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                                        server: Server, make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_running_experiment_is_assigned(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     row = db.execute("INSERT INTO experiments (name) VALUES (%s) RETURNING id", (unique("exp"),)).fetchone()
     assert row is not None
@@ -195,19 +250,29 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
     return predicate()
 
 
-def test_catalog_follows_notify_from_another_connection(client: httpx.Client, operator: dict[str, str],
-                                                        db: psycopg.Connection) -> None:
+def test_catalog_follows_notify_from_another_connection(
+    client: httpx.Client, operator: dict[str, str], db: psycopg.Connection
+) -> None:
     name = unique("ev")
     # One transaction: a reload between the inserts would see the event unmapped (409, not 404/201).
     with db.transaction():
-        ev = db.execute("INSERT INTO events (name, min_value, max_value, unit, type)"
-                        " VALUES (%s, 0, 1, 'u', 'sensor') RETURNING id, public_id", (name,)).fetchone()
+        ev = db.execute(
+            "INSERT INTO events (name, min_value, max_value, unit, type)"
+            " VALUES (%s, 0, 1, 'u', 'sensor') RETURNING id, public_id",
+            (name,),
+        ).fetchone()
         assert ev is not None
-        pi = db.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled)"
-                        " VALUES ('simulated', %s, true) RETURNING id", (unique("inst"),)).fetchone()
+        pi = db.execute(
+            "INSERT INTO plugin_instances (plugin_id, instance_name, enabled)"
+            " VALUES ('simulated', %s, true) RETURNING id",
+            (unique("inst"),),
+        ).fetchone()
         assert pi is not None
-        db.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-                   " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)", (pi[0], ev[1]))
+        db.execute(
+            "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+            " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)",
+            (pi[0], ev[1]),
+        )
 
     # No explicit refresh: the engine learns of the mapping through LISTEN webmacs_catalog.
     def accepted() -> bool:
@@ -231,8 +296,10 @@ def test_catalog_follows_notify_from_another_connection(client: httpx.Client, op
 
 
 def test_column_types_match_the_schema(db: psycopg.Connection) -> None:
-    rows = db.execute("SELECT column_name, data_type FROM information_schema.columns"
-                      " WHERE table_name = 'datapoints' ORDER BY ordinal_position").fetchall()
+    rows = db.execute(
+        "SELECT column_name, data_type FROM information_schema.columns"
+        " WHERE table_name = 'datapoints' ORDER BY ordinal_position"
+    ).fetchall()
     assert [tuple(r) for r in rows] == [tuple(c) for c in _core.DATAPOINT_COLUMNS]
 
 
@@ -240,5 +307,14 @@ def test_stats_count_reasons(server: Server) -> None:
     stats = server.app.state.ingest.engine.stats()
     for key in ("accepted", "written", "duplicates", "batches", "queue_depth", "flush_us_avg"):
         assert isinstance(stats[key], int)
-    assert set(stats["rejected"]) == {"not_object", "missing_value", "invalid_value", "non_finite", "missing_event",
-                                      "unknown_event", "inactive_event", "bad_timestamp", "far_future_timestamp"}
+    assert set(stats["rejected"]) == {
+        "not_object",
+        "missing_value",
+        "invalid_value",
+        "non_finite",
+        "missing_event",
+        "unknown_event",
+        "inactive_event",
+        "bad_timestamp",
+        "far_future_timestamp",
+    }

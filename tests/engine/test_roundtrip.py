@@ -26,23 +26,39 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
 
 
 def new_event(conn: psycopg.Connection, server: Server) -> tuple[int, str]:
-    ev = conn.execute("INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'u', 'sensor')"
-                      " RETURNING id, public_id", (unique("rt"),)).fetchone()
-    pi = conn.execute("INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, true)"
-                      " RETURNING id", (unique("inst"),)).fetchone()
+    ev = conn.execute(
+        "INSERT INTO events (name, min_value, max_value, unit, type) VALUES (%s, 0, 1, 'u', 'sensor')"
+        " RETURNING id, public_id",
+        (unique("rt"),),
+    ).fetchone()
+    pi = conn.execute(
+        "INSERT INTO plugin_instances (plugin_id, instance_name, enabled) VALUES ('simulated', %s, true) RETURNING id",
+        (unique("inst"),),
+    ).fetchone()
     assert ev is not None and pi is not None
-    conn.execute("INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
-                 " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)", (pi[0], ev[1]))
+    conn.execute(
+        "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
+        " event_public_id) VALUES (%s, 'ch', 'Channel', 'input', 'u', %s)",
+        (pi[0], ev[1]),
+    )
     server.refresh_catalog()
     return ev[0], ev[1]
 
 
-@given(points=st.lists(st.tuples(MICROS, st.floats(allow_nan=False, allow_infinity=False),
-                                 st.sampled_from(["iso", "iso_offset", "epoch_ms"])),
-                       min_size=1, max_size=60, unique_by=lambda p: p[0] // 1000))
+@given(
+    points=st.lists(
+        st.tuples(
+            MICROS, st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["iso", "iso_offset", "epoch_ms"])
+        ),
+        min_size=1,
+        max_size=60,
+        unique_by=lambda p: p[0] // 1000,
+    )
+)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_values_and_client_timestamps_round_trip(points: list[tuple[int, float, str]], server: Server,
-                                                 conn: psycopg.Connection) -> None:
+def test_values_and_client_timestamps_round_trip(
+    points: list[tuple[int, float, str]], server: Server, conn: psycopg.Connection
+) -> None:
     event_id, event = new_event(conn, server)
     entries = []
     expected = []

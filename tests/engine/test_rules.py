@@ -14,24 +14,49 @@ import pytest
 from tests.conftest import ActiveEvent, Server, make_settings, start_server, unique
 
 
-def add_rule(db: psycopg.Connection, server: Server, event: ActiveEvent, op: str, threshold: float, *,
-             high: float | None = None, cooldown: int = 60, action: str = "log", webhook_event_type: str | None = None,
-             clear_threshold: float | None = None, rearm_on_clear: bool = False) -> str:
+def add_rule(
+    db: psycopg.Connection,
+    server: Server,
+    event: ActiveEvent,
+    op: str,
+    threshold: float,
+    *,
+    high: float | None = None,
+    cooldown: int = 60,
+    action: str = "log",
+    webhook_event_type: str | None = None,
+    clear_threshold: float | None = None,
+    rearm_on_clear: bool = False,
+) -> str:
     name = unique("rule")
     db.execute(
         "INSERT INTO rules (name, event_public_id, operator, threshold, threshold_high, action_type,"
         " webhook_event_type, cooldown_seconds, clear_threshold, rearm_on_clear)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (name, event.public_id, op, threshold, high, action, webhook_event_type, cooldown, clear_threshold,
-         rearm_on_clear),
+        (
+            name,
+            event.public_id,
+            op,
+            threshold,
+            high,
+            action,
+            webhook_event_type,
+            cooldown,
+            clear_threshold,
+            rearm_on_clear,
+        ),
     )
     server.refresh_catalog()
     return name
 
 
 def firings(db: psycopg.Connection, rule: str) -> list[str]:
-    return [r[0] for r in db.execute("SELECT content FROM log_entries WHERE content LIKE %s ORDER BY id",
-                                     (f"Rule '{rule}' triggered:%",)).fetchall()]
+    return [
+        r[0]
+        for r in db.execute(
+            "SELECT content FROM log_entries WHERE content LIKE %s ORDER BY id", (f"Rule '{rule}' triggered:%",)
+        ).fetchall()
+    ]
 
 
 def wait_for_firings(db: psycopg.Connection, rule: str, n: int, timeout: float = 20.0) -> None:
@@ -43,8 +68,11 @@ def wait_for_firings(db: psycopg.Connection, rule: str, n: int, timeout: float =
 
 
 def send(client: httpx.Client, headers: dict[str, str], event: ActiveEvent, *values: float) -> None:
-    r = client.post("/api/v1/datapoints/batch", headers=headers,
-                    json={"datapoints": [{"value": v, "event_public_id": event.public_id} for v in values]})
+    r = client.post(
+        "/api/v1/datapoints/batch",
+        headers=headers,
+        json={"datapoints": [{"value": v, "event_public_id": event.public_id} for v in values]},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["message"] == f"{len(values)} datapoints successfully created."
 
@@ -56,10 +84,14 @@ def sentinel(db: psycopg.Connection, server: Server) -> Callable[[ActiveEvent], 
     return lambda ev: add_rule(db, server, ev, "gte", -1e300, cooldown=0)
 
 
-def test_firing_writes_a_log_entry_and_claims_the_cooldown(client: httpx.Client, operator: dict[str, str],
-                                                          db: psycopg.Connection, server: Server,
-                                                          make_active_event: Callable[..., ActiveEvent],
-                                                          sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_firing_writes_a_log_entry_and_claims_the_cooldown(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
     rule = add_rule(db, server, ev, "gt", 10.0, cooldown=60)
     s = sentinel(ev)
@@ -78,9 +110,14 @@ def test_firing_writes_a_log_entry_and_claims_the_cooldown(client: httpx.Client,
     assert len(firings(db, rule)) == 1
 
 
-def test_zero_cooldown_fires_on_every_match(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                                            server: Server, make_active_event: Callable[..., ActiveEvent],
-                                            sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_zero_cooldown_fires_on_every_match(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
     rule = add_rule(db, server, ev, "between", 1.0, high=2.0, cooldown=0)
     s = sentinel(ev)
@@ -89,10 +126,14 @@ def test_zero_cooldown_fires_on_every_match(client: httpx.Client, operator: dict
     assert firings(db, rule) == [f"Rule '{rule}' triggered: {v} between 1.0..2.0" for v in (1.0, 2.0, 1.5)]
 
 
-def test_hysteresis_rearms_only_after_clearing(client: httpx.Client, operator: dict[str, str],
-                                               db: psycopg.Connection, server: Server,
-                                               make_active_event: Callable[..., ActiveEvent],
-                                               sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_hysteresis_rearms_only_after_clearing(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
     rule = add_rule(db, server, ev, "gt", 80.0, cooldown=0, clear_threshold=70.0)
     s = sentinel(ev)
@@ -101,26 +142,35 @@ def test_hysteresis_rearms_only_after_clearing(client: httpx.Client, operator: d
     assert [c.split(": ")[1] for c in firings(db, rule)] == ["85.0 > 80.0", "81.0 > 80.0"]
 
 
-def test_webhook_action_and_sensor_reading_are_enqueued(client: httpx.Client, operator: dict[str, str],
-                                                        db: psycopg.Connection, server: Server,
-                                                        make_active_event: Callable[..., ActiveEvent],
-                                                        sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_webhook_action_and_sensor_reading_are_enqueued(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
-    hook = db.execute("INSERT INTO webhooks (url, events, enabled) VALUES (%s, %s, true) RETURNING id",
-                      (f"http://127.0.0.1:9/{unique('hook')}", '["sensor.threshold_exceeded", "sensor.reading"]'),
-                      ).fetchone()
+    hook = db.execute(
+        "INSERT INTO webhooks (url, events, enabled) VALUES (%s, %s, true) RETURNING id",
+        (f"http://127.0.0.1:9/{unique('hook')}", '["sensor.threshold_exceeded", "sensor.reading"]'),
+    ).fetchone()
     assert hook is not None
     try:
         rule = add_rule(db, server, ev, "lt", 0.0, cooldown=0, action="webhook")
         s = sentinel(ev)
         send(client, operator, ev, -1.0, -2.0)
         wait_for_firings(db, s, 2)
-        rows = db.execute("SELECT event_type, payload FROM webhook_deliveries WHERE webhook_id = %s"
-                          " AND payload LIKE %s ORDER BY id", (hook[0], f'%{ev.public_id}%')).fetchall()
+        rows = db.execute(
+            "SELECT event_type, payload FROM webhook_deliveries WHERE webhook_id = %s AND payload LIKE %s ORDER BY id",
+            (hook[0], f"%{ev.public_id}%"),
+        ).fetchall()
         payloads = [(t, orjson.loads(p)) for t, p in rows]
         exceeded = [p for t, p in payloads if t == "sensor.threshold_exceeded"]
         assert [(p["rule"], p["value"], p["operator"], p["threshold"], p["sensor"]) for p in exceeded] == [
-            (rule, -1.0, "lt", 0.0, ev.public_id), (rule, -2.0, "lt", 0.0, ev.public_id)]
+            (rule, -1.0, "lt", 0.0, ev.public_id),
+            (rule, -2.0, "lt", 0.0, ev.public_id),
+        ]
         # sensor.reading is throttled to one per event per 5 s.
         readings = [p for t, p in payloads if t == "sensor.reading"]
         assert [(p["sensor"], p["value"]) for p in readings] == [(ev.public_id, -1.0)]
@@ -138,10 +188,15 @@ def second_server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         s.stop()
 
 
-def test_cooldown_is_claimed_once_across_processes(client: httpx.Client, operator: dict[str, str],
-                                                   db: psycopg.Connection, server: Server, second_server: Server,
-                                                   make_active_event: Callable[..., ActiveEvent],
-                                                   sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_cooldown_is_claimed_once_across_processes(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    second_server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
     rule = add_rule(db, server, ev, "gt", 0.0, cooldown=3600)
     s = sentinel(ev)
@@ -153,9 +208,14 @@ def test_cooldown_is_claimed_once_across_processes(client: httpx.Client, operato
     assert len(firings(db, rule)) == 1
 
 
-def test_rule_changes_reach_the_engine(client: httpx.Client, operator: dict[str, str], db: psycopg.Connection,
-                                       server: Server, make_active_event: Callable[..., ActiveEvent],
-                                       sentinel: Callable[[ActiveEvent], str]) -> None:
+def test_rule_changes_reach_the_engine(
+    client: httpx.Client,
+    operator: dict[str, str],
+    db: psycopg.Connection,
+    server: Server,
+    make_active_event: Callable[..., ActiveEvent],
+    sentinel: Callable[[ActiveEvent], str],
+) -> None:
     ev = make_active_event()
     rule = add_rule(db, server, ev, "gt", 0.0, cooldown=0)
     s = sentinel(ev)

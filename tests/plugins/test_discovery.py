@@ -18,30 +18,43 @@ from webmacs.services.plugins import available, describe, discover_installed
 class MetaStylePlugin:
     """Shaped like a WebMACS `DevicePlugin`: metadata under `meta`, channels from `get_channels()`."""
 
-    meta = SimpleNamespace(id="metastyle", name="Meta Style", version="1.0", vendor="V", description="d",
-                           url="https://example.com")
+    meta = SimpleNamespace(
+        id="metastyle", name="Meta Style", version="1.0", vendor="V", description="d", url="https://example.com"
+    )
 
     def get_channels(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(id="t", name="Temp", direction=SimpleNamespace(value="input"), unit="°C",
-                                min_value=-40, max_value=85)]
+        return [
+            SimpleNamespace(
+                id="t", name="Temp", direction=SimpleNamespace(value="input"), unit="°C", min_value=-40, max_value=85
+            )
+        ]
 
 
 def test_describe_meta_style_plugin() -> None:
     d = describe(MetaStylePlugin, "webmacs-plugin-metastyle")
-    assert d.metadata() == {"id": "metastyle", "name": "Meta Style", "version": "1.0", "vendor": "V",
-                            "description": "d", "url": "https://example.com"}
+    assert d.metadata() == {
+        "id": "metastyle",
+        "name": "Meta Style",
+        "version": "1.0",
+        "vendor": "V",
+        "description": "d",
+        "url": "https://example.com",
+    }
     assert d.channels == (Channel("t", "Temp", "input", "°C", -40.0, 85.0),)
     assert d.distribution == "webmacs-plugin-metastyle"
 
 
-@pytest.mark.parametrize("channels", [
-    [{"id": "a", "name": "A", "direction": "sideways"}],
-    [{"id": "", "name": "A"}],
-    [{"id": "a", "name": "A", "unit": "u" * 51}],
-    [{"id": "a", "name": "A", "min_value": float("nan")}],
-    [{"id": "a", "name": "A"}, {"id": "a", "name": "again"}],
-    [{"id": "a\x00", "name": "A"}],
-])
+@pytest.mark.parametrize(
+    "channels",
+    [
+        [{"id": "a", "name": "A", "direction": "sideways"}],
+        [{"id": "", "name": "A"}],
+        [{"id": "a", "name": "A", "unit": "u" * 51}],
+        [{"id": "a", "name": "A", "min_value": float("nan")}],
+        [{"id": "a", "name": "A"}, {"id": "a", "name": "again"}],
+        [{"id": "a\x00", "name": "A"}],
+    ],
+)
 def test_describe_rejects_bad_channels(channels: list[dict]) -> None:
     plugin = SimpleNamespace(id="p", name="P", version="1", vendor="", description="", url="", channels=channels)
     with pytest.raises(ValueError):
@@ -53,7 +66,7 @@ def test_builtins_come_first() -> None:
     assert [d.id for d in available()][:2] == ["simulated", "system"]
 
 
-GOOD_MODULE = '''
+GOOD_MODULE = """
 class Plugin:
     id = "{id}"
     name = "Good"
@@ -71,7 +84,7 @@ class Shadow:
     description = ""
     url = ""
     channels = []
-'''
+"""
 
 
 @pytest.fixture

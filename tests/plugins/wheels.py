@@ -23,9 +23,17 @@ class Plugin:
 '''
 
 
-def build_wheel(directory: Path, dist: str, version: str = "1.0.0", *, plugin_id: str | None = None,
-                metadata: bool = True, entry_points: str | None = None, extra: dict[str, bytes] | None = None,
-                file_name: str | None = None) -> Path:
+def build_wheel(
+    directory: Path,
+    dist: str,
+    version: str = "1.0.0",
+    *,
+    plugin_id: str | None = None,
+    metadata: bool = True,
+    entry_points: str | None = None,
+    extra: dict[str, bytes] | None = None,
+    file_name: str | None = None,
+) -> Path:
     """A wheel for distribution `dist` (a Python identifier) providing `plugin_id` via `[webmacs.plugins]`.
     `entry_points` replaces the entry_points.txt text ("" omits the file)."""
     plugin_id = plugin_id or dist

@@ -45,8 +45,9 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver.cond:
-                    receiver.requests.append(Recorded(self.command, self.path, dict(self.headers.items()), body,
-                                                      time.monotonic()))
+                    receiver.requests.append(
+                        Recorded(self.command, self.path, dict(self.headers.items()), body, time.monotonic())
+                    )
                     reply = receiver.replies.popleft() if receiver.replies else receiver.default
                     receiver.inflight += 1
                     receiver.max_inflight = max(receiver.max_inflight, receiver.inflight)

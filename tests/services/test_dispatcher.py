@@ -79,8 +79,9 @@ def make_hook(hclient: httpx.Client, hdb: psycopg.Connection) -> Iterator[Any]:
     made: list[str] = []
 
     def make(url: str, *, secret: str | None = None, events: list[str] | None = None) -> str:
-        r = hclient.post("/api/v1/webhooks", json={"url": url, "secret": secret,
-                                                   "events": events or ["experiment.started"]})
+        r = hclient.post(
+            "/api/v1/webhooks", json={"url": url, "secret": secret, "events": events or ["experiment.started"]}
+        )
         assert r.status_code == 201, r.text
         got = hdb.execute("SELECT public_id FROM webhooks WHERE url = %s", (url,)).fetchone()
         assert got is not None
@@ -109,13 +110,30 @@ def delivery(conn: psycopg.Connection, hook_pid: str) -> dict[str, Any] | None:
     r = cur.fetchone()
     if r is None:
         return None
-    return dict(zip(["status", "attempts", "response_code", "last_error", "delivered_on", "payload",
-                     "next_attempt_at", "public_id"], r, strict=True))
+    return dict(
+        zip(
+            [
+                "status",
+                "attempts",
+                "response_code",
+                "last_error",
+                "delivered_on",
+                "payload",
+                "next_attempt_at",
+                "public_id",
+            ],
+            r,
+            strict=True,
+        )
+    )
 
 
 def final_delivery(conn: psycopg.Connection, hook_pid: str, timeout: float = 15) -> dict[str, Any]:
-    return wait_until(lambda: (d := delivery(conn, hook_pid)) and d["status"] != "pending" and d,
-                      timeout=timeout, what="a final delivery state")
+    return wait_until(
+        lambda: (d := delivery(conn, hook_pid)) and d["status"] != "pending" and d,
+        timeout=timeout,
+        what="a final delivery state",
+    )
 
 
 def test_delivered_with_signature_and_exact_body(
@@ -221,9 +239,7 @@ def test_connection_refused_is_a_transport_error(hooks: Hooks, hdb: psycopg.Conn
     assert d["last_error"].startswith("Transport error: ")
 
 
-def test_redirects_are_not_followed(
-    hooks: Hooks, hdb: psycopg.Connection, receiver: Receiver, make_hook: Any
-) -> None:
+def test_redirects_are_not_followed(hooks: Hooks, hdb: psycopg.Connection, receiver: Receiver, make_hook: Any) -> None:
     with Receiver() as elsewhere:
         receiver.default = Reply(302, headers={"Location": f"{elsewhere.url}/stolen"})
         pid = make_hook(f"{receiver.url}/redirecting")
@@ -277,18 +293,25 @@ def test_restart_mid_retry_resumes_and_delivers_once(
         enqueue(first)
         receiver.wait(1)
         with psycopg.connect(url, autocommit=True) as conn:
-            wait_until(lambda: conn.execute("SELECT 1 FROM webhook_deliveries WHERE attempts = 1"
-                                            " AND last_error = 'HTTP 500'").fetchone(), what="first failure recorded")
+            wait_until(
+                lambda: conn.execute(
+                    "SELECT 1 FROM webhook_deliveries WHERE attempts = 1 AND last_error = 'HTTP 500'"
+                ).fetchone(),
+                what="first failure recorded",
+            )
     finally:
         first.stop()
     with psycopg.connect(url, autocommit=True) as conn:
         status, attempts, in_future = conn.execute(
-            "SELECT status, attempts, next_attempt_at > now() FROM webhook_deliveries").fetchone() or (None, 0, False)
+            "SELECT status, attempts, next_attempt_at > now() FROM webhook_deliveries"
+        ).fetchone() or (None, 0, False)
         assert (status, attempts, in_future) == ("pending", 1, True)
         second = start_server(hook_settings(url, tmp))
         try:
-            wait_until(lambda: conn.execute("SELECT 1 FROM webhook_deliveries WHERE status = 'delivered'").fetchone(),
-                       what="delivery after restart")
+            wait_until(
+                lambda: conn.execute("SELECT 1 FROM webhook_deliveries WHERE status = 'delivered'").fetchone(),
+                what="delivery after restart",
+            )
             time.sleep(0.5)  # bounded: make sure no duplicate follows
             assert conn.execute("SELECT attempts, response_code FROM webhook_deliveries").fetchone() == (2, 200)
         finally:
@@ -304,9 +327,14 @@ def test_send_time_guard_dead_letters_private_targets(
     db.execute("INSERT INTO webhooks (url, events) VALUES (%s, %s)", (f"{receiver.url}/ssrf", json.dumps([etype])))
     try:
         assert enqueue(server, etype) >= 1  # other webhooks on the shared database may subscribe too
-        d = wait_until(lambda: db.execute(
-            "SELECT d.status, d.attempts, d.last_error FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-            " WHERE w.url = %s AND d.status <> 'pending'", (f"{receiver.url}/ssrf",)).fetchone(), what="refusal")
+        d = wait_until(
+            lambda: db.execute(
+                "SELECT d.status, d.attempts, d.last_error FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+                " WHERE w.url = %s AND d.status <> 'pending'",
+                (f"{receiver.url}/ssrf",),
+            ).fetchone(),
+            what="refusal",
+        )
         assert d[0] == "dead_letter" and d[1] == 1
         assert d[2].startswith("Refused by SSRF guard: ") and "loopback" in d[2]
         assert receiver.requests == []
@@ -320,13 +348,16 @@ def test_allow_listed_network_pins_the_vetted_address(
     """A name allowed through a network entry is resolved, vetted and dialled at that address; the request
     keeps the name in its Host header."""
     url = fresh_database(db_url)
-    s = start_server(hook_settings(url, tmp_path_factory.mktemp("bynet"),
-                                   webmacs_webhook_allow_hosts=["127.0.0.0/8"]))
+    s = start_server(hook_settings(url, tmp_path_factory.mktemp("bynet"), webmacs_webhook_allow_hosts=["127.0.0.0/8"]))
     try:
         port = receiver.url.rsplit(":", 1)[1]
         with httpx.Client(base_url=s.url, headers=admin_headers(s)) as c:
-            assert c.post("/api/v1/webhooks", json={"url": f"http://localhost:{port}/n",
-                                                    "events": ["experiment.started"]}).status_code == 201
+            assert (
+                c.post(
+                    "/api/v1/webhooks", json={"url": f"http://localhost:{port}/n", "events": ["experiment.started"]}
+                ).status_code
+                == 201
+            )
             # Outside the allowed network: still refused.
             r = c.post("/api/v1/webhooks", json={"url": "http://10.1.1.1/ip", "events": ["experiment.started"]})
             assert r.status_code == 422
@@ -347,13 +378,22 @@ def test_two_processes_never_send_one_delivery_twice(
     try:
         with httpx.Client(base_url=a.url, headers=admin_headers(a)) as c:
             for i in range(20):
-                assert c.post("/api/v1/webhooks", json={"url": f"{receiver.url}/p{i}",
-                                                        "events": ["experiment.started"]}).status_code == 201
+                assert (
+                    c.post(
+                        "/api/v1/webhooks", json={"url": f"{receiver.url}/p{i}", "events": ["experiment.started"]}
+                    ).status_code
+                    == 201
+                )
         assert enqueue(a) == 20
         receiver.wait(20)
         with psycopg.connect(url, autocommit=True) as conn:
-            wait_until(lambda: conn.execute("SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'"
-                                            ).fetchone() == (20,), what="all delivered")
+            wait_until(
+                lambda: (
+                    conn.execute("SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'").fetchone()
+                    == (20,)
+                ),
+                what="all delivered",
+            )
         time.sleep(0.5)  # bounded: a duplicate would arrive now
         paths = sorted(r.path for r in receiver.requests)
         assert paths == sorted(f"/p{i}" for i in range(20))

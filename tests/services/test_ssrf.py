@@ -12,10 +12,34 @@ from hypothesis import strategies as st
 from webmacs.services import ssrf
 
 BLOCKED = [
-    "127.0.0.1", "127.255.0.9", "10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.10.10", "169.254.1.1",
-    "169.254.169.254", "100.64.0.1", "100.127.255.254", "0.0.0.0", "224.0.0.251", "239.1.1.1", "240.0.0.1",
-    "255.255.255.255", "192.0.2.5", "198.18.0.1", "::1", "::", "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1",
-    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "2002:a00:1::1", "64:ff9b::a9fe:a9fe",
+    "127.0.0.1",
+    "127.255.0.9",
+    "10.1.2.3",
+    "172.16.0.1",
+    "172.31.255.254",
+    "192.168.10.10",
+    "169.254.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "100.127.255.254",
+    "0.0.0.0",
+    "224.0.0.251",
+    "239.1.1.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "192.0.2.5",
+    "198.18.0.1",
+    "::1",
+    "::",
+    "fc00::1",
+    "fd12:3456::1",
+    "fe80::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "2002:a00:1::1",
+    "64:ff9b::a9fe:a9fe",
     "::127.0.0.1",
 ]
 ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.215.14", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1"]
@@ -37,8 +61,12 @@ def test_metadata_reason_is_explicit() -> None:
     assert reason.startswith("loopback address (embedded in")
 
 
-@given(st.sampled_from(["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
-                        "100.64.0.0/10"]), st.integers(min_value=0))
+@given(
+    st.sampled_from(
+        ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10"]
+    ),
+    st.integers(min_value=0),
+)
 def test_every_address_of_a_private_range_is_blocked(net: str, n: int) -> None:
     network = ipaddress.ip_network(net)
     ip = network[n % network.num_addresses]
@@ -50,8 +78,18 @@ def vet(url: str, allow: list[str] | None = None) -> ssrf.Target:
     return asyncio.run(ssrf.vet(url, allow or []))
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1/", "http://localhost/", "http://sub.localhost/", "http://[::1]:81/",
-                                 "https://169.254.169.254/", "http://0x7f.1/", "http://017700000001/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://localhost/",
+        "http://sub.localhost/",
+        "http://[::1]:81/",
+        "https://169.254.169.254/",
+        "http://0x7f.1/",
+        "http://017700000001/",
+    ],
+)
 def test_vet_refuses(url: str) -> None:
     with pytest.raises((ssrf.Refused, ssrf.Unresolvable)):
         vet(url)

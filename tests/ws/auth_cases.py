@@ -14,7 +14,10 @@ FORGED_TOKENS = [
     "garbage",
     "a.b.c",
     "nul%00byte",
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, "another-key-of-good-length-0123456789ab",
-               algorithm="HS256"),
+    jwt.encode(
+        {"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)},
+        "another-key-of-good-length-0123456789ab",
+        algorithm="HS256",
+    ),
     jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, None, algorithm="none"),  # type: ignore[arg-type]
 ]

@@ -98,14 +98,18 @@ def frame(ev: ActiveEvent, *values: float, seq: int | None = None) -> bytes:
 
 def new_user(client: httpx.Client, admin: dict[str, str]) -> dict[str, str]:
     email = f"{unique('nat')}@example.com"
-    r = client.post("/api/v1/users", headers=admin,
-                    json={"email": email, "username": unique("nat"), "password": "password123", "role": "viewer"})
+    r = client.post(
+        "/api/v1/users",
+        headers=admin,
+        json={"email": email, "username": unique("nat"), "password": "password123", "role": "viewer"},
+    )
     assert r.status_code == 201, r.text
     token = client.post("/api/v1/auth/login", json={"email": email, "password": "password123"}).json()["access_token"]
     return {"token": token, **bearer(token)}
 
 
 # --- authentication: accepted first, then close 1008 with the spec's reason ---
+
 
 @pytest.mark.parametrize("query", MISSING_TOKEN_QUERIES)
 def test_missing_token(native: Server, query: str | None) -> None:
@@ -119,13 +123,15 @@ def test_garbage_or_forged_jwt(native: Server, token: str) -> None:
 
 def test_expired_jwt(native: Server, db: psycopg.Connection) -> None:
     past = datetime.now(UTC) - timedelta(minutes=5)
-    token = jwt.encode({"sub": str(admin_id(db)), "exp": past, "iat": past - timedelta(hours=1)}, SECRET,
-                       algorithm="HS256")
+    token = jwt.encode(
+        {"sub": str(admin_id(db)), "exp": past, "iat": past - timedelta(hours=1)}, SECRET, algorithm="HS256"
+    )
     assert refused(native, f"token={token}") == (1008, "Invalid or expired token")
 
 
-def test_revoked_jwt_after_logout(native: Server, client: httpx.Client, admin: dict[str, str],
-                                  active_event: ActiveEvent) -> None:
+def test_revoked_jwt_after_logout(
+    native: Server, client: httpx.Client, admin: dict[str, str], active_event: ActiveEvent
+) -> None:
     user = new_user(client, admin)
     with telemetry(native, f"token={user['token']}") as ws:
         ws.send(frame(active_event, 1.0, seq=1))
@@ -135,8 +141,7 @@ def test_revoked_jwt_after_logout(native: Server, client: httpx.Client, admin: d
 
 
 def test_user_not_found(native: Server) -> None:
-    token = jwt.encode({"sub": "987654321", "exp": datetime.now(UTC) + timedelta(minutes=5)}, SECRET,
-                       algorithm="HS256")
+    token = jwt.encode({"sub": "987654321", "exp": datetime.now(UTC) + timedelta(minutes=5)}, SECRET, algorithm="HS256")
     assert refused(native, f"token={token}") == (1008, "User not found")
 
 
@@ -151,8 +156,9 @@ def test_expired_api_token(native: Server, client: httpx.Client, admin: dict[str
     assert refused(native, f"token={created['token']}") == (1008, "API token expired")
 
 
-def test_valid_jwt_is_accepted(native: Server, admin_token: str, db: psycopg.Connection,
-                               active_event: ActiveEvent) -> None:
+def test_valid_jwt_is_accepted(
+    native: Server, admin_token: str, db: psycopg.Connection, active_event: ActiveEvent
+) -> None:
     with telemetry(native, f"token={admin_token}") as ws:
         ws.send(frame(active_event, 1.5, seq=1))
         assert recv_json(ws) == {"type": "ack", "seq": 1, "accepted": 1, "rejected": 0}
@@ -173,27 +179,40 @@ def test_percent_encoded_api_token_is_accepted_and_use_recorded(
 
 # --- frames (spec §7.2) ---
 
-def test_rows_are_visible_once_acked(native: Server, admin_token: str, db: psycopg.Connection,
-                                     active_event: ActiveEvent) -> None:
+
+def test_rows_are_visible_once_acked(
+    native: Server, admin_token: str, db: psycopg.Connection, active_event: ActiveEvent
+) -> None:
     ev = active_event
     with telemetry(native, f"token={admin_token}") as ws:
         ws.send(frame(ev, 1.0))  # no seq: silence
-        ws.send(orjson.dumps({"seq": 7, "datapoints": [
-            {"value": 2.0, "event_public_id": ev.public_id}, {"value": "x", "event_public_id": ev.public_id},
-            {"value": "3.5", "event_public_id": ev.public_id, "extra": True}]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": 7,
+                    "datapoints": [
+                        {"value": 2.0, "event_public_id": ev.public_id},
+                        {"value": "x", "event_public_id": ev.public_id},
+                        {"value": "3.5", "event_public_id": ev.public_id, "extra": True},
+                    ],
+                }
+            )
+        )
         assert recv_json(ws) == {"type": "ack", "seq": 7, "accepted": 2, "rejected": 1}
         assert count(db, ev.id) == 3
         # Binary frames are frames too.
         ws.send(frame(ev, 4.0, seq=8))
         assert recv_json(ws) == {"type": "ack", "seq": 8, "accepted": 1, "rejected": 0}
         assert count(db, ev.id) == 4
-    values = [r[0] for r in db.execute("SELECT value FROM datapoints WHERE event_id = %s ORDER BY time",
-                                       (ev.id,)).fetchall()]
+    values = [
+        r[0] for r in db.execute("SELECT value FROM datapoints WHERE event_id = %s ORDER BY time", (ev.id,)).fetchall()
+    ]
     assert values == [1.0, 2.0, 3.5, 4.0]
 
 
-def test_error_frames_are_exact(native: Server, admin_token: str, db: psycopg.Connection,
-                                active_event: ActiveEvent) -> None:
+def test_error_frames_are_exact(
+    native: Server, admin_token: str, db: psycopg.Connection, active_event: ActiveEvent
+) -> None:
     ev = active_event
     with telemetry(native, f"token={admin_token}") as ws:
         ws.send(frame(ev, *([1.0] * 501)))
@@ -230,12 +249,21 @@ def test_other_paths_are_not_found(native: Server) -> None:
 
 
 def test_full_queue_pauses_reads_and_shutdown_closes_1001(
-    db_url: str, tmp_path_factory: pytest.TempPathFactory, admin_token: str, db: psycopg.Connection,
+    db_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    admin_token: str,
+    db: psycopg.Connection,
     make_active_event: Callable[..., ActiveEvent],
 ) -> None:
     listen = f"127.0.0.1:{free_port()}"
-    s = start_server(make_settings(db_url, tmp_path_factory.mktemp("native-bp"), webmacs_telemetry_listen=listen,
-                                   webmacs_ingest_queue_capacity=1))
+    s = start_server(
+        make_settings(
+            db_url,
+            tmp_path_factory.mktemp("native-bp"),
+            webmacs_telemetry_listen=listen,
+            webmacs_ingest_queue_capacity=1,
+        )
+    )
     try:
         ev = make_active_event()
         s.refresh_catalog()

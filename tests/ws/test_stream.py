@@ -46,16 +46,27 @@ def test_invalid_token_is_closed(server: Server) -> None:
     assert e.value.rcvd is not None and (e.value.rcvd.code, e.value.rcvd.reason) == (1008, "Invalid or expired token")
 
 
-def test_subscribers_receive_datapoint_batches(server: Server, admin_token: str, client: httpx.Client,
-                                               operator: dict[str, str],
-                                               make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_subscribers_receive_datapoint_batches(
+    server: Server,
+    admin_token: str,
+    client: httpx.Client,
+    operator: dict[str, str],
+    make_active_event: Callable[..., ActiveEvent],
+) -> None:
     ev = make_active_event()
     with stream(server, admin_token) as a, stream(server, admin_token) as b:
         recv_json(a)
         recv_json(b)
-        r = client.post("/api/v1/datapoints/batch", headers=operator,
-                        json={"datapoints": [{"value": 1.5, "event_public_id": ev.public_id},
-                                             {"value": 2.5, "event_public_id": ev.public_id}]})
+        r = client.post(
+            "/api/v1/datapoints/batch",
+            headers=operator,
+            json={
+                "datapoints": [
+                    {"value": 1.5, "event_public_id": ev.public_id},
+                    {"value": 2.5, "event_public_id": ev.public_id},
+                ]
+            },
+        )
         assert r.status_code == 201
         for ws in (a, b):
             while True:

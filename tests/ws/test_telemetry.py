@@ -34,22 +34,33 @@ def count(db: psycopg.Connection, event_id: int) -> int:
     return int(row[0])
 
 
-def test_success_is_silent_and_ack_follows_commit(server: Server, admin_token: str, db: psycopg.Connection,
-                                                  make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_success_is_silent_and_ack_follows_commit(
+    server: Server, admin_token: str, db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     ev = make_active_event()
     with telemetry(server, admin_token) as ws:
         ws.send(orjson.dumps({"datapoints": [{"value": 1.0, "event_public_id": ev.public_id}]}))
-        ws.send(orjson.dumps({"seq": 7, "datapoints": [
-            {"value": 2.0, "event_public_id": ev.public_id}, {"value": "x", "event_public_id": ev.public_id},
-            {"value": 3.0, "event_public_id": ev.public_id, "extra": True}]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": 7,
+                    "datapoints": [
+                        {"value": 2.0, "event_public_id": ev.public_id},
+                        {"value": "x", "event_public_id": ev.public_id},
+                        {"value": 3.0, "event_public_id": ev.public_id, "extra": True},
+                    ],
+                }
+            )
+        )
         # The first frame (no seq) produced nothing; the first message is the second frame's ack…
         assert recv_json(ws) == {"type": "ack", "seq": 7, "accepted": 2, "rejected": 1}
         # …sent only once the rows of both frames were committed.
         assert count(db, ev.id) == 3
 
 
-def test_error_frames_are_exact(server: Server, admin_token: str, db: psycopg.Connection,
-                                make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_error_frames_are_exact(
+    server: Server, admin_token: str, db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     ev = make_active_event()
     with telemetry(server, admin_token) as ws:
         ws.send(orjson.dumps({"datapoints": [{"value": 1, "event_public_id": ev.public_id}] * 501}))
@@ -64,30 +75,51 @@ def test_error_frames_are_exact(server: Server, admin_token: str, db: psycopg.Co
     assert count(db, ev.id) == 1
 
 
-def test_unlinked_and_unknown_events_are_dropped_silently(server: Server, admin_token: str, db: psycopg.Connection,
-                                                          make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_unlinked_and_unknown_events_are_dropped_silently(
+    server: Server, admin_token: str, db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     off = make_active_event(enabled=False)
     with telemetry(server, admin_token) as ws:
-        ws.send(orjson.dumps({"seq": 3, "datapoints": [{"value": 1, "event_public_id": off.public_id},
-                                                       {"value": 1, "event_public_id": unique("ghost")}]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": 3,
+                    "datapoints": [
+                        {"value": 1, "event_public_id": off.public_id},
+                        {"value": 1, "event_public_id": unique("ghost")},
+                    ],
+                }
+            )
+        )
         # No error frame: the entries were valid, their events just do not take data.
         assert recv_json(ws) == {"type": "ack", "seq": 3, "accepted": 0, "rejected": 2}
     assert count(db, off.id) == 0
 
 
-def test_binary_frames_and_documented_edge_values(server: Server, admin_token: str, db: psycopg.Connection,
-                                                  make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_binary_frames_and_documented_edge_values(
+    server: Server, admin_token: str, db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     ev = make_active_event()
     with telemetry(server, admin_token) as ws:
         # Python's json writes NaN/Infinity bare: each is one rejected entry, not a broken frame.
-        ws.send(b'{"seq": 1, "datapoints": [{"value": NaN, "event_public_id": "%s"},'
-                b' {"value": -Infinity, "event_public_id": "%s"}, {"value": 1e308, "event_public_id": "%s"}]}'
-                % ((ev.public_id.encode(),) * 3))
+        ws.send(
+            b'{"seq": 1, "datapoints": [{"value": NaN, "event_public_id": "%s"},'
+            b' {"value": -Infinity, "event_public_id": "%s"}, {"value": 1e308, "event_public_id": "%s"}]}'
+            % ((ev.public_id.encode(),) * 3)
+        )
         assert recv_json(ws) == {"type": "ack", "seq": 1, "accepted": 1, "rejected": 2}
-        ws.send(orjson.dumps({"seq": 2, "datapoints": [
-            {"value": 1, "event_public_id": ev.public_id, "timestamp": "2030-99-99"},
-            {"value": 1, "event_public_id": ev.public_id, "timestamp": 4102444800000},  # 2100: far future
-            {"value": 1, "event_public_id": ev.public_id, "timestamp": "2024-01-01T00:00:00Z"}]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": 2,
+                    "datapoints": [
+                        {"value": 1, "event_public_id": ev.public_id, "timestamp": "2030-99-99"},
+                        {"value": 1, "event_public_id": ev.public_id, "timestamp": 4102444800000},  # 2100: far future
+                        {"value": 1, "event_public_id": ev.public_id, "timestamp": "2024-01-01T00:00:00Z"},
+                    ],
+                }
+            )
+        )
         assert recv_json(ws) == {"type": "ack", "seq": 2, "accepted": 1, "rejected": 2}
         # A 10 MB frame exceeds the engine's byte limit: an error frame, the connection stays.
         ws.send(b'{"datapoints": [], "pad": "' + b"x" * (10 << 20) + b'"}')
@@ -106,8 +138,9 @@ def test_non_object_frames_close_the_connection(server: Server, admin_token: str
             ws.recv(timeout=20)
 
 
-def test_viewer_may_push_telemetry(server: Server, viewer: dict[str, str], db: psycopg.Connection,
-                                   make_active_event: Callable[..., ActiveEvent]) -> None:
+def test_viewer_may_push_telemetry(
+    server: Server, viewer: dict[str, str], db: psycopg.Connection, make_active_event: Callable[..., ActiveEvent]
+) -> None:
     ev = make_active_event()
     token = viewer["Authorization"].removeprefix("Bearer ")
     with telemetry(server, token) as ws:

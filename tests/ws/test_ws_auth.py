@@ -14,7 +14,17 @@ from fastapi import WebSocket
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, SECRET, Server, bearer, login, make_settings, start_server, unique
+from tests.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    SECRET,
+    Server,
+    bearer,
+    login,
+    make_settings,
+    start_server,
+    unique,
+)
 from tests.ws.auth_cases import FORGED_TOKENS, MISSING_TOKEN_QUERIES
 from webmacs.app import create_app
 from webmacs.ws.auth import authenticate_websocket
@@ -55,8 +65,11 @@ def admin_headers(probe_server: Server) -> dict[str, str]:
 
 def new_user(http: httpx.Client, admin_headers: dict[str, str], role: str = "viewer") -> dict[str, Any]:
     email, password = f"{unique('ws')}@example.com", "password123"
-    r = http.post("/api/v1/users", headers=admin_headers,
-                  json={"email": email, "username": unique("ws"), "password": password, "role": role})
+    r = http.post(
+        "/api/v1/users",
+        headers=admin_headers,
+        json={"email": email, "username": unique("ws"), "password": password, "role": role},
+    )
     assert r.status_code == 201, r.text
     body = http.post("/api/v1/auth/login", json={"email": email, "password": password}).json()
     return {"public_id": body["public_id"], "token": body["access_token"], "headers": bearer(body["access_token"])}
@@ -98,6 +111,7 @@ def internal_id(db: psycopg.Connection, public_id: str) -> int:
 
 # --- accepted ---
 
+
 def test_valid_jwt_is_accepted(probe_server: Server, admin_headers: dict[str, str]) -> None:
     token = admin_headers["Authorization"].removeprefix("Bearer ")
     assert identify(probe_server, f"token={token}")["username"] == "admin"
@@ -123,6 +137,7 @@ def test_percent_encoded_api_token_is_accepted_and_use_recorded(
 
 
 # --- refused: close 1008 with the spec's reason ---
+
 
 @pytest.mark.parametrize("query", MISSING_TOKEN_QUERIES)
 def test_missing_token(probe_server: Server, query: str | None) -> None:

@@ -18,9 +18,7 @@ log = logging.getLogger(__name__)
 # The hypertable's only index is (event_id, time): a plain max(time) scans every chunk (350 ms at 3 M rows,
 # growing with the table, on every health probe). One backward index probe per event, newest chunk first,
 # answers in milliseconds whatever the size. Datapoints never outlive their event (deleted together).
-_LAST_DATAPOINT = (
-    "SELECT max((SELECT max(d.time) FROM datapoints d WHERE d.event_id = e.id)) FROM events e"
-)
+_LAST_DATAPOINT = "SELECT max((SELECT max(d.time) FROM datapoints d WHERE d.event_id = e.id)) FROM events e"
 
 
 class HealthResponse(BaseModel):
@@ -44,6 +42,9 @@ async def health(request: Request) -> HealthResponse:
         log.warning("health check: database unavailable: %s", e)
         database = "error"
     return HealthResponse(
-        status="ok" if database == "ok" else "degraded", version=webmacs.__version__, database=database,
-        last_datapoint=last, uptime_seconds=round(time.monotonic() - state.started_at, 1),
+        status="ok" if database == "ok" else "degraded",
+        version=webmacs.__version__,
+        database=database,
+        last_datapoint=last,
+        uptime_seconds=round(time.monotonic() - state.started_at, 1),
     )

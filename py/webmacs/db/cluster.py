@@ -132,8 +132,20 @@ class Cluster:
             pw = pwd.getpwnam("postgres")
             os.chown(data, pw.pw_uid, pw.pw_gid)
         data.chmod(0o700)
-        self._run([str(_pg_bindir() / "initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust",
-                   "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions"])
+        self._run(
+            [
+                str(_pg_bindir() / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                DB_USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-instructions",
+            ]
+        )
         with open(data / "postgresql.conf", "a", encoding="utf-8") as f:
             f.write(CLUSTER_CONF.format(port=self.port, socket_dir=data))
 
@@ -143,8 +155,21 @@ class Cluster:
             self.provision()
             self.init()
         if not self.running():
-            self._run([str(_pg_bindir() / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data_dir),
-                       "-l", str(self.log_file), "-o", f"-p {self.port}"])
+            self._run(
+                [
+                    str(_pg_bindir() / "pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.log_file),
+                    "-o",
+                    f"-p {self.port}",
+                ]
+            )
         self._ensure_database()
         return self.url()
 
@@ -169,8 +194,23 @@ class Cluster:
 
     def restart(self, mode: str = "fast") -> None:
         """Restart the server (used by fault-injection tests)."""
-        self._run([str(_pg_bindir() / "pg_ctl"), "restart", "-w", "-t", "60", "-m", mode, "-D", str(self.data_dir),
-                   "-l", str(self.log_file), "-o", f"-p {self.port}"])
+        self._run(
+            [
+                str(_pg_bindir() / "pg_ctl"),
+                "restart",
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-o",
+                f"-p {self.port}",
+            ]
+        )
 
     def status(self) -> str:
         if not self.initialised():

@@ -35,8 +35,14 @@ class PluginDescriptor:
     distribution: str | None = None
 
     def metadata(self) -> dict[str, str]:
-        return {"id": self.id, "name": self.name, "version": self.version, "vendor": self.vendor,
-                "description": self.description, "url": self.url}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "vendor": self.vendor,
+            "description": self.description,
+            "url": self.url,
+        }
 
 
 def builtin() -> list[PluginDescriptor]:

@@ -26,8 +26,9 @@ def _set_clause(cols: list[str]) -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
 
 
-async def visible_page(conn: AsyncConnection, *, user_public_id: str, limit: int,
-                       offset: int) -> tuple[int, list[dict[str, Any]]]:
+async def visible_page(
+    conn: AsyncConnection, *, user_public_id: str, limit: int, offset: int
+) -> tuple[int, list[dict[str, Any]]]:
     """Dashboards owned by the user or global, newest first; each with its `widgets` (ordered by id)."""
     params = {"u": user_public_id, "l": limit, "o": offset}
     cur = await conn.execute("SELECT count(*) FROM dashboards WHERE user_public_id = %(u)s OR is_global", params)
@@ -50,8 +51,10 @@ async def _attach_widgets(conn: AsyncConnection, dashboards: list[dict[str, Any]
     if not by_id:
         return
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {WIDGET_COLUMNS} FROM dashboard_widgets WHERE dashboard_id = ANY(%(ids)s) ORDER BY id",
-                      {"ids": list(by_id)})
+    await cur.execute(
+        f"SELECT {WIDGET_COLUMNS} FROM dashboard_widgets WHERE dashboard_id = ANY(%(ids)s) ORDER BY id",
+        {"ids": list(by_id)},
+    )
     for w in await cur.fetchall():
         by_id[w["dashboard_id"]]["widgets"].append(w)
 
@@ -85,8 +88,10 @@ async def update(conn: AsyncConnection, *, dashboard_id: int, changes: dict[str,
     # Column names come from a fixed allow-list, never from the request.
     cols = [c for c in UPDATABLE if c in changes]
     if cols:
-        await conn.execute(sql.SQL("UPDATE dashboards SET {} WHERE id = %(id)s").format(_set_clause(cols)),
-                           {**{c: changes[c] for c in cols}, "id": dashboard_id})
+        await conn.execute(
+            sql.SQL("UPDATE dashboards SET {} WHERE id = %(id)s").format(_set_clause(cols)),
+            {**{c: changes[c] for c in cols}, "id": dashboard_id},
+        )
 
 
 async def delete(conn: AsyncConnection, *, dashboard_id: int) -> None:
@@ -142,8 +147,10 @@ async def update_widget(conn: AsyncConnection, *, widget_id: int, changes: dict[
         return
     try:
         async with conn.transaction():
-            await conn.execute(sql.SQL("UPDATE dashboard_widgets SET {} WHERE id = %(id)s").format(_set_clause(cols)),
-                               {**{c: changes[c] for c in cols}, "id": widget_id})
+            await conn.execute(
+                sql.SQL("UPDATE dashboard_widgets SET {} WHERE id = %(id)s").format(_set_clause(cols)),
+                {**{c: changes[c] for c in cols}, "id": widget_id},
+            )
     except errors.ForeignKeyViolation as e:
         raise EventNotFound() from e
 

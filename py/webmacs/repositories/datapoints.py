@@ -52,8 +52,9 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
     cur = await conn.execute("SELECT count(*) FROM datapoints d JOIN events e ON e.id = d.event_id")
     total = await cur.fetchone()
     rows = conn.cursor(row_factory=dict_row)
-    await rows.execute(_SELECT + " ORDER BY d.time DESC, d.event_id DESC LIMIT %(l)s OFFSET %(o)s",
-                       {"l": limit, "o": offset})
+    await rows.execute(
+        _SELECT + " ORDER BY d.time DESC, d.event_id DESC LIMIT %(l)s OFFSET %(o)s", {"l": limit, "o": offset}
+    )
     return (int(total[0]) if total else 0), [with_public_id(r) for r in await rows.fetchall()]
 
 

@@ -46,23 +46,38 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
     return row
 
 
-async def create(conn: AsyncConnection, *, name: str, min_value: float, max_value: float, unit: str, type: str,
-                 user_public_id: str | None) -> dict[str, Any]:
+async def create(
+    conn: AsyncConnection,
+    *,
+    name: str,
+    min_value: float,
+    max_value: float,
+    unit: str,
+    type: str,
+    user_public_id: str | None,
+) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
     async with conflict_on_duplicate(conn, "Event"):
         await cur.execute(
             "INSERT INTO events (name, min_value, max_value, unit, type, user_public_id)"
             " VALUES (%(name)s, %(min)s, %(max)s, %(unit)s, %(type)s, %(user)s) RETURNING " + COLUMNS,
-            {"name": name, "min": min_value, "max": max_value, "unit": unit, "type": type,
-             "user": user_public_id},
+            {"name": name, "min": min_value, "max": max_value, "unit": unit, "type": type, "user": user_public_id},
         )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
 
 
-async def get_or_create(conn: AsyncConnection, *, name: str, min_value: float, max_value: float, unit: str,
-                        type: str, user_public_id: str | None) -> str:
+async def get_or_create(
+    conn: AsyncConnection,
+    *,
+    name: str,
+    min_value: float,
+    max_value: float,
+    unit: str,
+    type: str,
+    user_public_id: str | None,
+) -> str:
     """The public_id of the event called `name`, created with these fields if there is none (plugin
     auto-creation, spec §12.1). Safe against a concurrent creator of the same name."""
     cur = await conn.execute(

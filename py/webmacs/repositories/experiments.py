@@ -17,8 +17,9 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
     cur = await conn.execute("SELECT count(*) FROM experiments")
     total = await cur.fetchone()
     rows = conn.cursor(row_factory=dict_row)
-    await rows.execute(f"SELECT {COLUMNS} FROM experiments ORDER BY id LIMIT %(l)s OFFSET %(o)s",
-                       {"l": limit, "o": offset})
+    await rows.execute(
+        f"SELECT {COLUMNS} FROM experiments ORDER BY id LIMIT %(l)s OFFSET %(o)s", {"l": limit, "o": offset}
+    )
     return (int(total[0]) if total else 0), await rows.fetchall()
 
 
@@ -55,8 +56,9 @@ async def stop(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:
     """Stamp stopped_on = now, on every call (spec §4.3: re-stopping overwrites the time)."""
     row = await by_public_id(conn, public_id=public_id)
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"UPDATE experiments SET stopped_on = now() WHERE id = %(id)s RETURNING {COLUMNS}",
-                      {"id": row["id"]})
+    await cur.execute(
+        f"UPDATE experiments SET stopped_on = now() WHERE id = %(id)s RETURNING {COLUMNS}", {"id": row["id"]}
+    )
     stopped = await cur.fetchone()
     if stopped is None:  # deleted by a concurrent request since the lookup
         raise NotFound.entity("Experiment", public_id)
@@ -67,8 +69,7 @@ async def delete(conn: AsyncConnection, *, public_id: str) -> None:
     async with conn.transaction():
         row = None
         if "\x00" not in public_id:
-            cur = await conn.execute("SELECT id FROM experiments WHERE public_id = %(p)s FOR UPDATE",
-                                     {"p": public_id})
+            cur = await conn.execute("SELECT id FROM experiments WHERE public_id = %(p)s FOR UPDATE", {"p": public_id})
             row = await cur.fetchone()
         if row is None:
             raise NotFound.entity("Experiment", public_id)

@@ -15,8 +15,7 @@ FIRMWARE_COLUMNS = (
     " created_on, started_on, completed_on, user_public_id"
 )
 # Columns the OTA service may set; UPDATE identifiers come only from here.
-WRITABLE = ("file_path", "file_hash_sha256", "file_size_bytes", "status", "error_message", "started_on",
-            "completed_on")
+WRITABLE = ("file_path", "file_hash_sha256", "file_size_bytes", "status", "error_message", "started_on", "completed_on")
 
 
 async def by_public_id(conn: AsyncConnection, *, public_id: str, for_update: bool = False) -> dict[str, Any]:
@@ -26,8 +25,9 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str, for_update: boo
     # FOR UPDATE serialises apply/rollback of one record (two concurrent applies must not both pass the
     # state check).
     lock = " FOR UPDATE" if for_update else ""
-    await cur.execute(f"SELECT {FIRMWARE_COLUMNS} FROM firmware_updates WHERE public_id = %(p)s{lock}",
-                      {"p": public_id})
+    await cur.execute(
+        f"SELECT {FIRMWARE_COLUMNS} FROM firmware_updates WHERE public_id = %(p)s{lock}", {"p": public_id}
+    )
     row = await cur.fetchone()
     if row is None:
         raise NotFound.entity("FirmwareUpdate", public_id)
@@ -63,7 +63,8 @@ async def update(conn: AsyncConnection, *, firmware_id: int, changes: dict[str, 
     if not cols:
         return
     assignments = [
-        sql.SQL("{} = now()").format(sql.Identifier(c)) if changes[c] is NOW
+        sql.SQL("{} = now()").format(sql.Identifier(c))
+        if changes[c] is NOW
         else sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c))
         for c in cols
     ]

@@ -11,12 +11,17 @@ from webmacs.errors import Conflict, NotFound
 from webmacs.repositories import conflict_on_duplicate
 from webmacs.repositories import events as events_repo
 
-COLUMNS = ("id, public_id, plugin_id, instance_name, demo_mode, enabled, status, config_json, error_message,"
-           " created_on, updated_on, user_public_id")
-MAPPING_COLUMNS = ("id, public_id, plugin_instance_id, channel_id, channel_name, direction, unit, event_public_id,"
-                   " created_on")
-PACKAGE_COLUMNS = ("id, public_id, package_name, version, source, file_path, file_hash_sha256, file_size_bytes,"
-                   " plugin_ids, installed_on, user_public_id")
+COLUMNS = (
+    "id, public_id, plugin_id, instance_name, demo_mode, enabled, status, config_json, error_message,"
+    " created_on, updated_on, user_public_id"
+)
+MAPPING_COLUMNS = (
+    "id, public_id, plugin_instance_id, channel_id, channel_name, direction, unit, event_public_id, created_on"
+)
+PACKAGE_COLUMNS = (
+    "id, public_id, package_name, version, source, file_path, file_hash_sha256, file_size_bytes,"
+    " plugin_ids, installed_on, user_public_id"
+)
 UPDATABLE = ("instance_name", "demo_mode", "enabled", "config_json")
 PACKAGE_INSTALLED = "Plugin package '{name}' is already installed. Remove it first to upload a new version."
 
@@ -51,8 +56,9 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
     cur = await conn.execute("SELECT count(*) FROM plugin_instances")
     total = await cur.fetchone()
     rows = conn.cursor(row_factory=dict_row)
-    await rows.execute(f"SELECT {COLUMNS} FROM plugin_instances ORDER BY id LIMIT %(l)s OFFSET %(o)s",
-                       {"l": limit, "o": offset})
+    await rows.execute(
+        f"SELECT {COLUMNS} FROM plugin_instances ORDER BY id LIMIT %(l)s OFFSET %(o)s", {"l": limit, "o": offset}
+    )
     instances = await rows.fetchall()
     await _attach_mappings(conn, instances)
     return (int(total[0]) if total else 0), instances
@@ -76,15 +82,22 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
     return row
 
 
-async def create(conn: AsyncConnection, *, plugin_id: str, instance_name: str, demo_mode: bool, enabled: bool,
-                 config_json: str | None, user_public_id: str) -> dict[str, Any]:
+async def create(
+    conn: AsyncConnection,
+    *,
+    plugin_id: str,
+    instance_name: str,
+    demo_mode: bool,
+    enabled: bool,
+    config_json: str | None,
+    user_public_id: str,
+) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
     async with conflict_on_duplicate(conn, "Plugin instance"):
         await cur.execute(
             "INSERT INTO plugin_instances (plugin_id, instance_name, demo_mode, enabled, config_json, user_public_id)"
             " VALUES (%(p)s, %(n)s, %(d)s, %(e)s, %(c)s, %(u)s) RETURNING " + COLUMNS,
-            {"p": plugin_id, "n": instance_name, "d": demo_mode, "e": enabled, "c": config_json,
-             "u": user_public_id},
+            {"p": plugin_id, "n": instance_name, "d": demo_mode, "e": enabled, "c": config_json, "u": user_public_id},
         )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
@@ -107,8 +120,9 @@ async def delete_cascade(conn: AsyncConnection, *, public_id: str) -> None:
     async with conn.transaction():
         row = None
         if "\x00" not in public_id:
-            cur = await conn.execute("SELECT id FROM plugin_instances WHERE public_id = %(p)s FOR UPDATE",
-                                     {"p": public_id})
+            cur = await conn.execute(
+                "SELECT id FROM plugin_instances WHERE public_id = %(p)s FOR UPDATE", {"p": public_id}
+            )
             row = await cur.fetchone()
         if row is None:
             raise NotFound.entity("Plugin instance", public_id)
@@ -124,10 +138,13 @@ async def delete_cascade(conn: AsyncConnection, *, public_id: str) -> None:
 
 # --- channel mappings ---
 
+
 async def mappings(conn: AsyncConnection, *, instance_id: int) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(f"SELECT {MAPPING_COLUMNS} FROM channel_mappings WHERE plugin_instance_id = %(i)s ORDER BY id",
-                      {"i": instance_id})
+    await cur.execute(
+        f"SELECT {MAPPING_COLUMNS} FROM channel_mappings WHERE plugin_instance_id = %(i)s ORDER BY id",
+        {"i": instance_id},
+    )
     return await cur.fetchall()
 
 
@@ -136,8 +153,16 @@ async def _check_event(conn: AsyncConnection, event_public_id: str | None) -> No
         raise EventNotFound()
 
 
-async def create_mapping(conn: AsyncConnection, *, instance_id: int, channel_id: str, channel_name: str,
-                         direction: str, unit: str, event_public_id: str | None) -> dict[str, Any]:
+async def create_mapping(
+    conn: AsyncConnection,
+    *,
+    instance_id: int,
+    channel_id: str,
+    channel_name: str,
+    direction: str,
+    unit: str,
+    event_public_id: str | None,
+) -> dict[str, Any]:
     await _check_event(conn, event_public_id)
     cur = conn.cursor(row_factory=dict_row)
     try:
@@ -145,8 +170,7 @@ async def create_mapping(conn: AsyncConnection, *, instance_id: int, channel_id:
             await cur.execute(
                 "INSERT INTO channel_mappings (plugin_instance_id, channel_id, channel_name, direction, unit,"
                 " event_public_id) VALUES (%(i)s, %(c)s, %(n)s, %(d)s, %(u)s, %(e)s) RETURNING " + MAPPING_COLUMNS,
-                {"i": instance_id, "c": channel_id, "n": channel_name, "d": direction, "u": unit,
-                 "e": event_public_id},
+                {"i": instance_id, "c": channel_id, "n": channel_name, "d": direction, "u": unit, "e": event_public_id},
             )
     except errors.ForeignKeyViolation as e:  # the event (or instance) was deleted since the check
         raise EventNotFound() from e
@@ -174,8 +198,10 @@ async def relink_mapping(conn: AsyncConnection, *, mapping_id: int, event_public
     await _check_event(conn, event_public_id)
     try:
         async with conn.transaction():
-            await conn.execute("UPDATE channel_mappings SET event_public_id = %(e)s WHERE id = %(id)s",
-                               {"e": event_public_id, "id": mapping_id})
+            await conn.execute(
+                "UPDATE channel_mappings SET event_public_id = %(e)s WHERE id = %(id)s",
+                {"e": event_public_id, "id": mapping_id},
+            )
     except errors.ForeignKeyViolation as e:
         raise EventNotFound() from e
 
@@ -185,6 +211,7 @@ async def delete_mapping(conn: AsyncConnection, *, mapping_id: int) -> None:
 
 
 # --- packages ---
+
 
 async def packages(conn: AsyncConnection) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
@@ -196,8 +223,9 @@ async def package_by_public_id(conn: AsyncConnection, *, public_id: str) -> dict
     row = None
     if "\x00" not in public_id:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(f"SELECT {PACKAGE_COLUMNS} FROM plugin_packages WHERE public_id = %(p)s FOR UPDATE",
-                          {"p": public_id})
+        await cur.execute(
+            f"SELECT {PACKAGE_COLUMNS} FROM plugin_packages WHERE public_id = %(p)s FOR UPDATE", {"p": public_id}
+        )
         row = await cur.fetchone()
     if row is None:
         raise NotFound.entity("Plugin package", public_id)
@@ -209,17 +237,32 @@ async def package_exists(conn: AsyncConnection, *, package_name: str) -> bool:
     return await cur.fetchone() is not None
 
 
-async def create_package(conn: AsyncConnection, *, package_name: str, version: str, file_path: str,
-                         file_hash_sha256: str, file_size_bytes: int, plugin_ids: str,
-                         user_public_id: str) -> None:
+async def create_package(
+    conn: AsyncConnection,
+    *,
+    package_name: str,
+    version: str,
+    file_path: str,
+    file_hash_sha256: str,
+    file_size_bytes: int,
+    plugin_ids: str,
+    user_public_id: str,
+) -> None:
     try:
         async with conn.transaction():
             await conn.execute(
                 "INSERT INTO plugin_packages (package_name, version, source, file_path, file_hash_sha256,"
                 " file_size_bytes, plugin_ids, user_public_id)"
                 " VALUES (%(n)s, %(v)s, 'uploaded', %(f)s, %(h)s, %(s)s, %(p)s, %(u)s)",
-                {"n": package_name, "v": version, "f": file_path, "h": file_hash_sha256, "s": file_size_bytes,
-                 "p": plugin_ids, "u": user_public_id},
+                {
+                    "n": package_name,
+                    "v": version,
+                    "f": file_path,
+                    "h": file_hash_sha256,
+                    "s": file_size_bytes,
+                    "p": plugin_ids,
+                    "u": user_public_id,
+                },
             )
     except errors.UniqueViolation as e:
         raise Conflict(PACKAGE_INSTALLED.format(name=package_name)) from e

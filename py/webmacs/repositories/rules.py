@@ -16,8 +16,17 @@ RULE_COLUMNS = (
 )
 # Columns a client may set, in the order of RULE_COLUMNS; identifiers for UPDATE come only from here.
 WRITABLE = (
-    "name", "event_public_id", "operator", "threshold", "threshold_high", "action_type", "webhook_event_type",
-    "enabled", "cooldown_seconds", "clear_threshold", "rearm_on_clear",
+    "name",
+    "event_public_id",
+    "operator",
+    "threshold",
+    "threshold_high",
+    "action_type",
+    "webhook_event_type",
+    "enabled",
+    "cooldown_seconds",
+    "clear_threshold",
+    "rearm_on_clear",
 )
 
 EVENT_NOT_FOUND = "Event not found."

@@ -108,6 +108,7 @@ async def first_admin(conn: AsyncConnection) -> dict[str, Any] | None:
 
 # --- JWT blacklist ---
 
+
 async def is_blacklisted(conn: AsyncConnection, *, token: str) -> bool:
     cur = await conn.execute("SELECT 1 FROM blacklist_tokens WHERE token = %(t)s", {"t": token})
     return await cur.fetchone() is not None

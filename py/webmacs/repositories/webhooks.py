@@ -44,8 +44,9 @@ async def page(conn: AsyncConnection, *, limit: int, offset: int) -> tuple[int, 
     return (int(r[0]) if r else 0), []
 
 
-async def create(conn: AsyncConnection, *, url: str, secret: str | None, events: str, enabled: bool,
-                 user_public_id: str) -> None:
+async def create(
+    conn: AsyncConnection, *, url: str, secret: str | None, events: str, enabled: bool, user_public_id: str
+) -> None:
     # Serialised per URL so two concurrent creates of one URL cannot both pass the duplicate check.
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('webhook-url'), hashtext(%(u)s))", {"u": url})
     if await url_taken(conn, url=url):

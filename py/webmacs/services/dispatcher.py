@@ -213,13 +213,25 @@ class Dispatcher:
             if outcome.ok:
                 await conn.execute(_DELIVERED, {"id": row["id"], "attempts": row["attempts"], "code": outcome.code})
             else:
-                await conn.execute(_FAILED, {
-                    "id": row["id"], "attempts": row["attempts"], "code": outcome.code, "error": outcome.error,
-                    "final": final, "delay": delay,
-                })
+                await conn.execute(
+                    _FAILED,
+                    {
+                        "id": row["id"],
+                        "attempts": row["attempts"],
+                        "code": outcome.code,
+                        "error": outcome.error,
+                        "final": final,
+                        "delay": delay,
+                    },
+                )
         if not outcome.ok:
-            log.info("webhook delivery %s attempt %d failed: %s%s", row["public_id"], row["attempts"],
-                     outcome.error, " (dead letter)" if final else "")
+            log.info(
+                "webhook delivery %s attempt %d failed: %s%s",
+                row["public_id"],
+                row["attempts"],
+                outcome.error,
+                " (dead letter)" if final else "",
+            )
 
     async def attempt(self, url: str, secret: str | None, body: str) -> Outcome:
         """POST `body` to `url` once (spec §9 headers), after vetting the address it will connect to."""
@@ -237,8 +249,9 @@ class Dispatcher:
         if secret:
             headers["X-Webhook-Signature"] = sign(secret, timestamp, body)
         cap = self.settings.webmacs_webhook_max_response_bytes
-        request = self.client.build_request("POST", pinned_url, content=body.encode(), headers=headers,
-                                            extensions=extensions)
+        request = self.client.build_request(
+            "POST", pinned_url, content=body.encode(), headers=headers, extensions=extensions
+        )
         try:
             # httpx's timeout bounds each read; this bounds the attempt, so a trickling receiver cannot hold
             # a delivery slot forever.

@@ -41,8 +41,9 @@ _SELECT = "SELECT time, event_id, value, experiment_id FROM datapoints"
 EVENTS_QUERY = _SELECT + " WHERE event_id = ANY(%(events)s) AND time >= %(start)s AND time < %(end)s ORDER BY time"
 # Rows are selected by their experiment tag only, as in the experiment CSV (spec §13): client timestamps may lie
 # outside the experiment's span. No index on experiment_id: one sequential pass per chunk.
-EXPERIMENT_QUERY = (_SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s"
-                    " ORDER BY time")
+EXPERIMENT_QUERY = (
+    _SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s ORDER BY time"
+)
 EVENTS_COPY = "COPY (" + EVENTS_QUERY + ") TO STDOUT (FORMAT binary)"
 EXPERIMENT_COPY = "COPY (" + EXPERIMENT_QUERY + ") TO STDOUT (FORMAT binary)"
 #: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
@@ -55,14 +56,16 @@ def parquet_schema() -> pa.Schema:
     """The export's schema as a reader of the file sees it."""
     import pyarrow as pa  # type: ignore[import-untyped]
 
-    return pa.schema([
-        ("time", pa.timestamp("us", tz="UTC")),
-        ("event_public_id", pa.string()),
-        ("event_name", pa.string()),
-        ("unit", pa.string()),
-        ("value", pa.float64()),
-        ("experiment_public_id", pa.string()),
-    ])
+    return pa.schema(
+        [
+            ("time", pa.timestamp("us", tz="UTC")),
+            ("event_public_id", pa.string()),
+            ("event_name", pa.string()),
+            ("unit", pa.string()),
+            ("value", pa.float64()),
+            ("experiment_public_id", pa.string()),
+        ]
+    )
 
 
 def frame_schema() -> pa.Schema:
@@ -71,14 +74,16 @@ def frame_schema() -> pa.Schema:
     import pyarrow as pa  # type: ignore[import-untyped]
 
     text = pa.dictionary(pa.int32(), pa.string())
-    return pa.schema([
-        ("time", pa.timestamp("us", tz="UTC")),
-        ("event_public_id", text),
-        ("event_name", text),
-        ("unit", text),
-        ("value", pa.float64()),
-        ("experiment_public_id", text),
-    ])
+    return pa.schema(
+        [
+            ("time", pa.timestamp("us", tz="UTC")),
+            ("event_public_id", text),
+            ("event_name", text),
+            ("unit", text),
+            ("value", pa.float64()),
+            ("experiment_public_id", text),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -153,18 +158,22 @@ class _Lookups:
 
         n, times, events, values, experiments, validity, nulls, _ = columns
         event = pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(events)])
-        experiment = pa.Array.from_buffers(pa.int32(), n, [pa.py_buffer(validity) if nulls else None,
-                                                           pa.py_buffer(experiments)], null_count=nulls)
+        experiment = pa.Array.from_buffers(
+            pa.int32(), n, [pa.py_buffer(validity) if nulls else None, pa.py_buffer(experiments)], null_count=nulls
+        )
         event_index = pc.index_in(event, value_set=self.event_ids)
         experiment_index = pc.index_in(experiment, value_set=self.experiment_ids)
-        table = pa.Table.from_arrays([
-            pa.Array.from_buffers(pa.timestamp("us", tz="UTC"), n, [None, pa.py_buffer(times)]),
-            pa.DictionaryArray.from_arrays(event_index, self.event_public_ids),
-            pa.DictionaryArray.from_arrays(event_index, self.event_names),
-            pa.DictionaryArray.from_arrays(event_index, self.units),
-            pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(values)]),
-            pa.DictionaryArray.from_arrays(experiment_index, self.experiment_public_ids),
-        ], schema=self.schema)
+        table = pa.Table.from_arrays(
+            [
+                pa.Array.from_buffers(pa.timestamp("us", tz="UTC"), n, [None, pa.py_buffer(times)]),
+                pa.DictionaryArray.from_arrays(event_index, self.event_public_ids),
+                pa.DictionaryArray.from_arrays(event_index, self.event_names),
+                pa.DictionaryArray.from_arrays(event_index, self.units),
+                pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(values)]),
+                pa.DictionaryArray.from_arrays(experiment_index, self.experiment_public_ids),
+            ],
+            schema=self.schema,
+        )
         if event_index.null_count:
             # Rows of an event deleted while the export ran are left out, as in spec §13.
             table = table.filter(event_index.is_valid())
@@ -183,8 +192,14 @@ def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, da
     return windows
 
 
-def frames(conn: psycopg.Connection, sel: Selection, *, dsn: str, chunk_rows: int,
-           progress: Callable[[float, int], None] | None = None) -> Iterator[pa.Table]:
+def frames(
+    conn: psycopg.Connection,
+    sel: Selection,
+    *,
+    dsn: str,
+    chunk_rows: int,
+    progress: Callable[[float, int], None] | None = None,
+) -> Iterator[pa.Table]:
     """The selection as Arrow tables of about `chunk_rows` rows (schema `frame_schema()`), ordered by time then
     event (a frame ends between two times, so it may exceed `chunk_rows` by one row per event).
 
@@ -197,8 +212,9 @@ def frames(conn: psycopg.Connection, sel: Selection, *, dsn: str, chunk_rows: in
         return
     statements: list[tuple[str, dict[str, Any]]]
     if sel.experiment_id is not None:
-        statements = [(EXPERIMENT_COPY, {"experiment": sel.experiment_id, "start": lo, "end": hi})
-                      for lo, hi in windows]
+        statements = [
+            (EXPERIMENT_COPY, {"experiment": sel.experiment_id, "start": lo, "end": hi}) for lo, hi in windows
+        ]
     else:
         events = list(dict.fromkeys(sel.event_ids))
         statements = [(EVENTS_COPY, {"events": events, "start": lo, "end": hi}) for lo, hi in windows]
@@ -263,8 +279,9 @@ def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
     import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     sink = _Sink()
-    writer = pq.ParquetWriter(sink, frame_schema(), compression="zstd", compression_level=ZSTD_LEVEL,
-                              store_schema=False)
+    writer = pq.ParquetWriter(
+        sink, frame_schema(), compression="zstd", compression_level=ZSTD_LEVEL, store_schema=False
+    )
     try:
         for frame in frames:
             writer.write_table(frame, row_group_size=max(frame.num_rows, 1))
@@ -274,8 +291,16 @@ def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
     yield sink.take()
 
 
-def export(conn: psycopg.Connection, sel: Selection, fmt: Format, *, dsn: str, tz: str | None = None,
-           chunk_rows: int = 100_000, progress: Callable[[float, int], None] | None = None) -> Iterator[bytes]:
+def export(
+    conn: psycopg.Connection,
+    sel: Selection,
+    fmt: Format,
+    *,
+    dsn: str,
+    tz: str | None = None,
+    chunk_rows: int = 100_000,
+    progress: Callable[[float, int], None] | None = None,
+) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
     rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
     return encode_csv(rows, tz=tz) if fmt == "csv" else encode_parquet(rows)
@@ -286,8 +311,9 @@ def connect(url: str) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=True, options="-c timezone=UTC")
 
 
-def stream(url: str, sel: Selection, fmt: Format, *, tz: str | None = None,
-           chunk_rows: int = 100_000) -> Generator[bytes, None, None]:
+def stream(
+    url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000
+) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
         yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows)

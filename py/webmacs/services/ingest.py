@@ -33,8 +33,15 @@ UPDATE rules SET last_triggered_at = now()
 RETURNING user_public_id
 """
 
-_OP_TEXT = {"gt": ">", "lt": "<", "eq": "==", "gte": ">=", "lte": "<=", "between": "between",
-            "not_between": "not between"}
+_OP_TEXT = {
+    "gt": ">",
+    "lt": "<",
+    "eq": "==",
+    "gte": ">=",
+    "lte": "<=",
+    "between": "between",
+    "not_between": "not between",
+}
 
 
 def time_of(us: int) -> datetime:
@@ -182,13 +189,18 @@ class Ingest:
                     continue  # another process fired it within the cooldown, or the rule is gone
                 if f["action_type"] == "webhook":
                     await webhooks.enqueue(
-                        conn, event_type=f["webhook_event_type"] or "sensor.threshold_exceeded",
-                        sensor=f["sensor"], value=f["value"], rule=f["rule"], operator=f["operator"],
+                        conn,
+                        event_type=f["webhook_event_type"] or "sensor.threshold_exceeded",
+                        sensor=f["sensor"],
+                        value=f["value"],
+                        rule=f["rule"],
+                        operator=f["operator"],
                         threshold=f["threshold"],
                     )
                 log.warning("Rule triggered: %s", rule_log_text(f))
-                await logs_repo.create(conn, content=rule_log_text(f), logging_type="warning",
-                                       user_public_id=claimed[0])
+                await logs_repo.create(
+                    conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed[0]
+                )
 
     # -- live stream ---------------------------------------------------------------------------------
     async def _live_loop(self) -> None:
@@ -198,10 +210,20 @@ class Ingest:
             points = self.engine.drain_broadcast()
             if not points or not self.subscribers:
                 continue
-            message = orjson.dumps({"type": "datapoints_batch", "datapoints": [
-                {"value": v, "event_public_id": e, "timestamp": time_of(us).isoformat(), "experiment_public_id": x}
-                for e, v, us, x in points
-            ]}).decode()
+            message = orjson.dumps(
+                {
+                    "type": "datapoints_batch",
+                    "datapoints": [
+                        {
+                            "value": v,
+                            "event_public_id": e,
+                            "timestamp": time_of(us).isoformat(),
+                            "experiment_public_id": x,
+                        }
+                        for e, v, us, x in points
+                    ],
+                }
+            ).decode()
             await asyncio.gather(*(self._send(ws, message) for ws in list(self.subscribers)))
 
     async def _send(self, ws: WebSocket, message: str) -> None:
@@ -221,17 +243,21 @@ def install(app: FastAPI) -> None:
         # the defaults suit a single server process.
         settings = app.state.settings
         options: dict[str, Any] = {
-            "max_rows": settings.webmacs_ingest_max_rows, "max_bytes": settings.webmacs_ingest_max_bytes,
+            "max_rows": settings.webmacs_ingest_max_rows,
+            "max_bytes": settings.webmacs_ingest_max_bytes,
             "max_age_ms": settings.webmacs_ingest_max_age_ms,
-            "queue_capacity": settings.webmacs_ingest_queue_capacity, "writers": settings.webmacs_ingest_writers,
+            "queue_capacity": settings.webmacs_ingest_queue_capacity,
+            "writers": settings.webmacs_ingest_writers,
         }
         options.update(getattr(app.state, "ingest_options", {}))
         engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
         if settings.webmacs_telemetry_listen:
             try:
                 bound = await asyncio.to_thread(
-                    engine.listen, settings.webmacs_telemetry_listen,
-                    secret_key=settings.secret_key_effective, algorithm=settings.algorithm,
+                    engine.listen,
+                    settings.webmacs_telemetry_listen,
+                    secret_key=settings.secret_key_effective,
+                    algorithm=settings.algorithm,
                 )
             except Exception:
                 await asyncio.to_thread(engine.close, 5.0)

@@ -98,6 +98,7 @@ def inside(path: Path, directory: Path) -> bool:
 
 # --- download (POST /ota/{id}/apply with download_url) ---
 
+
 class DownloadFailed(Exception):
     """Any failure of a firmware download; the message is the API's 400 detail."""
 
@@ -118,8 +119,9 @@ async def download(url: str, dest: Path, settings: Settings, expected_sha256: st
     cap = settings.webmacs_ota_max_bundle_bytes
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        async with httpx.AsyncClient(timeout=settings.webmacs_ota_download_timeout_s, follow_redirects=False,
-                                     trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=settings.webmacs_ota_download_timeout_s, follow_redirects=False, trust_env=False
+        ) as client:
             for _ in range(MAX_REDIRECTS + 1):
                 try:
                     target = await ssrf.vet(url, settings.webmacs_webhook_allow_hosts)
@@ -183,8 +185,9 @@ class StorageUnavailable(DomainError):
 
 
 def _missing_file() -> RequestValidationError:
-    return RequestValidationError([{"type": "missing", "loc": ("body", "file"), "msg": "Field required",
-                                    "input": None}])
+    return RequestValidationError(
+        [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
+    )
 
 
 async def receive_upload(request: Request, settings: Settings) -> tuple[str, int]:
@@ -321,6 +324,7 @@ def validate_bundle(path: Path) -> dict[str, Any]:
 
 # --- GET /ota/check: GitHub ---
 
+
 @dataclass
 class GithubRelease:
     version: str | None = None
@@ -365,8 +369,11 @@ async def github_latest(settings: Settings) -> GithubRelease:
             download = asset.get("browser_download_url")
             break
     html = data.get("html_url")
-    return GithubRelease(version=version, download_url=download if isinstance(download, str) else None,
-                         release_url=html if isinstance(html, str) else None)
+    return GithubRelease(
+        version=version,
+        download_url=download if isinstance(download, str) else None,
+        release_url=html if isinstance(html, str) else None,
+    )
 
 
 class GithubCache:

@@ -50,6 +50,7 @@ class InstallFailed(DomainError):
 
 # --- discovery ---
 
+
 def _field(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
 
@@ -143,13 +144,29 @@ def find(plugin_id: str) -> PluginDescriptor | None:
 
 # --- instances ---
 
-async def create_instance(conn: AsyncConnection, *, plugin_id: str, instance_name: str, demo_mode: bool,
-                          enabled: bool, auto_create_events: bool, config_json: str | None,
-                          user_public_id: str) -> dict[str, Any]:
+
+async def create_instance(
+    conn: AsyncConnection,
+    *,
+    plugin_id: str,
+    instance_name: str,
+    demo_mode: bool,
+    enabled: bool,
+    auto_create_events: bool,
+    config_json: str | None,
+    user_public_id: str,
+) -> dict[str, Any]:
     """Spec §12.1: the instance, then one mapping per declared channel (with its event, reused by name or
     created). An unknown plugin or an unreadable config leaves the instance without mappings."""
-    instance = await plugins_repo.create(conn, plugin_id=plugin_id, instance_name=instance_name, demo_mode=demo_mode,
-                                         enabled=enabled, config_json=config_json, user_public_id=user_public_id)
+    instance = await plugins_repo.create(
+        conn,
+        plugin_id=plugin_id,
+        instance_name=instance_name,
+        demo_mode=demo_mode,
+        enabled=enabled,
+        config_json=config_json,
+        user_public_id=user_public_id,
+    )
     descriptor = await asyncio.to_thread(find, plugin_id)
     if descriptor is None:
         log.info("plugin %r is not installed; instance %r has no channels", plugin_id, instance_name)
@@ -165,19 +182,30 @@ async def create_instance(conn: AsyncConnection, *, plugin_id: str, instance_nam
             event_name = f"{instance_name} \u2013 {channel.name}"
             if len(event_name) <= 255:
                 event_public_id = await events_repo.get_or_create(
-                    conn, name=event_name, min_value=channel.min_value, max_value=channel.max_value,
-                    unit=channel.unit, type=EVENT_TYPE_BY_DIRECTION[channel.direction],
+                    conn,
+                    name=event_name,
+                    min_value=channel.min_value,
+                    max_value=channel.max_value,
+                    unit=channel.unit,
+                    type=EVENT_TYPE_BY_DIRECTION[channel.direction],
                     user_public_id=user_public_id,
                 )
             else:
                 log.warning("event name %r is too long; channel %r stays unlinked", event_name[:60], channel.id)
-        await plugins_repo.create_mapping(conn, instance_id=instance["id"], channel_id=channel.id,
-                                          channel_name=channel.name, direction=channel.direction, unit=channel.unit,
-                                          event_public_id=event_public_id)
+        await plugins_repo.create_mapping(
+            conn,
+            instance_id=instance["id"],
+            channel_id=channel.id,
+            channel_name=channel.name,
+            direction=channel.direction,
+            unit=channel.unit,
+            event_public_id=event_public_id,
+        )
     return instance
 
 
 # --- packages ---
+
 
 def wheel_file_name(filename: str | None) -> str:
     """The upload's base name (any client-side directory is dropped) if it is a plain wheel file name."""
@@ -242,8 +270,10 @@ def inspect_wheel(path: Path) -> tuple[str, str]:
             version = str(headers.get("Version", "0.0.0")).strip()
             entry_points = metadata.rsplit("/", 1)[0] + "/entry_points.txt"
             if entry_points not in names or "[webmacs.plugins]" not in _read_text(archive, entry_points):
-                raise Unprocessable(f"Wheel '{name}' does not declare a [webmacs.plugins] entry point. "
-                                    "It is not a valid WebMACS plugin package.")
+                raise Unprocessable(
+                    f"Wheel '{name}' does not declare a [webmacs.plugins] entry point. "
+                    "It is not a valid WebMACS plugin package."
+                )
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as e:
         raise Unprocessable(f"Not a valid ZIP/wheel archive: {e}") from e
     if not PACKAGE_NAME.fullmatch(name) or len(name) > 255:
@@ -274,8 +304,13 @@ def _install_argv(settings: Settings, wheel: Path) -> list[str]:
 def install(settings: Settings, wheel: Path) -> None:
     """Run the installer on the wheel (blocking; call in a thread)."""
     try:
-        done = subprocess.run(_install_argv(settings, wheel), capture_output=True, timeout=INSTALL_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            _install_argv(settings, wheel),
+            capture_output=True,
+            timeout=INSTALL_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         raise InstallFailed(f"Plugin install failed: timed out after {INSTALL_TIMEOUT_S} s") from e
     except OSError as e:
@@ -294,13 +329,15 @@ def plugin_ids_of(package_name: str) -> list[str]:
     importlib.invalidate_caches()
     discovered = discover_installed()
     wanted = _canonical(package_name)
-    ids = [d.id for d in discovered
-           if (d.distribution and _canonical(d.distribution) == wanted) or _canonical(f"webmacs-plugin-{d.id}") == wanted]
+    ids = [
+        d.id
+        for d in discovered
+        if (d.distribution and _canonical(d.distribution) == wanted) or _canonical(f"webmacs-plugin-{d.id}") == wanted
+    ]
     return ids or [d.id for d in discovered]
 
 
-async def upload_package(conn: AsyncConnection, settings: Settings, *, upload: UploadFile,
-                         user_public_id: str) -> str:
+async def upload_package(conn: AsyncConnection, settings: Settings, *, upload: UploadFile, user_public_id: str) -> str:
     """Spec §12.3: store, validate, install and record an uploaded plugin wheel; returns the status message."""
     file_name = wheel_file_name(upload.filename)
     plugin_dir = Path(settings.webmacs_plugin_dir)
@@ -316,9 +353,16 @@ async def upload_package(conn: AsyncConnection, settings: Settings, *, upload: U
             raise Conflict(plugins_repo.PACKAGE_INSTALLED.format(name=name))
         await asyncio.to_thread(install, settings, target)
         plugin_ids = await asyncio.to_thread(plugin_ids_of, name)
-        await plugins_repo.create_package(conn, package_name=name, version=version, file_path=str(target),
-                                          file_hash_sha256=sha256, file_size_bytes=size,
-                                          plugin_ids=json.dumps(plugin_ids), user_public_id=user_public_id)
+        await plugins_repo.create_package(
+            conn,
+            package_name=name,
+            version=version,
+            file_path=str(target),
+            file_hash_sha256=sha256,
+            file_size_bytes=size,
+            plugin_ids=json.dumps(plugin_ids),
+            user_public_id=user_public_id,
+        )
     except BaseException:
         target.unlink(missing_ok=True)
         raise
@@ -331,9 +375,13 @@ def uninstall(settings: Settings, package_name: str) -> None:
     if settings.webmacs_plugin_install_cmd:
         return
     try:
-        done = subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "--no-input",
-                               "--disable-pip-version-check", package_name],
-                              capture_output=True, timeout=INSTALL_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "uninstall", "-y", "--no-input", "--disable-pip-version-check", package_name],
+            capture_output=True,
+            timeout=INSTALL_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         if done.returncode != 0:
             log.warning("uninstalling %s failed: %s", package_name, done.stderr.decode(errors="replace")[:300])
     except (OSError, subprocess.TimeoutExpired):

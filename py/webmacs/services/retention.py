@@ -124,8 +124,11 @@ def install(app: FastAPI) -> None:
         async with app.state.pool.connection() as conn:
             state.license = await license_of(conn)
             if state.license == "timescale":
-                await apply_policies(conn, retention_days=settings.webmacs_retention_days,
-                                     compress_after_days=settings.webmacs_compress_after_days)
+                await apply_policies(
+                    conn,
+                    retention_days=settings.webmacs_retention_days,
+                    compress_after_days=settings.webmacs_compress_after_days,
+                )
                 state.mode = "policy" if settings.webmacs_retention_days else "off"
                 return
         if settings.webmacs_compress_after_days:
@@ -196,17 +199,40 @@ async def storage_report(conn: AsyncConnection, app: FastAPI) -> StorageReport:
         " FROM timescaledb_information.jobs"
         " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints' ORDER BY job_id"
     )
-    jobs = [StorageJob(job_id=r["job_id"], kind=r["proc_name"], schedule_interval=r["schedule"],
-                       config=r["config"], next_start=r["next_start"]) for r in await cur.fetchall()]
+    jobs = [
+        StorageJob(
+            job_id=r["job_id"],
+            kind=r["proc_name"],
+            schedule_interval=r["schedule"],
+            config=r["config"],
+            next_start=r["next_start"],
+        )
+        for r in await cur.fetchall()
+    ]
     if state.mode == "job":
-        jobs.append(StorageJob(job_id=None, kind="webmacs_drop_chunks", schedule_interval=f"{JOB_INTERVAL_S} seconds",
-                               config={"drop_after": f"{settings.webmacs_retention_days} days"}, next_start=None))
+        jobs.append(
+            StorageJob(
+                job_id=None,
+                kind="webmacs_drop_chunks",
+                schedule_interval=f"{JOB_INTERVAL_S} seconds",
+                config={"drop_after": f"{settings.webmacs_retention_days} days"},
+                next_start=None,
+            )
+        )
     return StorageReport(
-        hypertable="datapoints", size_bytes=int(head["size_bytes"] or 0), chunks=int(chunks["n"]),
-        row_estimate=max(0, int(head["rows"] or 0)), chunk_interval=head["interval"],
-        oldest_chunk_start=chunks["oldest"], newest_chunk_end=chunks["newest"],
-        timescaledb_version=head["version"], license=head["license"],
-        retention_days=settings.webmacs_retention_days, retention_mode=state.mode,
-        compress_after_days=settings.webmacs_compress_after_days, retention_last_run=state.last_run,
-        retention_last_dropped=state.last_dropped, jobs=jobs,
+        hypertable="datapoints",
+        size_bytes=int(head["size_bytes"] or 0),
+        chunks=int(chunks["n"]),
+        row_estimate=max(0, int(head["rows"] or 0)),
+        chunk_interval=head["interval"],
+        oldest_chunk_start=chunks["oldest"],
+        newest_chunk_end=chunks["newest"],
+        timescaledb_version=head["version"],
+        license=head["license"],
+        retention_days=settings.webmacs_retention_days,
+        retention_mode=state.mode,
+        compress_after_days=settings.webmacs_compress_after_days,
+        retention_last_run=state.last_run,
+        retention_last_dropped=state.last_dropped,
+        jobs=jobs,
     )

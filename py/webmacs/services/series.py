@@ -118,8 +118,7 @@ def all_points(series: PackedSeries) -> list[Point]:
 def _points(series: PackedSeries, kept: Sequence[int]) -> list[Point]:
     times, values = _native("q", series.times), _native("d", series.values)
     experiments = _native("i", series.experiments) if series.experiments else None
-    return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None)
-            for i in kept]
+    return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None) for i in kept]
 
 
 async def _fetch(conn: AsyncConnection, query: sql.Composable | str, params: tuple[object, ...]) -> PackedSeries:
@@ -141,8 +140,9 @@ async def in_range(conn: AsyncConnection, *, event_id: int, start: datetime, end
     return await _fetch(conn, RANGE_SQL, (event_id, start, end))
 
 
-async def bucketed(conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime, bucket: str,
-                   tz: str, agg: Agg) -> list[tuple[datetime, float]]:
+async def bucketed(
+    conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime, bucket: str, tz: str, agg: Agg
+) -> list[tuple[datetime, float]]:
     """`agg` per `bucket` (a PostgreSQL interval) over [start, end) as (bucket start, value), time ascending;
     buckets are aligned in `tz`, so day buckets start at local midnight and last 23 or 25 hours across a DST
     change. Buckets without datapoints are absent."""
@@ -160,18 +160,49 @@ def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:
 # --- bucket intervals ---------------------------------------------------------------------------------------
 
 _UNITS = {
-    "ms": "milliseconds", "millisecond": "milliseconds", "milliseconds": "milliseconds",
-    "s": "seconds", "sec": "seconds", "secs": "seconds", "second": "seconds", "seconds": "seconds",
-    "m": "minutes", "min": "minutes", "mins": "minutes", "minute": "minutes", "minutes": "minutes",
-    "h": "hours", "hr": "hours", "hrs": "hours", "hour": "hours", "hours": "hours",
-    "d": "days", "day": "days", "days": "days",
-    "w": "weeks", "week": "weeks", "weeks": "weeks",
-    "mo": "months", "mon": "months", "month": "months", "months": "months",
-    "y": "years", "year": "years", "years": "years",
+    "ms": "milliseconds",
+    "millisecond": "milliseconds",
+    "milliseconds": "milliseconds",
+    "s": "seconds",
+    "sec": "seconds",
+    "secs": "seconds",
+    "second": "seconds",
+    "seconds": "seconds",
+    "m": "minutes",
+    "min": "minutes",
+    "mins": "minutes",
+    "minute": "minutes",
+    "minutes": "minutes",
+    "h": "hours",
+    "hr": "hours",
+    "hrs": "hours",
+    "hour": "hours",
+    "hours": "hours",
+    "d": "days",
+    "day": "days",
+    "days": "days",
+    "w": "weeks",
+    "week": "weeks",
+    "weeks": "weeks",
+    "mo": "months",
+    "mon": "months",
+    "month": "months",
+    "months": "months",
+    "y": "years",
+    "year": "years",
+    "years": "years",
 }
 # Nominal lengths, only to bound how many buckets a request may produce.
-_NOMINAL_SECONDS = {"milliseconds": 0.001, "seconds": 1, "minutes": 60, "hours": 3600, "days": 86400,
-                    "weeks": 7 * 86400, "months": 28 * 86400, "years": 365 * 86400}
+_NOMINAL_SECONDS = {
+    "milliseconds": 0.001,
+    "seconds": 1,
+    "minutes": 60,
+    "hours": 3600,
+    "days": 86400,
+    "weeks": 7 * 86400,
+    "months": 28 * 86400,
+    "years": 365 * 86400,
+}
 _BUCKET = re.compile(r"\s*([0-9]{1,9})\s*([A-Za-z]+)\s*")
 
 

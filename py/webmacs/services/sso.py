@@ -83,6 +83,7 @@ def _digest(code: str) -> str:
 
 # --- configuration ---
 
+
 def require_configured(settings: Settings) -> None:
     if not settings.oidc_enabled:
         raise NotFound("SSO is not enabled.")
@@ -110,6 +111,7 @@ def frontend_url(settings: Settings) -> str:
 
 
 # --- talking to the identity provider ---
+
 
 def _client() -> httpx.AsyncClient:
     # The issuer is operator-configured (no SSRF guard), but redirects are never followed: every endpoint
@@ -160,16 +162,26 @@ def _pkce_pair() -> tuple[str, str]:
 
 def sign_state(settings: Settings, verifier: str) -> str:
     now = datetime.now(UTC)
-    claims = {"iss": STATE_ISSUER, "nonce": secrets.token_urlsafe(16), "cv": verifier,
-              "iat": now, "exp": now + timedelta(seconds=STATE_TTL_S)}
+    claims = {
+        "iss": STATE_ISSUER,
+        "nonce": secrets.token_urlsafe(16),
+        "cv": verifier,
+        "iat": now,
+        "exp": now + timedelta(seconds=STATE_TTL_S),
+    }
     return jwt.encode(claims, settings.secret_key_effective, algorithm="HS256")
 
 
 def verify_state(settings: Settings, state: str) -> str:
     """The PKCE verifier carried by a valid state, or 400."""
     try:
-        claims = jwt.decode(state, settings.secret_key_effective, algorithms=["HS256"], issuer=STATE_ISSUER,
-                            options={"require": ["exp", "iat", "iss", "cv"]})
+        claims = jwt.decode(
+            state,
+            settings.secret_key_effective,
+            algorithms=["HS256"],
+            issuer=STATE_ISSUER,
+            options={"require": ["exp", "iat", "iss", "cv"]},
+        )
     except (jwt.PyJWTError, ValueError, TypeError) as e:
         raise BadRequest("Invalid or expired SSO state.") from e
     verifier = claims.get("cv")
@@ -185,9 +197,13 @@ async def authorization_url(state: SsoState, settings: Settings) -> str:
     assert endpoint is not None  # discovery() only caches documents that have it
     verifier, challenge = _pkce_pair()
     params = {
-        "response_type": "code", "client_id": settings.oidc_client_id, "redirect_uri": redirect_uri(settings),
-        "scope": settings.oidc_scopes, "state": sign_state(settings, verifier),
-        "code_challenge": challenge, "code_challenge_method": "S256",
+        "response_type": "code",
+        "client_id": settings.oidc_client_id,
+        "redirect_uri": redirect_uri(settings),
+        "scope": settings.oidc_scopes,
+        "state": sign_state(settings, verifier),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
     }
     # Keep any query the IdP put into its endpoint URL (some carry a tenant or policy parameter).
     parts = urlsplit(endpoint)
@@ -200,8 +216,13 @@ async def fetch_userinfo(state: SsoState, settings: Settings, code: str, verifie
     doc = await discovery(state, settings)
     token_endpoint = _endpoint(doc, "token_endpoint")
     assert token_endpoint is not None  # discovery() only caches documents that have it
-    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri(settings),
-            "client_id": settings.oidc_client_id, "code_verifier": verifier}
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri(settings),
+        "client_id": settings.oidc_client_id,
+        "code_verifier": verifier,
+    }
     # client_secret_basic (the OAuth default); RFC 6749 §2.3.1 form-encodes both parts first.
     headers = {"Accept": "application/json"}
     if settings.oidc_client_secret:  # without one this is a public client (PKCE only)
@@ -220,8 +241,9 @@ async def fetch_userinfo(state: SsoState, settings: Settings, code: str, verifie
         if userinfo_endpoint is None:
             raise BadGateway("Identity provider does not expose a userinfo endpoint.")
         try:
-            r = await client.get(userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}",
-                                                             "Accept": "application/json"})
+            r = await client.get(
+                userinfo_endpoint, headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
+            )
         except httpx.HTTPError as e:
             raise BadGateway(USERINFO_FAILED) from e
     info = _json_object(r) if r.status_code == 200 else None
@@ -231,6 +253,7 @@ async def fetch_userinfo(state: SsoState, settings: Settings, code: str, verifie
 
 
 # --- who logged in ---
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -244,8 +267,10 @@ class Identity:
 def identity(info: dict[str, Any]) -> Identity:
     email = info.get("email")
     if not isinstance(email, str) or not email.strip():
-        raise BadRequest("Identity provider did not return an email address. "
-                         "Ensure the 'email' scope is requested and the user has a verified email.")
+        raise BadRequest(
+            "Identity provider did not return an email address. "
+            "Ensure the 'email' scope is requested and the user has a verified email."
+        )
     sub = info.get("sub")
     if isinstance(sub, int) and not isinstance(sub, bool):
         sub = str(sub)
@@ -259,8 +284,13 @@ def identity(info: dict[str, Any]) -> Identity:
     verified = info.get("email_verified")
     # Some IdPs send the claim as a string; bool("false") would be True.
     verified = verified is True or (isinstance(verified, str) and verified.strip().lower() == "true")
-    hint = next((v.strip() for v in (info.get("preferred_username"), info.get("name"))
-                 if isinstance(v, str) and v.strip()), "") or email.split("@", 1)[0]
+    hint = (
+        next(
+            (v.strip() for v in (info.get("preferred_username"), info.get("name")) if isinstance(v, str) and v.strip()),
+            "",
+        )
+        or email.split("@", 1)[0]
+    )
     return Identity(subject=sub, email=email, email_verified=verified, username_hint=hint)
 
 
@@ -280,7 +310,7 @@ def sanitise_username(raw: str) -> str:
 async def _free_username(conn: AsyncConnection, raw: str) -> str:
     username = sanitise_username(raw)
     if await sso_repo.username_taken(conn, username=username):
-        username = f"{username[:USERNAME_MAX - 7]}_{secrets.token_hex(3)}"
+        username = f"{username[: USERNAME_MAX - 7]}_{secrets.token_hex(3)}"
     return username
 
 
@@ -296,19 +326,27 @@ async def resolve_user(conn: AsyncConnection, settings: Settings, who: Identity)
             raise Forbidden("Cannot link SSO account: the identity provider has not verified this email address.")
         if user["role"] == "admin":
             # Whoever controls the IdP account must not get an admin account by email alone.
-            raise Forbidden("Cannot automatically link an admin account to SSO. "
-                            "An administrator must manually link this account.")
+            raise Forbidden(
+                "Cannot automatically link an admin account to SSO. An administrator must manually link this account."
+            )
         return await sso_repo.link(conn, user_id=user["id"], provider=provider, subject=who.subject)
     if not settings.oidc_auto_create_users:
-        raise Forbidden("No local account found and automatic user creation is disabled. "
-                        "Ask an administrator to create your account first.")
+        raise Forbidden(
+            "No local account found and automatic user creation is disabled. "
+            "Ask an administrator to create your account first."
+        )
     if not who.email_verified:
         raise Forbidden("Cannot create account: the identity provider has not verified this email address.")
     # SSO users never log in with a password; a random one keeps the column's meaning (bcrypt hash).
     password_hash = await asyncio.to_thread(hash_password, secrets.token_urlsafe(32), settings.webmacs_bcrypt_rounds)
     return await sso_repo.create(
-        conn, email=who.email, username=await _free_username(conn, who.username_hint), password_hash=password_hash,
-        role=settings.oidc_default_role, provider=provider, subject=who.subject,
+        conn,
+        email=who.email,
+        username=await _free_username(conn, who.username_hint),
+        password_hash=password_hash,
+        role=settings.oidc_default_role,
+        provider=provider,
+        subject=who.subject,
     )
 
 
@@ -321,8 +359,10 @@ async def complete_login(
     who = identity(await fetch_userinfo(state, settings, code, verifier))
     user = await resolve_user(conn, settings, who)
     await logs_repo.create(
-        conn, content=f"User '{user['username']}' logged in via SSO ({settings.oidc_provider_name}).",
-        logging_type="info", user_public_id=user["public_id"],
+        conn,
+        content=f"User '{user['username']}' logged in via SSO ({settings.oidc_provider_name}).",
+        logging_type="info",
+        user_public_id=user["public_id"],
     )
     one_time = state.issue_code(user["id"], user["role"])
     return f"{frontend_url(settings)}/sso-callback?{urlencode({'code': one_time})}"

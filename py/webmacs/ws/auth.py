@@ -26,9 +26,10 @@ async def authenticate_websocket(websocket: WebSocket) -> User | None:
     settings: Settings = websocket.app.state.settings
     # WebSockets decode the JWT before consulting the blacklist (spec §7), unlike HTTP (§3.1), so an
     # expired token that was also logged out reads "Invalid or expired token" here.
-    if not token.startswith(API_TOKEN_PREFIX) and decode_access_token(
-        token, key=settings.secret_key_effective, algorithm=settings.algorithm
-    ) is None:
+    if (
+        not token.startswith(API_TOKEN_PREFIX)
+        and decode_access_token(token, key=settings.secret_key_effective, algorithm=settings.algorithm) is None
+    ):
         await websocket.close(code=POLICY_VIOLATION, reason="Invalid or expired token")
         return None
     try:

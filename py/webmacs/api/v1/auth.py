@@ -41,11 +41,15 @@ async def login(body: LoginRequest, conn: Conn, settings: SettingsDep) -> LoginR
     if user is None or not ok:
         raise HTTPException(401, "Invalid email or password.")
     token = create_access_token(
-        user_id=user["id"], role=user["role"], key=settings.secret_key_effective,
-        algorithm=settings.algorithm, minutes=settings.access_token_expire_minutes,
+        user_id=user["id"],
+        role=user["role"],
+        key=settings.secret_key_effective,
+        algorithm=settings.algorithm,
+        minutes=settings.access_token_expire_minutes,
     )
-    await logs_repo.create(conn, content=f"User '{user['username']}' logged in.", logging_type="info",
-                           user_public_id=user["public_id"])
+    await logs_repo.create(
+        conn, content=f"User '{user['username']}' logged in.", logging_type="info", user_public_id=user["public_id"]
+    )
     return LoginResponse(access_token=token, public_id=user["public_id"], username=user["username"])
 
 
@@ -64,5 +68,12 @@ async def logout(user: CurrentUser, conn: Conn) -> Status:
 
 @router.get("/me", response_model=UserResponse)
 async def me(user: CurrentUser) -> UserResponse:
-    return UserResponse(public_id=user.public_id, email=user.email, username=user.username, role=user.role,
-                        admin=user.admin, registered_on=user.registered_on, sso_provider=user.sso_provider)
+    return UserResponse(
+        public_id=user.public_id,
+        email=user.email,
+        username=user.username,
+        role=user.role,
+        admin=user.admin,
+        registered_on=user.registered_on,
+        sso_provider=user.sso_provider,
+    )

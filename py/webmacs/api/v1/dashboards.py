@@ -86,15 +86,28 @@ class DashboardResponse(BaseModel):
 
 
 def widget_response(row: dict[str, Any]) -> WidgetResponse:
-    return WidgetResponse(public_id=row["public_id"], widget_type=row["widget_type"], title=row["title"],
-                          event_public_id=row["event_public_id"], x=row["x"], y=row["y"], w=row["w"], h=row["h"],
-                          config_json=row["config_json"])
+    return WidgetResponse(
+        public_id=row["public_id"],
+        widget_type=row["widget_type"],
+        title=row["title"],
+        event_public_id=row["event_public_id"],
+        x=row["x"],
+        y=row["y"],
+        w=row["w"],
+        h=row["h"],
+        config_json=row["config_json"],
+    )
 
 
 def to_response(row: dict[str, Any]) -> DashboardResponse:
-    return DashboardResponse(public_id=row["public_id"], name=row["name"], is_global=row["is_global"],
-                             created_on=row["created_on"], user_public_id=row["user_public_id"],
-                             widgets=[widget_response(w) for w in row["widgets"]])
+    return DashboardResponse(
+        public_id=row["public_id"],
+        name=row["name"],
+        is_global=row["is_global"],
+        created_on=row["created_on"],
+        user_public_id=row["user_public_id"],
+        widgets=[widget_response(w) for w in row["widgets"]],
+    )
 
 
 async def _writable(conn: Conn, public_id: str, user: User) -> dict[str, Any]:
@@ -114,15 +127,17 @@ async def _widget_on(conn: Conn, dashboard: dict[str, Any], widget_public_id: st
 
 @router.get("", response_model=Page[DashboardResponse])
 async def list_dashboards(user: CurrentUser, conn: Conn, paging: Paging) -> Page[DashboardResponse]:
-    total, rows = await dashboards_repo.visible_page(conn, user_public_id=user.public_id, limit=paging.limit,
-                                                     offset=paging.offset)
+    total, rows = await dashboards_repo.visible_page(
+        conn, user_public_id=user.public_id, limit=paging.limit, offset=paging.offset
+    )
     return Page.of(paging, total, [to_response(r) for r in rows])
 
 
 @router.post("", response_model=DashboardResponse, status_code=201)
 async def create_dashboard(body: DashboardCreate, user: OperatorUser, conn: Conn) -> DashboardResponse:
-    return to_response(await dashboards_repo.create(conn, name=body.name, is_global=body.is_global,
-                                                    user_public_id=user.public_id))
+    return to_response(
+        await dashboards_repo.create(conn, name=body.name, is_global=body.is_global, user_public_id=user.public_id)
+    )
 
 
 @router.get("/{public_id}", response_model=DashboardResponse)
@@ -152,14 +167,14 @@ async def delete_dashboard(public_id: str, user: OperatorUser, conn: Conn) -> St
 @router.post("/{public_id}/widgets", response_model=WidgetResponse, status_code=201)
 async def create_widget(public_id: str, body: WidgetCreate, user: OperatorUser, conn: Conn) -> WidgetResponse:
     dashboard = await _writable(conn, public_id, user)
-    widget = await dashboards_repo.create_widget(conn, dashboard_id=dashboard["id"],
-                                                 fields=body.model_dump(mode="json"))
+    widget = await dashboards_repo.create_widget(
+        conn, dashboard_id=dashboard["id"], fields=body.model_dump(mode="json")
+    )
     return widget_response(widget)
 
 
 @router.put("/{public_id}/widgets/{widget_id}", response_model=Status)
-async def update_widget(public_id: str, widget_id: str, body: WidgetUpdate, user: OperatorUser,
-                        conn: Conn) -> Status:
+async def update_widget(public_id: str, widget_id: str, body: WidgetUpdate, user: OperatorUser, conn: Conn) -> Status:
     dashboard = await _writable(conn, public_id, user)
     widget = await _widget_on(conn, dashboard, widget_id)
     changes = body.model_dump(exclude_unset=True, mode="json")

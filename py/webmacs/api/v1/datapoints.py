@@ -25,8 +25,10 @@ class DatapointResponse(BaseModel):
 def to_response(row: dict) -> DatapointResponse:
     """From a row with `time`, `value`, `event_public_id`, `experiment_public_id` (public_id is derived)."""
     return DatapointResponse(
-        public_id=datapoints_repo.datapoint_public_id(row["event_public_id"], row["time"]), value=row["value"],
-        timestamp=row["time"], event_public_id=row["event_public_id"],
+        public_id=datapoints_repo.datapoint_public_id(row["event_public_id"], row["time"]),
+        value=row["value"],
+        timestamp=row["time"],
+        event_public_id=row["event_public_id"],
         experiment_public_id=row["experiment_public_id"],
     )
 

@@ -55,9 +55,15 @@ class EventResponse(BaseModel):
 
 
 def to_response(row: dict) -> EventResponse:
-    return EventResponse(public_id=row["public_id"], name=row["name"], min_value=row["min_value"],
-                         max_value=row["max_value"], unit=row["unit"], type=row["type"],
-                         user_public_id=row["user_public_id"])
+    return EventResponse(
+        public_id=row["public_id"],
+        name=row["name"],
+        min_value=row["min_value"],
+        max_value=row["max_value"],
+        unit=row["unit"],
+        type=row["type"],
+        user_public_id=row["user_public_id"],
+    )
 
 
 @router.get("", response_model=Page[EventResponse])
@@ -68,8 +74,15 @@ async def list_events(_: CurrentUser, conn: Conn, paging: Paging) -> Page[EventR
 
 @router.post("", response_model=Status, status_code=201)
 async def create_event(body: EventCreate, user: OperatorUser, conn: Conn, request: Request) -> Status:
-    await events_repo.create(conn, name=body.name, min_value=body.min_value, max_value=body.max_value,
-                             unit=body.unit, type=body.type.value, user_public_id=user.public_id)
+    await events_repo.create(
+        conn,
+        name=body.name,
+        min_value=body.min_value,
+        max_value=body.max_value,
+        unit=body.unit,
+        type=body.type.value,
+        user_public_id=user.public_id,
+    )
     catalog_changed(request)
     return Status.ok("Event successfully created.")
 

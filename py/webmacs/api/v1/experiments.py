@@ -38,8 +38,13 @@ class ExperimentResponse(BaseModel):
 
 
 def to_response(row: dict) -> ExperimentResponse:
-    return ExperimentResponse(public_id=row["public_id"], name=row["name"], started_on=row["started_on"],
-                              stopped_on=row["stopped_on"], user_public_id=row["user_public_id"])
+    return ExperimentResponse(
+        public_id=row["public_id"],
+        name=row["name"],
+        started_on=row["started_on"],
+        stopped_on=row["stopped_on"],
+        user_public_id=row["user_public_id"],
+    )
 
 
 @router.get("", response_model=Page[ExperimentResponse])
@@ -51,8 +56,9 @@ async def list_experiments(_: CurrentUser, conn: Conn, paging: Paging) -> Page[E
 @router.post("", response_model=Status, status_code=201)
 async def start_experiment(body: ExperimentCreate, user: OperatorUser, conn: Conn, request: Request) -> Status:
     await experiments_repo.create(conn, name=body.name, user_public_id=user.public_id)
-    await logs_repo.create(conn, content=f"Experiment '{body.name}' started.", logging_type="info",
-                           user_public_id=user.public_id)
+    await logs_repo.create(
+        conn, content=f"Experiment '{body.name}' started.", logging_type="info", user_public_id=user.public_id
+    )
     await webhooks.enqueue(conn, event_type="experiment.started", experiment=body.name)
     catalog_changed(request)
     return Status.ok("Experiment successfully created.")
@@ -64,8 +70,9 @@ async def get_experiment(public_id: str, _: CurrentUser, conn: Conn) -> Experime
 
 
 @router.put("/{public_id}", response_model=Status)
-async def rename_experiment(public_id: str, body: ExperimentUpdate, _: OperatorUser, conn: Conn,
-                            request: Request) -> Status:
+async def rename_experiment(
+    public_id: str, body: ExperimentUpdate, _: OperatorUser, conn: Conn, request: Request
+) -> Status:
     if body.name is None:
         await experiments_repo.by_public_id(conn, public_id=public_id)  # still 404 for an unknown id
     else:
@@ -77,21 +84,29 @@ async def rename_experiment(public_id: str, body: ExperimentUpdate, _: OperatorU
 @router.put("/{public_id}/stop", response_model=Status)
 async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, request: Request) -> Status:
     experiment = await experiments_repo.stop(conn, public_id=public_id)
-    await logs_repo.create(conn, content=f"Experiment '{experiment['name']}' stopped.", logging_type="info",
-                           user_public_id=user.public_id)
+    await logs_repo.create(
+        conn, content=f"Experiment '{experiment['name']}' stopped.", logging_type="info", user_public_id=user.public_id
+    )
     await webhooks.enqueue(conn, event_type="experiment.stopped", experiment=experiment["name"])
     catalog_changed(request)
     return Status.ok("Experiment successfully stopped.")
 
 
-@router.get("/{public_id}/export/csv", response_class=StreamingResponse,
-            responses={200: {"content": {"text/csv": {}}, "description": "The experiment's datapoints as CSV."}})
+@router.get(
+    "/{public_id}/export/csv",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "The experiment's datapoints as CSV."}},
+)
 async def export_csv(public_id: str, _: CurrentUser, conn: Conn, request: Request) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
     body = csv_export.experiment_csv(request.app.state.pool, experiment_id=experiment["id"])
-    return StreamingResponse(body, media_type="text/csv; charset=utf-8", headers={
-        "Content-Disposition": csv_export.content_disposition(experiment["name"], experiment["public_id"]),
-    })
+    return StreamingResponse(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": csv_export.content_disposition(experiment["name"], experiment["public_id"]),
+        },
+    )
 
 
 @router.delete("/{public_id}", response_model=Status)

@@ -30,7 +30,8 @@ class DatapointCreate(BaseModel):
     value: float
     event_public_id: str
     timestamp: datetime | float | None = Field(
-        default=None, description="Optional client time: RFC 3339, or epoch milliseconds. Server time otherwise.")
+        default=None, description="Optional client time: RFC 3339, or epoch milliseconds. Server time otherwise."
+    )
 
 
 class DatapointBatch(BaseModel):
@@ -110,26 +111,49 @@ async def create_batch(request: Request, _: OperatorUser) -> Status:
         receipt = ingest.submit(body, strict=True)
     except InvalidFrameError as e:
         if "not a JSON object" in str(e):
-            raise _validation_error([{"type": "model_attributes_type", "loc": ["body"],
-                                      "msg": "Input should be a valid dictionary or object to extract fields from",
-                                      "input": body.decode("utf-8", "replace")[:200]}]) from e
-        raise _validation_error([{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
-                                  "input": {}, "ctx": {"error": str(e)}}]) from e
+            raise _validation_error(
+                [
+                    {
+                        "type": "model_attributes_type",
+                        "loc": ["body"],
+                        "msg": "Input should be a valid dictionary or object to extract fields from",
+                        "input": body.decode("utf-8", "replace")[:200],
+                    }
+                ]
+            ) from e
+        raise _validation_error(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ["body", 0],
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": str(e)},
+                }
+            ]
+        ) from e
     except FrameTooLargeError as e:
         message = str(e)
         if message.startswith("Batch too large"):
             n = int(message.split("(", 1)[1].split(")", 1)[0])
-            raise _validation_error([{
-                "type": "too_long", "loc": ["body", "datapoints"],
-                "msg": f"List should have at most {MAX_BATCH} items after validation, not {n}",
-                "input": None, "ctx": {"field_type": "List", "max_length": MAX_BATCH, "actual_length": n},
-            }]) from e
+            raise _validation_error(
+                [
+                    {
+                        "type": "too_long",
+                        "loc": ["body", "datapoints"],
+                        "msg": f"List should have at most {MAX_BATCH} items after validation, not {n}",
+                        "input": None,
+                        "ctx": {"field_type": "List", "max_length": MAX_BATCH, "actual_length": n},
+                    }
+                ]
+            ) from e
         raise TooLarge("Request body too large.") from e
     except QueueFullError as e:
         raise Unavailable(QUEUE_FULL, retry_after=RETRY_AFTER_S) from e
     if not receipt.has_datapoints:
-        raise _validation_error([{"type": "missing", "loc": ["body", "datapoints"], "msg": "Field required",
-                                  "input": None}])
+        raise _validation_error(
+            [{"type": "missing", "loc": ["body", "datapoints"], "msg": "Field required", "input": None}]
+        )
     errors = []
     for index, reason in receipt.rejects:
         if reason not in _REASON_ERRORS:
@@ -150,7 +174,12 @@ async def latest(_: CurrentUser, request: Request) -> list[LatestDatapoint]:
     """The latest datapoint of every event that has one (from the engine's cache, no query)."""
     rows = engine_of(request.app).engine.latest()
     return [
-        LatestDatapoint(public_id=datapoint_public_id(event, time_of(us)), value=value, timestamp=time_of(us),
-                        event_public_id=event, experiment_public_id=experiment)
+        LatestDatapoint(
+            public_id=datapoint_public_id(event, time_of(us)),
+            value=value,
+            timestamp=time_of(us),
+            event_public_id=event,
+            experiment_public_id=experiment,
+        )
         for event, value, us, experiment in rows
     ]

@@ -50,9 +50,14 @@ class LogEntryResponse(BaseModel):
 
 
 def to_response(row: dict) -> LogEntryResponse:
-    return LogEntryResponse(public_id=row["public_id"], content=row["content"], logging_type=row["logging_type"],
-                            status_type=row["status_type"], created_on=row["created_on"],
-                            user_public_id=row["user_public_id"])
+    return LogEntryResponse(
+        public_id=row["public_id"],
+        content=row["content"],
+        logging_type=row["logging_type"],
+        status_type=row["status_type"],
+        created_on=row["created_on"],
+        user_public_id=row["user_public_id"],
+    )
 
 
 @router.get("", response_model=Page[LogEntryResponse])
@@ -63,8 +68,9 @@ async def list_log_entries(_: CurrentUser, conn: Conn, paging: Paging) -> Page[L
 
 @router.post("", response_model=Status, status_code=201)
 async def create_log_entry(body: LogEntryCreate, user: OperatorUser, conn: Conn) -> Status:
-    await logs_repo.create(conn, content=body.content, logging_type=body.logging_type.value,
-                           user_public_id=user.public_id)
+    await logs_repo.create(
+        conn, content=body.content, logging_type=body.logging_type.value, user_public_id=user.public_id
+    )
     return Status.ok("Log entry successfully created.")
 
 

@@ -83,11 +83,13 @@ async def create_update(body: FirmwareCreate, user: AdminUser, conn: Conn) -> St
 
 
 @router.get("/check", response_model=UpdateCheckResponse)
-async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep,
-                            request: Request) -> UpdateCheckResponse:
+async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep, request: Request) -> UpdateCheckResponse:
     current = webmacs.__version__
-    db_best = max((v for v in await firmware_repo.candidate_versions(conn) if ota.newer(v, current)),
-                  key=ota.version_key, default=None)
+    db_best = max(
+        (v for v in await firmware_repo.candidate_versions(conn) if ota.newer(v, current)),
+        key=ota.version_key,
+        default=None,
+    )
     state = request.app.state
     if getattr(state, "ota_github_cache", None) is None:
         state.ota_github_cache = ota.GithubCache()
@@ -106,10 +108,23 @@ async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep,
 
 
 @router.post(
-    "/upload", response_model=Status, status_code=201,
-    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary"}}}}}}},
+    "/upload",
+    response_model=Status,
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    },
 )
 async def upload_bundle(request: Request, _: AdminUser, settings: SettingsDep) -> Status:
     # The body is parsed here, not by FastAPI, so that it streams to disk under the size cap instead of
@@ -124,8 +139,9 @@ async def get_update(public_id: str, _: AdminUser, conn: Conn) -> FirmwareUpdate
 
 
 @router.post("/{public_id}/apply", response_model=Status)
-async def apply_update(public_id: str, _: AdminUser, conn: Conn, settings: SettingsDep,
-                       body: ApplyRequest | None = None) -> Any:
+async def apply_update(
+    public_id: str, _: AdminUser, conn: Conn, settings: SettingsDep, body: ApplyRequest | None = None
+) -> Any:
     fw = await firmware_repo.by_public_id(conn, public_id=public_id, for_update=True)
     body = body or ApplyRequest()
     if body.download_url is None:
@@ -135,28 +151,48 @@ async def apply_update(public_id: str, _: AdminUser, conn: Conn, settings: Setti
             if actual != fw["file_hash_sha256"].lower():
                 ota.check_transition(fw["status"], "failed")
                 error = ota.HASH_MISMATCH if actual else "Firmware file is missing"
-                await firmware_repo.update(conn, firmware_id=fw["id"],
-                                           changes={"status": "failed", "error_message": error})
+                await firmware_repo.update(
+                    conn, firmware_id=fw["id"], changes={"status": "failed", "error_message": error}
+                )
                 # Returned, not raised: the failed state is a finding about the stored file and is kept.
                 return JSONResponse({"detail": error}, status_code=400)
-        await firmware_repo.update(conn, firmware_id=fw["id"], changes={
-            "status": "completed", "error_message": None, "completed_on": NOW,
-            "started_on": fw["started_on"] or NOW,
-        })
+        await firmware_repo.update(
+            conn,
+            firmware_id=fw["id"],
+            changes={
+                "status": "completed",
+                "error_message": None,
+                "completed_on": NOW,
+                "started_on": fw["started_on"] or NOW,
+            },
+        )
         return Status.ok("Firmware update applied successfully.")
 
     # pending → downloading → verifying → applying → completed, in this one transaction: a failure raises,
     # which rolls the record back to the state it had (spec §10.2), and leaves no file behind.
     ota.check_transition(fw["status"], "downloading")
     try:
-        got = await ota.download(body.download_url, ota.firmware_path(settings, fw["version"]), settings,
-                                 expected_sha256=body.file_hash_sha256)
+        got = await ota.download(
+            body.download_url,
+            ota.firmware_path(settings, fw["version"]),
+            settings,
+            expected_sha256=body.file_hash_sha256,
+        )
     except ota.DownloadFailed as e:
         raise BadRequest(str(e)) from e
-    await firmware_repo.update(conn, firmware_id=fw["id"], changes={
-        "status": "completed", "error_message": None, "started_on": NOW, "completed_on": NOW,
-        "file_path": str(got.path), "file_size_bytes": got.size, "file_hash_sha256": got.sha256,
-    })
+    await firmware_repo.update(
+        conn,
+        firmware_id=fw["id"],
+        changes={
+            "status": "completed",
+            "error_message": None,
+            "started_on": NOW,
+            "completed_on": NOW,
+            "file_path": str(got.path),
+            "file_size_bytes": got.size,
+            "file_hash_sha256": got.sha256,
+        },
+    )
     return Status.ok("Firmware update applied successfully.")
 
 

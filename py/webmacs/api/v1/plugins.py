@@ -124,16 +124,29 @@ class ChannelMappingUpdate(BaseModel):
 
 
 def mapping_response(row: dict[str, Any]) -> ChannelMappingResponse:
-    return ChannelMappingResponse(public_id=row["public_id"], channel_id=row["channel_id"],
-                                  channel_name=row["channel_name"], direction=row["direction"], unit=row["unit"],
-                                  event_public_id=row["event_public_id"], created_on=row["created_on"])
+    return ChannelMappingResponse(
+        public_id=row["public_id"],
+        channel_id=row["channel_id"],
+        channel_name=row["channel_name"],
+        direction=row["direction"],
+        unit=row["unit"],
+        event_public_id=row["event_public_id"],
+        created_on=row["created_on"],
+    )
 
 
 def instance_response(row: dict[str, Any]) -> PluginInstanceResponse:
     return PluginInstanceResponse(
-        public_id=row["public_id"], plugin_id=row["plugin_id"], instance_name=row["instance_name"],
-        demo_mode=row["demo_mode"], enabled=row["enabled"], status=row["status"], config_json=row["config_json"],
-        error_message=row["error_message"], created_on=row["created_on"], updated_on=row["updated_on"],
+        public_id=row["public_id"],
+        plugin_id=row["plugin_id"],
+        instance_name=row["instance_name"],
+        demo_mode=row["demo_mode"],
+        enabled=row["enabled"],
+        status=row["status"],
+        config_json=row["config_json"],
+        error_message=row["error_message"],
+        created_on=row["created_on"],
+        updated_on=row["updated_on"],
         user_public_id=row["user_public_id"],
         channel_mappings=[mapping_response(m) for m in row["channel_mappings"]],
     )
@@ -144,12 +157,20 @@ def package_response(row: dict[str, Any]) -> PackageResponse:
         plugin_ids = [str(i) for i in json.loads(row["plugin_ids"])]
     except (ValueError, TypeError):
         plugin_ids = []  # the column is API-written JSON; a hand-edited row must not break the list
-    return PackageResponse(public_id=row["public_id"], package_name=row["package_name"], version=row["version"],
-                           source=row["source"], plugin_ids=plugin_ids, file_size_bytes=row["file_size_bytes"],
-                           installed_on=row["installed_on"], removable=row["source"] == "uploaded")
+    return PackageResponse(
+        public_id=row["public_id"],
+        package_name=row["package_name"],
+        version=row["version"],
+        source=row["source"],
+        plugin_ids=plugin_ids,
+        file_size_bytes=row["file_size_bytes"],
+        installed_on=row["installed_on"],
+        removable=row["source"] == "uploaded",
+    )
 
 
 # Fixed paths first: they would otherwise match /{public_id}.
+
 
 @router.get("/available", response_model=list[PluginInfo])
 async def available_plugins(_: CurrentUser) -> list[PluginInfo]:
@@ -161,10 +182,22 @@ async def list_packages(_: CurrentUser, conn: Conn) -> list[PackageResponse]:
     return [package_response(r) for r in await plugins_repo.packages(conn)]
 
 
-_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "A .whl plugin package"}},
-}}}}}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "A .whl plugin package"}
+                    },
+                }
+            }
+        },
+    }
+}
 # Multipart framing around the wheel; anything beyond cap + this is refused before it is read.
 _MULTIPART_SLACK = 1024 * 1024
 
@@ -178,8 +211,9 @@ async def upload_package(request: Request, user: AdminUser, conn: Conn, settings
     async with request.form(max_files=1, max_fields=10) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise RequestValidationError([{"type": "missing", "loc": ("body", "file"), "msg": "Field required",
-                                           "input": None}])
+            raise RequestValidationError(
+                [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
+            )
         message = await plugins_service.upload_package(conn, settings, upload=upload, user_public_id=user.public_id)
     return Status.ok(message)
 
@@ -198,8 +232,13 @@ async def list_instances(_: CurrentUser, conn: Conn, paging: Paging) -> Page[Plu
 @router.post("", response_model=Status, status_code=201)
 async def create_instance(body: PluginInstanceCreate, user: AdminUser, conn: Conn, request: Request) -> Status:
     await plugins_service.create_instance(
-        conn, plugin_id=body.plugin_id, instance_name=body.instance_name, demo_mode=body.demo_mode,
-        enabled=body.enabled, auto_create_events=body.auto_create_events, config_json=body.config_json,
+        conn,
+        plugin_id=body.plugin_id,
+        instance_name=body.instance_name,
+        demo_mode=body.demo_mode,
+        enabled=body.enabled,
+        auto_create_events=body.auto_create_events,
+        config_json=body.config_json,
         user_public_id=user.public_id,
     )
     catalog_changed(request)
@@ -215,8 +254,9 @@ async def get_instance(public_id: str, _: CurrentUser, conn: Conn) -> PluginInst
 
 
 @router.put("/{public_id}", response_model=Status)
-async def update_instance(public_id: str, body: PluginInstanceUpdate, _: AdminUser, conn: Conn,
-                          request: Request) -> Status:
+async def update_instance(
+    public_id: str, body: PluginInstanceUpdate, _: AdminUser, conn: Conn, request: Request
+) -> Status:
     instance = await plugins_repo.by_public_id(conn, public_id=public_id)
     changes = body.model_dump(exclude_unset=True)
     # Nullable config_json takes an explicit null; NOT NULL columns ignore it.
@@ -240,19 +280,27 @@ async def list_channels(public_id: str, _: CurrentUser, conn: Conn) -> list[Chan
 
 
 @router.post("/{public_id}/channels", response_model=Status, status_code=201)
-async def create_channel(public_id: str, body: ChannelMappingCreate, _: AdminUser, conn: Conn,
-                         request: Request) -> Status:
+async def create_channel(
+    public_id: str, body: ChannelMappingCreate, _: AdminUser, conn: Conn, request: Request
+) -> Status:
     instance = await plugins_repo.by_public_id(conn, public_id=public_id)
-    await plugins_repo.create_mapping(conn, instance_id=instance["id"], channel_id=body.channel_id,
-                                      channel_name=body.channel_name, direction=body.direction.value,
-                                      unit=body.unit, event_public_id=body.event_public_id)
+    await plugins_repo.create_mapping(
+        conn,
+        instance_id=instance["id"],
+        channel_id=body.channel_id,
+        channel_name=body.channel_name,
+        direction=body.direction.value,
+        unit=body.unit,
+        event_public_id=body.event_public_id,
+    )
     catalog_changed(request)
     return Status.ok("Channel mapping created.")
 
 
 @router.put("/{public_id}/channels/{mapping_id}", response_model=Status)
-async def update_channel(public_id: str, mapping_id: str, body: ChannelMappingUpdate, _: AdminUser, conn: Conn,
-                         request: Request) -> Status:
+async def update_channel(
+    public_id: str, mapping_id: str, body: ChannelMappingUpdate, _: AdminUser, conn: Conn, request: Request
+) -> Status:
     instance = await plugins_repo.by_public_id(conn, public_id=public_id)
     mapping = await plugins_repo.mapping_of_instance(conn, instance_id=instance["id"], public_id=mapping_id)
     if "event_public_id" in body.model_fields_set:

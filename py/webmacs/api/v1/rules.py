@@ -138,8 +138,16 @@ def to_response(row: dict[str, Any]) -> RuleResponse:
 
 
 # Columns that may not be NULL: an explicit null in a PUT body means "leave as is" (as for users).
-_NOT_NULL = {"name", "event_public_id", "operator", "threshold", "action_type", "enabled", "cooldown_seconds",
-             "rearm_on_clear"}
+_NOT_NULL = {
+    "name",
+    "event_public_id",
+    "operator",
+    "threshold",
+    "action_type",
+    "enabled",
+    "cooldown_seconds",
+    "rearm_on_clear",
+}
 
 
 @router.get("", response_model=Page[RuleResponse])
@@ -163,8 +171,9 @@ async def get_rule(public_id: str, _: OperatorUser, conn: Conn) -> RuleResponse:
 @router.put("/{public_id}", response_model=Status)
 async def update_rule(public_id: str, body: RuleUpdate, _: OperatorUser, conn: Conn, request: Request) -> Status:
     current = await rules_repo.by_public_id(conn, public_id=public_id)
-    changes = {k: v for k, v in body.model_dump(mode="json", exclude_unset=True).items()
-               if not (v is None and k in _NOT_NULL)}
+    changes = {
+        k: v for k, v in body.model_dump(mode="json", exclude_unset=True).items() if not (v is None and k in _NOT_NULL)
+    }
     merged = {**current, **changes}
     if merged["operator"] in RANGE_OPERATORS and merged["threshold_high"] is None:
         raise Unprocessable("threshold_high required for between/not_between operators")

@@ -82,9 +82,15 @@ async def datapoint_series(body: SeriesRequest, _: CurrentUser, conn: Conn) -> R
         rows = out[public_id] = []
         for p in points:
             time = p.time
-            rows.append({"public_id": datapoint_public_id(public_id, time), "value": p.value, "timestamp": time,
-                         "event_public_id": public_id,
-                         "experiment_public_id": experiments.get(p.experiment_id) if p.experiment_id else None})
+            rows.append(
+                {
+                    "public_id": datapoint_public_id(public_id, time),
+                    "value": p.value,
+                    "timestamp": time,
+                    "event_public_id": public_id,
+                    "experiment_public_id": experiments.get(p.experiment_id) if p.experiment_id else None,
+                }
+            )
     return _json(out)
 
 
@@ -146,7 +152,9 @@ async def series(
     if bucket is not None:
         parsed = series_service.parse_bucket(bucket)
         if parsed is None:
-            raise Unprocessable(f"Invalid bucket '{bucket}': use a positive count and a unit, e.g. 1m, 15 minutes, 1 day.")
+            raise Unprocessable(
+                f"Invalid bucket '{bucket}': use a positive count and a unit, e.g. 1m, 15 minutes, 1 day."
+            )
         if (end - start).total_seconds() / parsed.nominal_seconds > MAX_BUCKETS and max_points is None:
             raise Unprocessable(f"More than {MAX_BUCKETS} buckets per event: widen the bucket or pass max_points.")
     known = await _events(conn, events)
@@ -163,8 +171,9 @@ async def series(
             if parsed is None:
                 packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
             else:
-                rows = await series_service.bucketed(conn, event_id=event["id"], start=start, end=end,
-                                                     bucket=parsed.interval, tz=tz, agg=agg)
+                rows = await series_service.bucketed(
+                    conn, event_id=event["id"], start=start, end=end, bucket=parsed.interval, tz=tz, agg=agg
+                )
                 packed = series_service.packed(rows) if thin else series_service.PackedSeries(b"", b"")
         except (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow) as e:
             raise Unprocessable(str(e.diag.message_primary or e)) from e
@@ -174,13 +183,25 @@ async def series(
             # Buckets straight from the rows: no detour through packed arrays.
             pairs: list[list[Any]] = [[t.astimezone(zone_info), int(v) if count else v] for t, v in rows]
         else:
-            points = (series_service.downsample(packed, max_points or 1000, mode or "stride") if thin
-                      else series_service.all_points(packed))
+            points = (
+                series_service.downsample(packed, max_points or 1000, mode or "stride")
+                if thin
+                else series_service.all_points(packed)
+            )
             pairs = [[p.time.astimezone(zone_info), int(p.value) if count else p.value] for p in points]
         out[public_id] = {"name": event["name"], "unit": event["unit"], "points": pairs}
-    return _json({"start": start, "end": end, "bucket": parsed.interval if parsed else None,
-                  "agg": agg if parsed else None, "tz": tz, "mode": (mode or "stride") if thin else None,
-                  "max_points": (max_points or 1000) if thin else None, "events": out})
+    return _json(
+        {
+            "start": start,
+            "end": end,
+            "bucket": parsed.interval if parsed else None,
+            "agg": agg if parsed else None,
+            "tz": tz,
+            "mode": (mode or "stride") if thin else None,
+            "max_points": (max_points or 1000) if thin else None,
+            "events": out,
+        }
+    )
 
 
 # --- exports -------------------------------------------------------------------------------------------------
@@ -235,17 +256,25 @@ async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
         stop.set()
 
 
-def _export_response(request: Request, sel: export_service.Selection, fmt: export_service.Format,
-                     tz: str | None, stem: str) -> StreamingResponse:
+def _export_response(
+    request: Request, sel: export_service.Selection, fmt: export_service.Format, tz: str | None, stem: str
+) -> StreamingResponse:
     settings = request.app.state.settings
-    body = export_service.stream(request.app.state.database_url, sel, fmt, tz=tz,
-                                 chunk_rows=settings.webmacs_export_chunk_rows)
-    return StreamingResponse(_drain(body), media_type=export_service.CONTENT_TYPES[fmt],
-                             headers={"Content-Disposition": export_service.content_disposition(stem, fmt)})
+    body = export_service.stream(
+        request.app.state.database_url, sel, fmt, tz=tz, chunk_rows=settings.webmacs_export_chunk_rows
+    )
+    return StreamingResponse(
+        _drain(body),
+        media_type=export_service.CONTENT_TYPES[fmt],
+        headers={"Content-Disposition": export_service.content_disposition(stem, fmt)},
+    )
 
 
-@router.get("/export", response_class=StreamingResponse,
-            responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}})
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}},
+)
 async def export_events(
     request: Request,
     _: CurrentUser,
@@ -274,8 +303,11 @@ async def export_events(
     return _export_response(request, sel, format, tz, stem)
 
 
-@router.get("/experiments/{public_id}/export/parquet", response_class=StreamingResponse,
-            responses={200: {"content": {"application/vnd.apache.parquet": {}}}})
+@router.get(
+    "/experiments/{public_id}/export/parquet",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/vnd.apache.parquet": {}}}},
+)
 async def export_experiment_parquet(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
     """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event. Rows are
     selected by their experiment tag, as in the CSV export: also those with a time outside the experiment's span."""

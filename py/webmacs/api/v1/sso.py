@@ -57,7 +57,9 @@ async def authorize(settings: SettingsDep, state: SsoStateDep) -> RedirectRespon
 
 
 @router.get("/callback", status_code=307, response_class=RedirectResponse)
-async def callback(code: str, state: str, conn: Conn, settings: SettingsDep, sso_state: SsoStateDep) -> RedirectResponse:
+async def callback(
+    code: str, state: str, conn: Conn, settings: SettingsDep, sso_state: SsoStateDep
+) -> RedirectResponse:
     target = await sso.complete_login(sso_state, conn, settings, code=code, state_token=state)
     return RedirectResponse(target, status_code=307, headers=NO_STORE)
 
@@ -68,6 +70,11 @@ async def exchange(body: ExchangeRequest, settings: SettingsDep, state: SsoState
     if redeemed is None:
         raise BadRequest("Invalid or expired SSO authorization code.")
     user_id, role = redeemed
-    token = create_access_token(user_id=user_id, role=role, key=settings.secret_key_effective,
-                                algorithm=settings.algorithm, minutes=settings.access_token_expire_minutes)
+    token = create_access_token(
+        user_id=user_id,
+        role=role,
+        key=settings.secret_key_effective,
+        algorithm=settings.algorithm,
+        minutes=settings.access_token_expire_minutes,
+    )
     return ExchangeResponse(access_token=token)

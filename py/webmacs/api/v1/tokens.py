@@ -64,8 +64,13 @@ async def create_token(body: TokenCreate, user: CurrentUser, conn: Conn) -> Toke
         conn, user_id=user.id, name=body.name, token_hash=hash_api_token(token), expires_at=body.expires_at
     )
     # Echo expires_at as given (a naive value stays naive on create, as the reference does).
-    return TokenCreated(public_id=row["public_id"], name=row["name"], token=token, expires_at=body.expires_at,
-                        created_at=row["created_at"])
+    return TokenCreated(
+        public_id=row["public_id"],
+        name=row["name"],
+        token=token,
+        expires_at=body.expires_at,
+        created_at=row["created_at"],
+    )
 
 
 @router.delete("/{public_id}", response_model=Status)

@@ -36,9 +36,15 @@ class UserUpdate(BaseModel):
 
 
 def to_response(row: dict) -> UserResponse:
-    return UserResponse(public_id=row["public_id"], email=row["email"], username=row["username"], role=row["role"],
-                        admin=row["role"] == "admin", registered_on=row["registered_on"],
-                        sso_provider=row["sso_provider"])
+    return UserResponse(
+        public_id=row["public_id"],
+        email=row["email"],
+        username=row["username"],
+        role=row["role"],
+        admin=row["role"] == "admin",
+        registered_on=row["registered_on"],
+        sso_provider=row["sso_provider"],
+    )
 
 
 @router.get("", response_model=Page[UserResponse])

@@ -76,15 +76,23 @@ def _events(text: str) -> list[str]:
 
 
 def to_response(row: dict[str, Any]) -> WebhookResponse:
-    return WebhookResponse(public_id=row["public_id"], url=row["url"], events=_events(row["events"]),
-                           enabled=row["enabled"], created_on=row["created_on"], user_public_id=row["user_public_id"])
+    return WebhookResponse(
+        public_id=row["public_id"],
+        url=row["url"],
+        events=_events(row["events"]),
+        enabled=row["enabled"],
+        created_on=row["created_on"],
+        user_public_id=row["user_public_id"],
+    )
 
 
 async def _check_url(url: str, settings: Settings) -> None:
     reason = await ssrf.vet_for_config(url, settings.webmacs_webhook_allow_hosts)
     if reason:
-        raise Unprocessable(f"Webhook URL refused: {reason}. Private, loopback and link-local targets are "
-                            "blocked unless the host is in WEBMACS_WEBHOOK_ALLOW_HOSTS.")
+        raise Unprocessable(
+            f"Webhook URL refused: {reason}. Private, loopback and link-local targets are "
+            "blocked unless the host is in WEBMACS_WEBHOOK_ALLOW_HOSTS."
+        )
 
 
 @router.get("", response_model=Page[WebhookResponse])
@@ -97,8 +105,9 @@ async def list_webhooks(_: AdminUser, conn: Conn, paging: Paging) -> Page[Webhoo
 async def create_webhook(body: WebhookCreate, user: AdminUser, conn: Conn, settings: SettingsDep) -> Status:
     await _check_url(body.url, settings)
     events = json.dumps([e.value for e in body.events])
-    await webhooks_repo.create(conn, url=body.url, secret=body.secret, events=events, enabled=body.enabled,
-                               user_public_id=user.public_id)
+    await webhooks_repo.create(
+        conn, url=body.url, secret=body.secret, events=events, enabled=body.enabled, user_public_id=user.public_id
+    )
     return Status.ok("Webhook successfully created.")
 
 
@@ -108,8 +117,9 @@ async def get_webhook(public_id: str, _: AdminUser, conn: Conn) -> WebhookRespon
 
 
 @router.put("/{public_id}", response_model=Status)
-async def update_webhook(public_id: str, body: WebhookUpdate, _: AdminUser, conn: Conn,
-                         settings: SettingsDep) -> Status:
+async def update_webhook(
+    public_id: str, body: WebhookUpdate, _: AdminUser, conn: Conn, settings: SettingsDep
+) -> Status:
     current = await webhooks_repo.by_public_id(conn, public_id=public_id)
     changes = body.model_dump(exclude_unset=True)
     for key in ("url", "events", "enabled"):
@@ -130,11 +140,15 @@ async def delete_webhook(public_id: str, _: AdminUser, conn: Conn) -> Status:
 
 
 @router.get("/{public_id}/deliveries", response_model=Page[WebhookDeliveryResponse])
-async def list_deliveries(public_id: str, _: AdminUser, conn: Conn, paging: Paging,
-                          status: DeliveryStatus | None = None) -> Page[WebhookDeliveryResponse]:
+async def list_deliveries(
+    public_id: str, _: AdminUser, conn: Conn, paging: Paging, status: DeliveryStatus | None = None
+) -> Page[WebhookDeliveryResponse]:
     hook = await webhooks_repo.by_public_id(conn, public_id=public_id)
     total, rows = await webhooks_repo.deliveries_page(
-        conn, webhook_id=hook["id"], status=status.value if status else None,
-        limit=paging.limit, offset=paging.offset,
+        conn,
+        webhook_id=hook["id"],
+        status=status.value if status else None,
+        limit=paging.limit,
+        offset=paging.offset,
     )
     return Page.of(paging, total, [WebhookDeliveryResponse.model_validate(r) for r in rows])
