@@ -38,11 +38,11 @@ import psycopg
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
-from webmacs.db.cluster import Cluster  # noqa: E402
+from webmacs.db.cluster import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import ServerProcess, count_rows, free_port  # noqa: E402
+import common
+from common import ServerProcess, count_rows, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ class WebhookReceiver:
         self.count = 0
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length", "0")))
                 receiver.count += 1
                 self.send_response(200)
@@ -117,19 +117,17 @@ def truncate(url: str) -> None:
 
 
 def make_frames(events: list[tuple[int, str]], n: int) -> list[bytes]:
-    frames = []
-    for f in range(n):
-        frames.append(
-            orjson.dumps(
-                {
-                    "datapoints": [
-                        {"value": round(20 + 10 * math.sin(f + i), 3), "event_public_id": events[i % EVENTS][1]}
-                        for i in range(FRAME_POINTS)
-                    ]
-                }
-            )
+    return [
+        orjson.dumps(
+            {
+                "datapoints": [
+                    {"value": round(20 + 10 * math.sin(f + i), 3), "event_public_id": events[i % EVENTS][1]}
+                    for i in range(FRAME_POINTS)
+                ]
+            }
         )
-    return frames
+        for f in range(n)
+    ]
 
 
 def bench_copy_limit(url: str, events: list[tuple[int, str]], rows: int) -> float:

@@ -29,11 +29,11 @@ import orjson
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
-from webmacs.db.cluster import Cluster  # noqa: E402
+from webmacs.db.cluster import Cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from common import ServerProcess, count_rows, free_port  # noqa: E402
+import common
+from common import ServerProcess, count_rows, free_port
 
 DAYS = 30
 BUCKET_S = 2592  # 30 days / 1,000

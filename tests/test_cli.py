@@ -162,7 +162,7 @@ def test_development_tolerates_an_empty_secret_with_a_random_signing_key() -> No
 
 
 @pytest.mark.parametrize(
-    "given,expected",
+    ("given", "expected"),
     [
         (
             "postgresql+asyncpg://webmacs:webmacs@localhost:5432/webmacs",
@@ -211,7 +211,7 @@ def test_dotenv_in_the_working_directory_is_read(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize(
-    "given,stored",
+    ("given", "stored"),
     [
         ("Admin@WEBMACS.IO", "Admin@webmacs.io"),
         (" admin@webmacs.io ", "admin@webmacs.io"),

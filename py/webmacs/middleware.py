@@ -32,7 +32,7 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-_PRIVATE_PREFIXES = ("10.", "127.", "192.168.") + tuple(f"172.{n}." for n in range(16, 32))
+_PRIVATE_PREFIXES = ("10.", "127.", "192.168.", *(f"172.{n}." for n in range(16, 32)))
 _EXEMPT_PATHS = ("/ws", "/health", "/api/v1/ota")
 _TOO_MANY = orjson.dumps({"detail": "Too many requests. Please try again later."})
 

@@ -10,7 +10,7 @@ from typing import Any
 import bcrypt
 import jwt
 
-API_TOKEN_PREFIX = "wm_"
+API_TOKEN_PREFIX = "wm_"  # noqa: S105 - the public marker of API tokens, not a secret
 # bcrypt only reads 72 bytes; bcrypt>=5 raises instead of truncating, so truncate explicitly.
 _BCRYPT_MAX = 72
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEV_SECRET_WARNING = "SECRET_KEY is empty or shorter than 32 characters; acceptable only in development."
+DEV_SECRET_WARNING = "SECRET_KEY is empty or shorter than 32 characters; acceptable only in development."  # noqa: S105 - a message
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     secret_key: str = ""
     algorithm: str = "HS256"
     access_token_expire_minutes: int = Field(default=1440, ge=1)
-    backend_host: str = "0.0.0.0"
+    backend_host: str = "0.0.0.0"  # noqa: S104 - WebMACS's default (spec §16): a controller serves its network
     backend_port: int = 8000
     cors_origins: Annotated[list[str], NoDecode] = ["http://localhost:3000", "http://localhost:5173"]
     debug: bool = False
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     env: str = "development"
     initial_admin_email: str = "admin@webmacs.io"
     initial_admin_username: str = "admin"
-    initial_admin_password: str = "admin123"
+    initial_admin_password: str = "admin123"  # noqa: S105 - WebMACS's documented first-run admin (README)
     rate_limit_per_minute: int = Field(default=300, ge=1)
     github_repo: str = "stefanposs/webmacs"
     webmacs_update_dir: Path = Path("/updates")

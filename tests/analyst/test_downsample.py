@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -143,16 +144,19 @@ def test_service_downsample_keeps_experiments_and_modes() -> None:
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: _core.downsample_stride(10, 1),
-        lambda: _core.downsample_lttb(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 2),
-        lambda: _core.downsample_minmax(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 3),
-        lambda: _core.downsample_m4(pack_times([1, 2, 3]), pack_values([1.0, 2.0]), 10),
-        lambda: _core.downsample_avg(pack_times([3, 2, 1]), pack_values([1.0, 2.0, 3.0]), 10),
-        lambda: _core.downsample_lttb(b"\x00" * 7, b"", 10),
+        (lambda: _core.downsample_stride(10, 1), "at least 2 for stride"),
+        (lambda: _core.downsample_lttb(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 2), "at least 3 for lttb"),
+        (
+            lambda: _core.downsample_minmax(pack_times([1, 2, 3]), pack_values([1.0, 2.0, 3.0]), 3),
+            "at least 4 for minmax",
+        ),
+        (lambda: _core.downsample_m4(pack_times([1, 2, 3]), pack_values([1.0, 2.0]), 10), "differ in length"),
+        (lambda: _core.downsample_avg(pack_times([3, 2, 1]), pack_values([1.0, 2.0, 3.0]), 10), "non-decreasing"),
+        (lambda: _core.downsample_lttb(b"\x00" * 7, b"", 10), "cannot be 7 bytes long"),
     ],
 )
-def test_bad_input_raises_value_error(call) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError):
+def test_bad_input_raises_value_error(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         call()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -115,7 +116,7 @@ def test_reader_orders_ties_by_event_without_splitting_them(
         reader.close()
     got = [row for frame in frames for row in frame]
     assert [(t, e) for t, e, _, _ in got] == sorted((t, e) for t, e, _, _ in rows)
-    for before, after in zip(frames, frames[1:]):
+    for before, after in itertools.pairwise(frames):
         if before and after:
             assert before[-1][0] != after[0][0]  # no run of equal times is split
     assert all(len(frame) <= max(max_rows, 1) + len(events) for frame in frames)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -61,7 +62,7 @@ def test_series_strides_like_the_reference(
 def test_series_minutes_window_and_small_series(
     client: httpx.Client, viewer: dict[str, str], recent_event: tuple[Any, list[datetime], str]
 ) -> None:
-    ev, times, _ = recent_event
+    ev, _times, _ = recent_event
     r = client.post(
         SERIES, headers=viewer, json={"event_public_ids": [ev.public_id], "minutes": 180, "max_points": 2000}
     )
@@ -153,7 +154,7 @@ def test_day_buckets_follow_dst_in_berlin(
     points = body["events"][ev.public_id]["points"]
     assert [p[0][:10] for p in points] == [before, change, after]
     starts = [datetime.fromisoformat(p[0]) for p in points]
-    lengths = [(b - a).total_seconds() / 3600 for a, b in zip(starts, starts[1:])]
+    lengths = [(b - a).total_seconds() / 3600 for a, b in itertools.pairwise(starts)]
     assert lengths == [24, hours]
     assert [p[1] for p in points] == [96, hours * 4, 96]
     assert {p[0][-6:] for p in points} == {"+01:00", "+02:00"}

@@ -84,7 +84,7 @@ def test_login_normalises_the_domain_but_not_the_local_part(client: httpx.Client
 
 
 @pytest.mark.parametrize(
-    "email,password",
+    ("email", "password"),
     [
         (ADMIN_EMAIL, "wrong-password"),
         ("nobody@webmacs.io", ADMIN_PASSWORD),

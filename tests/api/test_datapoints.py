@@ -8,8 +8,8 @@ import httpx
 import psycopg
 import pytest
 
-from webmacs.repositories.datapoints import datapoint_public_id, parse_datapoint_public_id
 from tests.conftest import unique
+from webmacs.repositories.datapoints import datapoint_public_id, parse_datapoint_public_id
 
 FIELDS = {"public_id", "value", "timestamp", "event_public_id", "experiment_public_id"}
 

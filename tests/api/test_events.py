@@ -107,10 +107,8 @@ def test_invalid_create_bodies_are_422(client: httpx.Client, operator: dict[str,
 def test_non_finite_bounds_are_422(client: httpx.Client, operator: dict[str, str]) -> None:
     # Python's JSON parser accepts NaN/Infinity literals; they must not reach a float8 column.
     for literal in ("NaN", "Infinity", "1e999"):
-        content = '{"name": "%s", "min_value": %s, "max_value": 1, "unit": "V", "type": "sensor"}' % (
-            unique("nf"),
-            literal,
-        )
+        name = unique("nf")
+        content = f'{{"name": "{name}", "min_value": {literal}, "max_value": 1, "unit": "V", "type": "sensor"}}'
         r = client.post("/api/v1/events", headers={**operator, "Content-Type": "application/json"}, content=content)
         assert r.status_code == 422, literal
 

@@ -79,7 +79,7 @@ def test_health_is_never_limited_nor_counted(limited: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "method,path",
+    ("method", "path"),
     [
         ("GET", "/api/v1/datapoints"),
         ("GET", "/api/v1/datapoints/latest"),

@@ -18,9 +18,9 @@ import httpx
 import jwt
 import psycopg
 import pytest
-from webmacs.services import sso
 
 from tests.conftest import SECRET, Server, bearer, make_settings, start_server, unique
+from webmacs.services import sso
 
 BASE = "/api/v1/auth/sso"
 PROVIDER = "ACME"

@@ -184,7 +184,7 @@ def test_expired_token_is_refused(client: httpx.Client, viewer: dict[str, str], 
 
 
 @pytest.mark.parametrize(
-    "expires_at,status",
+    ("expires_at", "status"),
     [
         ("9999-12-31T23:59:59-05:00", 422),  # year 10000 in UTC: unrepresentable when read back
         ("0001-01-01T00:00:00+01:00", 422),  # year 0 in UTC

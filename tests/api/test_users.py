@@ -198,7 +198,7 @@ def test_connection_stays_usable_after_a_conflict(client: httpx.Client, admin: d
 
 
 @pytest.mark.parametrize(
-    "override,field",
+    ("override", "field"),
     [
         ({"password": "short"}, "password"),
         ({"password": "1234567"}, "password"),
@@ -407,7 +407,7 @@ def test_pagination_envelope(client: httpx.Client, admin: dict[str, str], db: ps
 
 
 @pytest.mark.parametrize(
-    "params,field",
+    ("params", "field"),
     [
         ({"page": 0}, "page"),
         ({"page": -1}, "page"),

@@ -114,7 +114,7 @@ def test_private_targets_refused_at_create(client: httpx.Client, admin: dict[str
 def test_update_fields_and_url_check(
     client: httpx.Client, admin: dict[str, str], make_hook: Any, db: psycopg.Connection
 ) -> None:
-    pid, body = make_hook()
+    pid, _body = make_hook()
     new_url = hook_url()
     r = client.put(
         f"/api/v1/webhooks/{pid}", headers=admin, json={"url": new_url, "enabled": False, "secret": "new", "events": []}

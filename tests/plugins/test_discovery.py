@@ -45,19 +45,19 @@ def test_describe_meta_style_plugin() -> None:
 
 
 @pytest.mark.parametrize(
-    "channels",
+    ("channels", "message"),
     [
-        [{"id": "a", "name": "A", "direction": "sideways"}],
-        [{"id": "", "name": "A"}],
-        [{"id": "a", "name": "A", "unit": "u" * 51}],
-        [{"id": "a", "name": "A", "min_value": float("nan")}],
-        [{"id": "a", "name": "A"}, {"id": "a", "name": "again"}],
-        [{"id": "a\x00", "name": "A"}],
+        ([{"id": "a", "name": "A", "direction": "sideways"}], "unknown channel direction"),
+        ([{"id": "", "name": "A"}], "invalid text"),
+        ([{"id": "a", "name": "A", "unit": "u" * 51}], "invalid text"),
+        ([{"id": "a", "name": "A", "min_value": float("nan")}], "non-finite channel bound"),
+        ([{"id": "a", "name": "A"}, {"id": "a", "name": "again"}], "duplicate channel ids"),
+        ([{"id": "a\x00", "name": "A"}], "invalid text"),
     ],
 )
-def test_describe_rejects_bad_channels(channels: list[dict]) -> None:
+def test_describe_rejects_bad_channels(channels: list[dict[str, object]], message: str) -> None:
     plugin = SimpleNamespace(id="p", name="P", version="1", vendor="", description="", url="", channels=channels)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         describe(plugin)
 
 

@@ -69,7 +69,7 @@ class Receiver:
 
             do_GET = do_POST = do_PUT = _handle  # noqa: N815 - http.server's naming
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

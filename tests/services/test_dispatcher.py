@@ -329,8 +329,8 @@ def test_send_time_guard_dead_letters_private_targets(
         assert enqueue(server, etype) >= 1  # other webhooks on the shared database may subscribe too
         d = wait_until(
             lambda: db.execute(
-                "SELECT d.status, d.attempts, d.last_error FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-                " WHERE w.url = %s AND d.status <> 'pending'",
+                "SELECT d.status, d.attempts, d.last_error FROM webhook_deliveries d"
+                " JOIN webhooks w ON w.id = d.webhook_id WHERE w.url = %s AND d.status <> 'pending'",
                 (f"{receiver.url}/ssrf",),
             ).fetchone(),
             what="refusal",

@@ -242,9 +242,11 @@ def test_other_paths_are_not_found(native: Server) -> None:
         assert c.get(http_base + "/api/v1/events").status_code == 404
         # The path without an upgrade is not a WebSocket request: 404, as Starlette answers.
         assert c.get(http_base + PATH).status_code == 404
-    with pytest.raises(InvalidStatus) as e:
-        with connect(base(native) + "/ws/datapoints/stream?token=x", open_timeout=10, proxy=None):
-            pass
+    with (
+        pytest.raises(InvalidStatus) as e,
+        connect(base(native) + "/ws/datapoints/stream?token=x", open_timeout=10, proxy=None),
+    ):
+        pass
     assert e.value.response.status_code == 404
 
 

@@ -40,9 +40,8 @@ def test_non_object_closes(server: Server, admin_token: str, message: str) -> No
 
 
 def test_invalid_token_is_closed(server: Server) -> None:
-    with stream(server, "garbage") as ws:
-        with pytest.raises(ConnectionClosed) as e:
-            ws.recv(timeout=20)
+    with stream(server, "garbage") as ws, pytest.raises(ConnectionClosed) as e:
+        ws.recv(timeout=20)
     assert e.value.rcvd is not None and (e.value.rcvd.code, e.value.rcvd.reason) == (1008, "Invalid or expired token")
 
 

@@ -150,7 +150,9 @@ def test_viewer_may_push_telemetry(
 
 
 def test_unauthenticated_is_closed_1008(server: Server) -> None:
-    with connect(ws_url(server, "/ws/controller/telemetry", ""), open_timeout=10) as ws:
-        with pytest.raises(ConnectionClosed) as e:
-            ws.recv(timeout=20)
+    with (
+        connect(ws_url(server, "/ws/controller/telemetry", ""), open_timeout=10) as ws,
+        pytest.raises(ConnectionClosed) as e,
+    ):
+        ws.recv(timeout=20)
     assert e.value.rcvd is not None and e.value.rcvd.code == 1008

@@ -90,9 +90,8 @@ def identify(server: Server, query: str) -> dict[str, Any]:
 
 def refused(server: Server, query: str | None) -> tuple[int, str]:
     """Connect (the upgrade is accepted first) and return the close code and reason the server sent."""
-    with connect(ws_url(server, query), proxy=None, open_timeout=10) as ws:
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
+    with connect(ws_url(server, query), proxy=None, open_timeout=10) as ws, pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=10)
     rcvd = closed.value.rcvd
     assert rcvd is not None, "connection dropped without a close frame"
     return rcvd.code, rcvd.reason

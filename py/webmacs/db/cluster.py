@@ -59,8 +59,8 @@ def _pg_bindir() -> Path:
             candidates.append(Path(out))
     root = Path("/usr/lib/postgresql")
     if root.is_dir():
-        for v in sorted(root.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0, reverse=True):
-            candidates.append(v / "bin")
+        newest_first = sorted(root.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0, reverse=True)
+        candidates.extend(v / "bin" for v in newest_first)
     for c in candidates:
         if (c / "initdb").exists() and (c / "pg_ctl").exists():
             return c
@@ -92,7 +92,7 @@ class Cluster:
             # The checkout sits under a directory the postgres user cannot enter: keep the cluster in a
             # stable place derived from the home path instead.
             digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
-            return Path("/var/tmp") / f"webmacs-pg-{digest}"
+            return Path("/var/tmp") / f"webmacs-pg-{digest}"  # noqa: S108 - stable across reboots, reachable by postgres
         return home / "pgdata"
 
     @property

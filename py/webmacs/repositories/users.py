@@ -127,7 +127,7 @@ async def purge_blacklist(conn: AsyncConnection, *, older_than: datetime) -> int
 
 # --- API tokens ---
 
-TOKEN_COLUMNS = "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id"
+TOKEN_COLUMNS = "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id"  # noqa: S105 - column names
 
 
 async def token_owner(conn: AsyncConnection, *, token_hash: str) -> dict[str, Any] | None:

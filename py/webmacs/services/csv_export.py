@@ -55,9 +55,8 @@ async def experiment_csv(pool: AsyncConnectionPool, *, experiment_id: int) -> As
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\r\n").writerow(HEADER)
     yield buf.getvalue().encode()
-    async with pool.connection() as conn:
-        async with conn.cursor(name="experiment_csv") as cur:
-            cur.itersize = ROWS_PER_CHUNK
-            await cur.execute(QUERY, {"x": experiment_id})
-            while rows := await cur.fetchmany(ROWS_PER_CHUNK):
-                yield _encode(rows)
+    async with pool.connection() as conn, conn.cursor(name="experiment_csv") as cur:
+        cur.itersize = ROWS_PER_CHUNK
+        await cur.execute(QUERY, {"x": experiment_id})
+        while rows := await cur.fetchmany(ROWS_PER_CHUNK):
+            yield _encode(rows)

@@ -18,8 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from starlette.datastructures import UploadFile
 from psycopg import AsyncConnection
+from starlette.datastructures import UploadFile
 
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
 from webmacs.plugins import Channel, PluginDescriptor, builtin
@@ -234,7 +234,8 @@ async def store_upload(upload: UploadFile, target: Path) -> tuple[str, int]:
                 digest.update(chunk)
                 out.write(chunk)
     except BaseException:
-        target.unlink(missing_ok=True)
+        # Inline, not awaited in a thread: the file is gone before the exception (often a cancellation) propagates.
+        target.unlink(missing_ok=True)  # noqa: ASYNC240
         raise
     return digest.hexdigest(), size
 
@@ -342,7 +343,7 @@ async def upload_package(conn: AsyncConnection, settings: Settings, *, upload: U
     file_name = wheel_file_name(upload.filename)
     plugin_dir = Path(settings.webmacs_plugin_dir)
     try:
-        plugin_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(plugin_dir.mkdir, parents=True, exist_ok=True)
     except OSError as e:
         raise InstallFailed(f"Plugin directory is not writable: {e.strerror}") from e
     target = plugin_dir / file_name
@@ -388,6 +389,12 @@ def uninstall(settings: Settings, package_name: str) -> None:
         log.warning("uninstalling %s failed", package_name, exc_info=True)
 
 
+def _remove_wheel(wheel: Path, plugin_dir: Path) -> None:
+    # Only ever delete a file inside the plugin directory, whatever the row says.
+    if wheel.resolve().parent == plugin_dir.resolve():
+        wheel.unlink(missing_ok=True)
+
+
 async def delete_package(conn: AsyncConnection, settings: Settings, *, public_id: str) -> str:
     """Spec §4.9 DELETE /plugins/packages/{id}: checks, uninstall, wheel file and record removed."""
     package = await plugins_repo.package_by_public_id(conn, public_id=public_id)
@@ -398,9 +405,6 @@ async def delete_package(conn: AsyncConnection, settings: Settings, *, public_id
         raise BadRequest("Invalid package name.")
     await asyncio.to_thread(uninstall, settings, name)
     if package["file_path"]:
-        wheel = Path(package["file_path"])
-        # Only ever delete a file inside the plugin directory, whatever the row says.
-        if wheel.resolve().parent == Path(settings.webmacs_plugin_dir).resolve():
-            wheel.unlink(missing_ok=True)
+        await asyncio.to_thread(_remove_wheel, Path(package["file_path"]), Path(settings.webmacs_plugin_dir))
     await plugins_repo.delete_package(conn, package_id=package["id"])
     return f"Plugin package '{name}' uninstalled. Restart the controller to apply."

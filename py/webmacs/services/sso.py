@@ -1,4 +1,4 @@
-"""OIDC single sign-on (spec §3.10): discovery, signed state with PKCE, code exchange, user resolution, one-time codes."""
+"""OIDC single sign-on (spec §3.10): discovery, signed PKCE state, code exchange, user resolution, one-time codes."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def redirect_uri(settings: Settings) -> str:
     if settings.oidc_redirect_uri:
         return settings.oidc_redirect_uri
     scheme = "https" if settings.env == "production" else "http"
-    host = settings.backend_host if settings.backend_host not in ("", "0.0.0.0", "::") else "localhost"
+    wildcard = ("", "0.0.0.0", "::")  # noqa: S104 - recognised to be replaced, nothing binds here
+    host = settings.backend_host if settings.backend_host not in wildcard else "localhost"
     if ":" in host:  # an IPv6 literal
         host = f"[{host}]"
     return f"{scheme}://{host}:{settings.backend_port}/api/v1/auth/sso/callback"

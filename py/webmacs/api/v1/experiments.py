@@ -13,8 +13,8 @@ from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed, datap
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories import logs as logs_repo
-from webmacs.services import csv_export, webhooks
 from webmacs.schemas import NO_NUL
+from webmacs.services import csv_export, webhooks
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 

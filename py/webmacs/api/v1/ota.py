@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,8 @@ from webmacs.errors import BadRequest
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import firmware as firmware_repo
 from webmacs.repositories.firmware import NOW
-from webmacs.services import ota
 from webmacs.schemas import NO_NUL
+from webmacs.services import ota
 
 router = APIRouter(prefix="/ota", tags=["ota"])
 
@@ -211,5 +212,5 @@ async def delete_update(public_id: str, _: AdminUser, conn: Conn, settings: Sett
     # The record's downloaded file goes with it; never touch anything outside the update directory.
     if path and ota.inside(Path(path), settings.webmacs_update_dir):
         with contextlib.suppress(OSError):
-            Path(path).unlink()
+            await asyncio.to_thread(Path(path).unlink)
     return Status.ok("FirmwareUpdate successfully deleted.")

@@ -17,8 +17,8 @@ from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_chan
 from webmacs.errors import NotFound, TooLarge
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import plugins as plugins_repo
-from webmacs.services import plugins as plugins_service
 from webmacs.schemas import NO_NUL
+from webmacs.services import plugins as plugins_service
 
 router = APIRouter(prefix="/plugins", tags=["plugins"])
 

@@ -13,8 +13,8 @@ from webmacs.deps import Conn, OperatorUser, catalog_changed
 from webmacs.errors import Unprocessable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import rules as rules_repo
-from webmacs.services.webhooks import WebhookEventType
 from webmacs.schemas import NO_NUL, Finite
+from webmacs.services.webhooks import WebhookEventType
 
 router = APIRouter(prefix="/rules", tags=["rules"])
 

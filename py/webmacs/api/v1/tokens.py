@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field, field_validator
 from webmacs.deps import Conn, CurrentUser
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import users as users_repo
-from webmacs.security import hash_api_token, new_api_token
 from webmacs.schemas import NO_NUL
+from webmacs.security import hash_api_token, new_api_token
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 

@@ -14,10 +14,10 @@ from webmacs.deps import AdminUser, Conn, SettingsDep
 from webmacs.errors import Unprocessable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import webhooks as webhooks_repo
+from webmacs.schemas import NO_NUL
 from webmacs.services import ssrf
 from webmacs.services.webhooks import WebhookEventType
 from webmacs.settings import Settings
-from webmacs.schemas import NO_NUL
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
