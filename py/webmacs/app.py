@@ -8,8 +8,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from types import ModuleType
+from typing import Protocol, cast
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
@@ -81,7 +83,15 @@ SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "we
 WS_MODULES = ["webmacs.ws.telemetry", "webmacs.ws.stream"]
 
 
-def _modules(names: list[str]) -> list[object]:
+class _ServiceModule(Protocol):
+    def install(self, app: FastAPI) -> None: ...
+
+
+class _RouterModule(Protocol):
+    router: APIRouter
+
+
+def _modules(names: list[str]) -> list[ModuleType]:
     import importlib
 
     return [importlib.import_module(n) for n in names]
@@ -140,9 +150,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(api_router())
     for module in _modules(WS_MODULES):
-        app.include_router(module.router)  # type: ignore[attr-defined]
+        # Imported by name, so the type checker cannot see the module; the protocol states what it must have.
+        app.include_router(cast(_RouterModule, module).router)
     for module in _modules(SERVICE_MODULES):
-        module.install(app)  # type: ignore[attr-defined]
+        cast(_ServiceModule, module).install(app)
     # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
     app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)
     app.add_middleware(

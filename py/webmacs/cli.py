@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from webmacs.settings import Settings
 
+if TYPE_CHECKING:
+    from webmacs.db.cluster import Cluster
 
-def _cluster(settings: Settings):  # type: ignore[no-untyped-def]
+
+def _cluster(settings: Settings) -> Cluster:
     from webmacs.db.cluster import Cluster
 
     return Cluster(settings.webmacs_home, settings.webmacs_db_port)

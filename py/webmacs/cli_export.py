@@ -8,13 +8,13 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from webmacs.settings import Settings
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Register the `export` sub-command; its handler is `args.handler(args, settings)`."""
     p = subparsers.add_parser(
         "export",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, HTTPException, Request
 from psycopg import AsyncConnection
@@ -18,12 +18,13 @@ from webmacs.settings import Settings
 ROLE_LEVEL = {"viewer": 1, "operator": 2, "admin": 3}
 
 
+# app.state is untyped (Starlette's State): what create_app and its lifespan put there is asserted by a cast.
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return cast(Settings, request.app.state.settings)
 
 
 def get_pool(request: Request) -> AsyncConnectionPool:
-    return request.app.state.pool  # type: ignore[no-any-return]
+    return cast(AsyncConnectionPool, request.app.state.pool)
 
 
 async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:

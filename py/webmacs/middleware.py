@@ -49,7 +49,7 @@ class RateLimitMiddleware:
 
     @staticmethod
     def client_key(scope: Scope) -> str:
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        headers: dict[bytes, bytes] = {k.lower(): v for k, v in scope.get("headers", [])}
         xff = headers.get(b"x-forwarded-for")
         if xff:
             first = xff.decode("latin-1").split(",")[0].strip()
@@ -58,7 +58,7 @@ class RateLimitMiddleware:
         real = headers.get(b"x-real-ip")
         if real:
             return real.decode("latin-1").strip()
-        client = scope.get("client")
+        client: tuple[str, int] | None = scope.get("client")
         return client[0] if client else "unknown"
 
     def exempt(self, scope: Scope, key: str) -> bool:

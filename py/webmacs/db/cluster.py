@@ -102,10 +102,10 @@ class Cluster:
     def url(self) -> str:
         return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
 
-    def _run(self, args: list[str], check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         if _as_root():
             args = ["runuser", "-u", "postgres", "--", *args]
-        r = subprocess.run(args, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+        r = subprocess.run(args, capture_output=True, text=True, check=False)
         if check and r.returncode != 0:
             raise ClusterError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
         return r

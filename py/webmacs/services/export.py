@@ -15,7 +15,7 @@ from webmacs import _core
 
 if TYPE_CHECKING:
     import polars as pl
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
 Format = Literal["csv", "parquet"]
 
@@ -54,7 +54,7 @@ ZSTD_LEVEL = 1
 
 def parquet_schema() -> pa.Schema:
     """The export's schema as a reader of the file sees it."""
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     return pa.schema(
         [
@@ -71,7 +71,7 @@ def parquet_schema() -> pa.Schema:
 def frame_schema() -> pa.Schema:
     """The frames' schema: the string columns are dictionaries over the events and experiments tables
     (Parquet stores them as dictionary-encoded strings: the file's schema is `parquet_schema()`)."""
-    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow as pa
 
     text = pa.dictionary(pa.int32(), pa.string())
     return pa.schema(
@@ -139,7 +139,7 @@ class _Lookups:
     """Event and experiment attributes by internal id as Arrow dictionaries (small tables, read once)."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
-        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow as pa
 
         events = conn.execute("SELECT id, public_id, name, unit FROM events ORDER BY id").fetchall()
         experiments = conn.execute("SELECT id, public_id FROM experiments ORDER BY id").fetchall()
@@ -153,8 +153,8 @@ class _Lookups:
 
     def frame(self, columns: tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]) -> pa.Table:
         """Decoded COPY columns (`webmacs._core.decode_datapoints`) → a frame."""
-        import pyarrow as pa  # type: ignore[import-untyped]
-        import pyarrow.compute as pc  # type: ignore[import-untyped]
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
         n, times, events, values, experiments, validity, nulls, _ = columns
         event = pa.Array.from_buffers(pa.int32(), n, [None, pa.py_buffer(events)])
@@ -276,7 +276,7 @@ def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
 
     Dictionary columns are written as Parquet dictionary pages directly; the Arrow schema is not stored, so
     readers see plain strings (and `time` as timestamp[us, UTC] from the Parquet logical type)."""
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     sink = _Sink()
     writer = pq.ParquetWriter(

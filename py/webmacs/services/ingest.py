@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from fastapi import FastAPI, WebSocket
@@ -233,7 +233,7 @@ class Ingest:
 
 
 def engine_of(app: FastAPI) -> Ingest:
-    return app.state.ingest  # type: ignore[no-any-return]
+    return cast(Ingest, app.state.ingest)  # app.state is untyped (Starlette's State); set by install()'s start
 
 
 def install(app: FastAPI) -> None:

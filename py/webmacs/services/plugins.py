@@ -22,7 +22,7 @@ from psycopg import AsyncConnection
 from starlette.datastructures import UploadFile
 
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
-from webmacs.plugins import Channel, PluginDescriptor, builtin
+from webmacs.plugins import Channel, Direction, PluginDescriptor, builtin
 from webmacs.repositories import events as events_repo
 from webmacs.repositories import plugins as plugins_repo
 from webmacs.settings import Settings
@@ -30,7 +30,8 @@ from webmacs.settings import Settings
 log = logging.getLogger("webmacs.plugins")
 
 ENTRY_POINT_GROUP = "webmacs.plugins"
-EVENT_TYPE_BY_DIRECTION = {"input": "sensor", "output": "actuator", "bidirectional": "range"}
+# Keyed by Direction: `direction in EVENT_TYPE_BY_DIRECTION` narrows a str read from a plugin to a Direction.
+EVENT_TYPE_BY_DIRECTION: dict[Direction, str] = {"input": "sensor", "output": "actuator", "bidirectional": "range"}
 
 MAX_WHEEL_BYTES = 50 * 1024 * 1024
 UPLOAD_CHUNK = 64 * 1024
@@ -76,7 +77,7 @@ def _channel(raw: Any) -> Channel:
     return Channel(
         id=_text(_field(raw, "id") or _field(raw, "channel_id"), 100),
         name=_text(_field(raw, "name") or _field(raw, "channel_name"), 255),
-        direction=direction,  # type: ignore[arg-type]  # checked against the allowed values above
+        direction=direction,
         unit=_text(_field(raw, "unit", ""), 50, min_length=0),
         min_value=_number(_field(raw, "min_value", 0.0)),
         max_value=_number(_field(raw, "max_value", 100.0)),

@@ -8,7 +8,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, LiteralString
 
 from psycopg import AsyncConnection, sql
 
@@ -73,7 +73,7 @@ class Point:
 
 
 def _native(typecode: str, packed: bytes) -> array[int] | array[float]:
-    a: array = array(typecode)
+    a: array[Any] = array(typecode)
     a.frombytes(packed)
     if sys.byteorder == "little":
         a.byteswap()  # PostgreSQL's send functions are big-endian
@@ -121,10 +121,10 @@ def _points(series: PackedSeries, kept: Sequence[int]) -> list[Point]:
     return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None) for i in kept]
 
 
-async def _fetch(conn: AsyncConnection, query: sql.Composable | str, params: tuple[object, ...]) -> PackedSeries:
+async def _fetch(conn: AsyncConnection, query: LiteralString, params: tuple[object, ...]) -> PackedSeries:
     # Binary results: bytea arrives as bytes, no hex decoding.
     cur = conn.cursor(binary=True)
-    await cur.execute(query, params)  # type: ignore[arg-type]
+    await cur.execute(query, params)
     row = await cur.fetchone()
     times, values, experiments = row if row else (None, None, None)
     return PackedSeries(bytes(times or b""), bytes(values or b""), bytes(experiments) if experiments else None)
@@ -148,7 +148,7 @@ async def bucketed(
     change. Buckets without datapoints are absent."""
     cur = conn.cursor(binary=True)
     await cur.execute(BUCKETED_SQL.format(agg=AGGREGATES[agg]), (bucket, tz, event_id, start, end))
-    return await cur.fetchall()  # type: ignore[return-value]
+    return await cur.fetchall()
 
 
 def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:

@@ -13,7 +13,7 @@ from webmacs.deps import Conn, CurrentUser, SettingsDep
 from webmacs.pagination import Status
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
-from webmacs.schemas import UserResponse
+from webmacs.schemas import UserResponse, UserRole
 from webmacs.security import create_access_token, hash_password, verify_password
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -72,7 +72,7 @@ async def me(user: CurrentUser) -> UserResponse:
         public_id=user.public_id,
         email=user.email,
         username=user.username,
-        role=user.role,
+        role=UserRole(user.role),
         admin=user.admin,
         registered_on=user.registered_on,
         sso_provider=user.sso_provider,

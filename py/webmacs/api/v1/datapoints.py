@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ class DatapointResponse(BaseModel):
     experiment_public_id: str | None
 
 
-def to_response(row: dict) -> DatapointResponse:
+def to_response(row: dict[str, Any]) -> DatapointResponse:
     """From a row with `time`, `value`, `event_public_id`, `experiment_public_id` (public_id is derived)."""
     return DatapointResponse(
         public_id=datapoints_repo.datapoint_public_id(row["event_public_id"], row["time"]),

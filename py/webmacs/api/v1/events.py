@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, StringConstraints
@@ -54,7 +54,7 @@ class EventResponse(BaseModel):
     user_public_id: str | None
 
 
-def to_response(row: dict) -> EventResponse:
+def to_response(row: dict[str, Any]) -> EventResponse:
     return EventResponse(
         public_id=row["public_id"],
         name=row["name"],

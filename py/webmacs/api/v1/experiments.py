@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -37,7 +37,7 @@ class ExperimentResponse(BaseModel):
     user_public_id: str | None
 
 
-def to_response(row: dict) -> ExperimentResponse:
+def to_response(row: dict[str, Any]) -> ExperimentResponse:
     return ExperimentResponse(
         public_id=row["public_id"],
         name=row["name"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, StringConstraints
@@ -49,7 +49,7 @@ class LogEntryResponse(BaseModel):
     user_public_id: str | None
 
 
-def to_response(row: dict) -> LogEntryResponse:
+def to_response(row: dict[str, Any]) -> LogEntryResponse:
     return LogEntryResponse(
         public_id=row["public_id"],
         content=row["content"],

@@ -23,12 +23,9 @@ from webmacs.services import plugins as plugins_service
 router = APIRouter(prefix="/plugins", tags=["plugins"])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
-
-
-def Text(min_length: int, max_length: int) -> Any:  # noqa: N802 - reads as a type in the models below
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length, pattern=NO_NUL)]
-
-
+Id = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_NUL)]  # plugin and channel ids
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
+Unit = Annotated[str, StringConstraints(min_length=1, max_length=50, pattern=NO_NUL)]
 AnyText = Annotated[str, StringConstraints(pattern=NO_NUL)]
 
 
@@ -96,8 +93,8 @@ class PluginInstanceResponse(BaseModel):
 
 
 class PluginInstanceCreate(BaseModel):
-    plugin_id: Text(1, 100)  # type: ignore[valid-type]
-    instance_name: Text(1, 255)  # type: ignore[valid-type]
+    plugin_id: Id
+    instance_name: Name
     demo_mode: bool = False
     enabled: bool = True
     auto_create_events: bool = True
@@ -105,17 +102,17 @@ class PluginInstanceCreate(BaseModel):
 
 
 class PluginInstanceUpdate(BaseModel):
-    instance_name: Text(1, 255) | None = None  # type: ignore[valid-type]
+    instance_name: Name | None = None
     demo_mode: bool | None = None
     enabled: bool | None = None
     config_json: AnyText | None = None
 
 
 class ChannelMappingCreate(BaseModel):
-    channel_id: Text(1, 100)  # type: ignore[valid-type]
-    channel_name: Text(1, 255)  # type: ignore[valid-type]
+    channel_id: Id
+    channel_name: Name
     direction: ChannelDirection
-    unit: Text(1, 50)  # type: ignore[valid-type]
+    unit: Unit
     event_public_id: AnyText | None = None
 
 

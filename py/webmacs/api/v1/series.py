@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import AsyncIterator, Generator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -123,7 +123,7 @@ def zone(tz: str) -> ZoneInfo:
         raise Unprocessable(f"Unknown time zone '{tz}'.") from e
 
 
-def _aware(moment: datetime, tz: ZoneInfo) -> datetime:
+def _aware(moment: datetime, tz: tzinfo) -> datetime:
     """RFC 3339 times carry their offset; a naive one is read in `tz`."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)
 
@@ -210,14 +210,15 @@ async def series(
 #: Encoded pieces (one per frame) an export may produce ahead of the client: encoding overlaps sending, and
 #: memory stays bounded.
 EXPORT_QUEUE = 1
-_END = object()
+#: What the producer thread hands over: an encoded piece, the exception that ended the export, or None at the end.
+_Piece = bytes | Exception | None
 
 
-def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[object], stop: threading.Event) -> None:
+def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[_Piece], stop: threading.Event) -> None:
     """Run the export generator on this one thread (one thread's allocations: the process does not grow an
     allocator arena per worker thread it happens to run on) until it ends or the consumer is gone."""
 
-    def offer(item: object) -> bool:
+    def offer(item: _Piece) -> bool:
         while not stop.is_set():
             try:
                 pieces.put(item, timeout=0.5)
@@ -230,7 +231,7 @@ def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[object], st
         for piece in body:
             if not offer(piece):
                 return
-        offer(_END)
+        offer(None)
     except Exception as e:  # handed to the response, which raises it
         offer(e)
     finally:
@@ -240,18 +241,18 @@ def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[object], st
 async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
     """Stream the blocking export generator, run by a producer thread of its own at most EXPORT_QUEUE pieces
     ahead of the client (backpressure); the producer stops and closes it however the response ends."""
-    pieces: queue.Queue[object] = queue.Queue(maxsize=EXPORT_QUEUE)
+    pieces: queue.Queue[_Piece] = queue.Queue(maxsize=EXPORT_QUEUE)
     stop = threading.Event()
     threading.Thread(target=_produce, args=(body, pieces, stop), name="webmacs-export", daemon=True).start()
     try:
         while True:
             piece = await anyio.to_thread.run_sync(pieces.get)
-            if piece is _END:
+            if piece is None:
                 return
-            if isinstance(piece, BaseException):
+            if isinstance(piece, Exception):
                 raise piece
             if piece:
-                yield piece  # type: ignore[misc]
+                yield piece
     finally:
         stop.set()
 
@@ -290,8 +291,8 @@ async def export_events(
     experiment_public_id`. CSV times are ISO 8601 in `tz`
     (default UTC); Parquet times are timestamp[us, UTC]."""
     zone_info = zone(tz) if tz else UTC
-    start = _aware(start, zone_info) if start else None  # type: ignore[arg-type]
-    end = _aware(end, zone_info) if end else None  # type: ignore[arg-type]
+    start = _aware(start, zone_info) if start else None
+    end = _aware(end, zone_info) if end else None
     if start and end and start >= end:
         raise Unprocessable("start must be before end.")
     known = await _events(conn, events)

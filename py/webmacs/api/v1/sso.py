@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
@@ -24,7 +24,7 @@ def get_sso_state(request: Request) -> sso.SsoState:
     state = getattr(request.app.state, "sso", None)
     if state is None:
         state = request.app.state.sso = sso.SsoState()
-    return state  # type: ignore[no-any-return]
+    return cast(sso.SsoState, state)  # app.state is untyped (Starlette's State); set just above
 
 
 SsoStateDep = Annotated[sso.SsoState, Depends(get_sso_state)]

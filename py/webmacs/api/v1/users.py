@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, EmailStr, StringConstraints
@@ -35,7 +35,7 @@ class UserUpdate(BaseModel):
     role: UserRole | None = None
 
 
-def to_response(row: dict) -> UserResponse:
+def to_response(row: dict[str, Any]) -> UserResponse:
     return UserResponse(
         public_id=row["public_id"],
         email=row["email"],
