@@ -152,7 +152,7 @@ def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: 
     """Rows/s of one whole-table export; checks that every row arrived (CSV lines, Parquet metadata)."""
     import io
 
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq
 
     params = {"events": [pid for _, pid in events], "format": fmt}
     received = lines = 0

@@ -114,7 +114,7 @@ def make_settings(db_url: str, tmp: Path, **overrides: Any) -> Settings:
     values.update(overrides)
     (tmp / "updates").mkdir(parents=True, exist_ok=True)
     (tmp / "plugins").mkdir(parents=True, exist_ok=True)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture(scope="session")

@@ -136,7 +136,7 @@ def test_service_downsample_keeps_experiments_and_modes() -> None:
         b"".join((7 if i < 5000 else 0).to_bytes(4, "big") for i in range(len(times))),
     )
     for mode in ("stride", "lttb", "minmax", "m4", "avg"):
-        points = downsample(packed, 100, mode)  # type: ignore[arg-type]
+        points = downsample(packed, 100, mode)
         assert 0 < len(points) <= 100
         if mode != "avg":
             assert points[0].experiment_id == 7 and points[-1].experiment_id is None

@@ -161,13 +161,13 @@ def test_export_needs_authentication(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_small_frames_give_the_same_rows(db_url: str, two_events: dict[str, Any], fmt: str) -> None:
+def test_small_frames_give_the_same_rows(db_url: str, two_events: dict[str, Any], fmt: export_service.Format) -> None:
     """Frames cut at any size (here 7 rows, so cuts fall inside chunks) concatenate to the whole export."""
     a, b = two_events["a"], two_events["b"]
     sel = export_service.Selection(event_ids=(a.id, b.id))
     with export_service.connect(db_url) as conn:
-        small = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=7))  # type: ignore[arg-type]
-        whole = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=10**6))  # type: ignore[arg-type]
+        small = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=7))
+        whole = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=10**6))
     read = pl.read_csv if fmt == "csv" else pl.read_parquet
     assert read(io.BytesIO(small)).rows() == read(io.BytesIO(whole)).rows()
     assert read(io.BytesIO(small)).height == len(two_events["rows"])

@@ -254,7 +254,7 @@ def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make
     load(db, [(datetime(2026, 5, 1, tzinfo=UTC) + timedelta(days=i), ev.id, None, 1.0) for i in range(40)])
     load(db, [(now - timedelta(seconds=10 * i), ev.id, None, 1.0) for i in range(1, 40)])  # a chunk for `recent`
     start, end = datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 3, tzinfo=UTC)
-    sql, params = {
+    cases: dict[str, tuple[str | psycopg.sql.Composable, tuple[Any, ...] | dict[str, Any]]] = {
         "range": (series_service.RANGE_SQL, (ev.id, start, end)),
         "bucketed": (
             series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]),
@@ -262,11 +262,12 @@ def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make
         ),
         "recent": (series_service.RECENT_SQL, (ev.id, 60)),
         "export": (export_service.EVENTS_QUERY, {"events": [ev.id], "start": start, "end": end}),
-    }[query]
+    }
+    sql, params = cases[query]
     with db.transaction():
         # Tiny tables make a sequential scan look cheap; forbid it to see whether the index *can* serve.
         db.execute("SET LOCAL enable_seqscan = off")
-        query_sql = psycopg.sql.SQL(sql) if isinstance(sql, str) else sql  # type: ignore[arg-type]
+        query_sql = psycopg.sql.SQL(sql) if isinstance(sql, str) else sql
         plan = "\n".join(r[0] for r in db.execute(psycopg.sql.SQL("EXPLAIN ") + query_sql, params).fetchall())
     assert "ux_datapoints_event_time" in plan
     assert "Seq Scan" not in plan

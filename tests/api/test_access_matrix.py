@@ -4,6 +4,7 @@ anonymous → 401, below the required role → 403 with the spec's message, othe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ LEVEL = {"viewer": 1, "operator": 2, "admin": 3}
 DENIED = {"operator": "Operator privileges required.", "admin": "Admin privileges required."}
 
 # (method, path, least role, JSON body, status the handler gives an allowed caller for this request)
-ENDPOINTS = [
+ENDPOINTS: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
     ("GET", "/events", "viewer", None, 200),
     ("POST", "/events", "operator", {}, 422),
     ("GET", "/events/nope", "viewer", None, 404),
@@ -67,7 +68,7 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def headers(request: pytest.FixtureRequest) -> dict[str, str]:
-    return {} if request.param == "anonymous" else request.getfixturevalue(request.param)  # type: ignore[no-any-return]
+    return {} if request.param == "anonymous" else request.getfixturevalue(request.param)
 
 
 @pytest.mark.parametrize("headers", ["anonymous", "viewer", "operator", "admin"], indirect=True)

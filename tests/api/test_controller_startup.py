@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -59,7 +60,7 @@ def test_startup_sequence(fresh_server: Server) -> None:
         headers={"Content-Type": "application/json"},
     ) as http:
 
-        def call(method: str, path: str, expected: int, body: object = None) -> object:
+        def call(method: str, path: str, expected: int, body: object = None) -> Any:  # decoded JSON
             r = http.request(method, path, json=body)
             assert r.status_code == expected, (method, path, r.text)
             assert r.headers["content-type"] == "application/json"
@@ -67,12 +68,12 @@ def test_startup_sequence(fresh_server: Server) -> None:
 
         # 1. login
         login = call("POST", "/auth/login", 200, {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
-        http.headers["Authorization"] = f"Bearer {login['access_token']}"  # type: ignore[index]
+        http.headers["Authorization"] = f"Bearer {login['access_token']}"
 
         # 2. dev auto-seed: no instances, no events → register the Simulated Device.
         plugins = call("GET", "/plugins", 200)
         assert plugins == {"page": 1, "page_size": 25, "total": 0, "data": []}
-        assert call("GET", "/events", 200)["data"] == []  # type: ignore[index]
+        assert call("GET", "/events", 200)["data"] == []
         assert call(
             "POST",
             "/plugins",
@@ -90,7 +91,7 @@ def test_startup_sequence(fresh_server: Server) -> None:
 
         # 3. events, parsed as the controller does
         page = call("GET", "/events", 200)
-        events = [ControllerEvent.model_validate(e) for e in page["data"]]  # type: ignore[index]
+        events = [ControllerEvent.model_validate(e) for e in page["data"]]
         assert len(events) == 9
         assert all(e.name.startswith("Simulated Device \u2013 ") for e in events)
         assert [e.type for e in events].count(EventType.sensor) == 7
@@ -101,7 +102,7 @@ def test_startup_sequence(fresh_server: Server) -> None:
         }
 
         # 5. plugin bridge: enabled instances and their channel map
-        instances = [i for i in call("GET", "/plugins", 200)["data"] if i.get("enabled") is not False]  # type: ignore[index]
+        instances = [i for i in call("GET", "/plugins", 200)["data"] if i.get("enabled") is not False]
         assert [(i["plugin_id"], i["instance_name"], i["demo_mode"]) for i in instances] == [
             ("simulated", "Simulated Device", True)
         ]
@@ -123,7 +124,7 @@ def test_startup_sequence(fresh_server: Server) -> None:
         )
         call("POST", "/logging", 201, {"content": "Controller shutting down", "logging_type": "warning"})
         logs = call("GET", "/logging/", 200)  # the frontend's trailing-slash form, redirect followed
-        contents = [e["content"] for e in logs["data"]]  # type: ignore[index]
+        contents = [e["content"] for e in logs["data"]]
         assert contents[:4] == [
             "Controller shutting down",
             "Controller started – plugin sensor polling active",

@@ -6,7 +6,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import unique
+from tests.conftest import Server, unique
 
 DASHBOARD_FIELDS = {"public_id", "name", "is_global", "created_on", "user_public_id", "widgets"}
 WIDGET_FIELDS = {"public_id", "widget_type", "title", "event_public_id", "x", "y", "w", "h", "config_json"}
@@ -15,7 +15,7 @@ WIDGET_FIELDS = {"public_id", "widget_type", "title", "event_public_id", "x", "y
 def dashboard(client: httpx.Client, headers: dict[str, str], **fields: object) -> dict:
     r = client.post("/api/v1/dashboards", headers=headers, json={"name": unique("dash"), **fields})
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def widget(client: httpx.Client, headers: dict[str, str], dash: dict, **fields: object) -> dict:
@@ -25,7 +25,7 @@ def widget(client: httpx.Client, headers: dict[str, str], dash: dict, **fields: 
         json={"widget_type": "line_chart", "title": "T", **fields},
     )
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def event(db: psycopg.Connection) -> str:
@@ -34,12 +34,12 @@ def event(db: psycopg.Connection) -> str:
             "INSERT INTO events (name, min_value, max_value, unit, type)"
             " VALUES (%s, 0, 1, 'V', 'sensor') RETURNING public_id",
             (unique("w"),),
-        ).fetchone()[0]
-    )  # type: ignore[index]
+        ).fetchone()[0]  # type: ignore[index]
+    )
 
 
 @pytest.fixture(scope="module")
-def operator2(server, admin):  # type: ignore[no-untyped-def]
+def operator2(server: Server, admin: dict[str, str]) -> dict[str, str]:
     from tests.conftest import user_with_role
 
     return user_with_role(server, admin, "operator")
@@ -172,14 +172,14 @@ def test_widget_check_order_and_messages(
     assert client.post(base, headers=admin, json=body).status_code == 201
 
     for method in ("PUT", "DELETE"):
-        kw = {"json": {"title": "y"}} if method == "PUT" else {}
-        r = client.request(method, f"/api/v1/dashboards/nope/widgets/{w['public_id']}", headers=operator, **kw)
+        update = {"title": "y"} if method == "PUT" else None
+        r = client.request(method, f"/api/v1/dashboards/nope/widgets/{w['public_id']}", headers=operator, json=update)
         assert r.status_code == 404 and r.json() == {"detail": "Dashboard 'nope' not found."}
-        r = client.request(method, f"{base}/nope", headers=operator2, **kw)
+        r = client.request(method, f"{base}/nope", headers=operator2, json=update)
         assert r.status_code == 403 and r.json() == {"detail": "Not allowed."}
-        r = client.request(method, f"{base}/nope", headers=operator, **kw)
+        r = client.request(method, f"{base}/nope", headers=operator, json=update)
         assert r.status_code == 404 and r.json() == {"detail": "DashboardWidget 'nope' not found."}
-        r = client.request(method, f"{base}/{w_other['public_id']}", headers=operator, **kw)
+        r = client.request(method, f"{base}/{w_other['public_id']}", headers=operator, json=update)
         assert r.status_code == 404 and r.json() == {"detail": "Widget not on this dashboard."}
     r = client.put(f"{base}/{w['public_id']}", headers=operator, json={"event_public_id": "nope"})
     assert r.status_code == 404 and r.json() == {"detail": "Event not found."}

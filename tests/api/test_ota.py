@@ -149,7 +149,9 @@ def test_create_list_get_delete(api: httpx.Client, odb: psycopg.Connection) -> N
     }
     r = api.post("/api/v1/ota", json={"version": v})
     assert r.status_code == 409 and r.json() == {"detail": "FirmwareUpdate already exists."}
-    pid = odb.execute("SELECT public_id FROM firmware_updates WHERE version = %s", (v,)).fetchone()[0]
+    row = odb.execute("SELECT public_id FROM firmware_updates WHERE version = %s", (v,)).fetchone()
+    assert row is not None
+    pid = row[0]
     got = api.get(f"/api/v1/ota/{pid}").json()
     assert set(got) == {
         "public_id",

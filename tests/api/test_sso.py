@@ -411,7 +411,7 @@ def test_userinfo_failure_is_502(api: httpx.Client, idp: FakeIdP, sso_server: Se
     idp.userinfo_status = 401
     assert_detail(callback(api, idp, {"error": "invalid_token"}), 502, "user information")
     idp.userinfo_status = 200
-    assert_detail(callback(api, idp, ["not", "an", "object"]), 502, "user information")  # type: ignore[arg-type]
+    assert_detail(callback(api, idp, ["not", "an", "object"]), 502, "user information")  # type: ignore[arg-type]  # on purpose
     # A provider without a userinfo endpoint.
     idp.with_userinfo = False
     sso_server.app.state.sso.discovery.clear()

@@ -64,10 +64,11 @@ def test_full_queue_rest_503_and_ws_waits(
             posters[-1].start()
             # Frames 1 and 2 are taken by a writer each before the next is sent; frame 3 finds none free.
             depth = 1 if n == 3 else 0
-            poll(
-                lambda n=n, depth=depth: engine.stats()["accepted"] == n and engine.stats()["queue_depth"] == depth,
-                f"frame {n} accepted, queue depth {depth}",
-            )
+
+            def taken(n: int = n, depth: int = depth) -> bool:
+                return engine.stats()["accepted"] == n and engine.stats()["queue_depth"] == depth
+
+            poll(taken, f"frame {n} accepted, queue depth {depth}")
         assert engine.stats()["batches"] == 0
         r = client.post("/api/v1/datapoints/batch", headers=operator, json=body)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -88,7 +88,7 @@ def test_batch_counts_accepted_and_drops_unknown_and_inactive(
 ) -> None:
     ev = make_active_event()
     off = make_active_event(enabled=False)
-    points = [
+    points: list[dict[str, Any]] = [
         {"value": 1, "event_public_id": ev.public_id},
         {"value": 2, "event_public_id": unique("ghost")},
         {"value": 3, "event_public_id": off.public_id},

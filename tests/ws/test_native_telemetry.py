@@ -61,7 +61,7 @@ def telemetry(native: Server, query: str | None) -> Iterator[ClientConnection]:
 
 
 def recv_json(ws: ClientConnection) -> dict:
-    return orjson.loads(ws.recv(timeout=20))  # type: ignore[no-any-return]
+    return orjson.loads(ws.recv(timeout=20))
 
 
 def closed_with(ws: ClientConnection) -> tuple[int, str]:

@@ -19,7 +19,7 @@ def stream(server: Server, token: str) -> ClientConnection:
 
 
 def recv_json(ws: ClientConnection) -> dict:
-    return orjson.loads(ws.recv(timeout=20))  # type: ignore[no-any-return]
+    return orjson.loads(ws.recv(timeout=20))
 
 
 def test_connected_then_ping_pong_and_other_objects_ignored(server: Server, admin_token: str) -> None:

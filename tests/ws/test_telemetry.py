@@ -25,7 +25,7 @@ def telemetry(server: Server, token: str) -> Iterator[ClientConnection]:
 
 
 def recv_json(ws: ClientConnection) -> dict:
-    return orjson.loads(ws.recv(timeout=20))  # type: ignore[no-any-return]
+    return orjson.loads(ws.recv(timeout=20))
 
 
 def count(db: psycopg.Connection, event_id: int) -> int:
