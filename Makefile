@@ -46,11 +46,15 @@ test: build timescaledb ## run every test: cargo (core) and pytest (API, WebSock
 	$(VENV)/bin/pytest -q
 
 .PHONY: lint
-lint: build ## clippy, rustfmt check, mypy stubtest of the extension
+lint: build ## clippy, rustfmt, stubtest of the extension, ruff (format + lint), mypy (strict on the package)
 	cargo clippy -p webmacs-core --all-targets -- -D warnings
 	cargo clippy -p webmacs-core --features python -- -D warnings
 	cargo fmt --check
 	$(PY) -m mypy.stubtest webmacs._core
+	$(VENV)/bin/ruff format --check py tests benches
+	$(VENV)/bin/ruff check py tests benches
+	# Targets and strictness come from [tool.mypy] in pyproject.toml: strict on py/webmacs, lighter on tests/benches.
+	$(VENV)/bin/mypy
 
 .PHONY: db-up db-down db-status
 db-up: build timescaledb ## start the local cluster (./.webmacs, port 55432)
