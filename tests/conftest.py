@@ -21,6 +21,7 @@ import uvicorn
 
 from webmacs.app import create_app
 from webmacs.db.cluster import Cluster
+from webmacs.server import uvicorn_config
 from webmacs.settings import Settings
 
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
@@ -87,9 +88,7 @@ def start_server(settings: Settings, app: Any = None) -> Server:
     returns once it accepts requests. Pass `app` to serve an app a test has extended with probe routes."""
     port = free_port()
     app = app if app is not None else create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws="websockets-sansio"
-    )
+    config = uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -1,8 +1,10 @@
 //! Credentials of the native listener (spec §3.1, §3.3, §7): HS256 JWT verification and `wm_` token hashes.
 //!
-//! Mirrors `webmacs.security.decode_access_token` (pyjwt with `require=["exp","sub"]`): the header's `alg`
+//! The one JWT check of the product (HTTP through `webmacs.security`, WebSockets here): the header's `alg`
 //! must be the configured one, the signature must match, `exp` must be in the future, `nbf`/`iat` not ahead
-//! of the clock, no `aud`, and `sub` a string of at most 18 ASCII digits.
+//! of the clock, no `aud`, and `sub` a string of at most 18 ASCII digits (pyjwt's rules with
+//! `require=["exp","sub"]`). Each segment must be canonical unpadded base64url: a token with `=` appended or
+//! other spare bits set decodes to the same bytes, and would otherwise be a second spelling of a revoked token.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -77,6 +79,16 @@ fn int_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, ()>
     }
 }
 
+/// What a verified token says. Authorisation uses the user's current role from the database, not a claim.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claims {
+    pub user_id: i64,
+    /// The token's id: what logout revokes (tokens issued without one are revoked by their exact text).
+    pub jti: Option<String>,
+    /// Expiry, Unix seconds.
+    pub exp: f64,
+}
+
 impl JwtKey {
     pub fn new(secret: &str, algorithm: &str) -> Result<JwtKey, CoreError> {
         Ok(JwtKey {
@@ -86,8 +98,23 @@ impl JwtKey {
     }
 
     /// The user id (`sub`) of a valid token at `now_s` (Unix seconds), or None for anything forged, expired,
-    /// malformed or signed with another algorithm.
+    /// malformed, non-canonical or signed with another algorithm.
     pub fn verify(&self, token: &str, now_s: f64) -> Option<i64> {
+        self.claims(token, now_s).map(|c| c.user_id)
+    }
+
+    /// The claims of a valid token at `now_s`, or None (see `verify`).
+    pub fn claims(&self, token: &str, now_s: f64) -> Option<Claims> {
+        match self.inspect(token, now_s)? {
+            (claims, true) => Some(claims),
+            (_, false) => None,
+        }
+    }
+
+    /// The claims of a genuine token (our signature, canonical, well-formed) and whether it is valid at
+    /// `now_s` (`exp`, `nbf`, `iat`); None for anything else. HTTP checks revocation before expiry (spec §3.1),
+    /// so it needs the `jti` of an expired token too.
+    pub fn inspect(&self, token: &str, now_s: f64) -> Option<(Claims, bool)> {
         let mut parts = token.split('.');
         let (h, p, s) = (parts.next()?, parts.next()?, parts.next()?);
         if parts.next().is_some() {
@@ -112,15 +139,13 @@ impl JwtKey {
             _ => return None,
         };
         let exp = int_claim(&claims, "exp").ok()??;
-        if exp.trunc() <= now_s {
-            return None;
-        }
+        let mut current = exp.trunc() > now_s;
         for name in ["nbf", "iat"] {
             if int_claim(&claims, name)
                 .ok()?
                 .is_some_and(|t| t.trunc() > now_s)
             {
-                return None;
+                current = false;
             }
         }
         // pyjwt: an `aud` claim needs an expected audience (none is configured); `jti` must be a string.
@@ -131,7 +156,17 @@ impl JwtKey {
         if sub.is_empty() || sub.len() > 18 || !sub.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        sub.parse().ok()
+        let jti = match claims.get("jti") {
+            Some(Value::String(j)) if j.len() <= 255 => Some(j.clone()),
+            Some(_) => return None,
+            None => None,
+        };
+        let claims = Claims {
+            user_id: sub.parse().ok()?,
+            jti,
+            exp: exp.trunc(),
+        };
+        Some((claims, current))
     }
 }
 
@@ -252,6 +287,38 @@ pub(crate) mod tests {
         ];
         for c in bad_claims {
             assert_eq!(key().verify(&sign(&hs256(), &c, SECRET), NOW), None, "{c}");
+        }
+    }
+
+    #[test]
+    fn non_canonical_spellings_are_refused() {
+        let claims = serde_json::json!({"sub": "42", "exp": NOW as i64 + 60, "jti": "abc"});
+        let t = sign(&hs256(), &claims, SECRET);
+        assert_eq!(
+            key().claims(&t, NOW),
+            Some(Claims {
+                user_id: 42,
+                jti: Some("abc".into()),
+                exp: NOW + 60.0
+            })
+        );
+        // Padding appended to the signature (the logout bypass) or to any other segment.
+        assert_eq!(key().verify(&format!("{t}="), NOW), None);
+        assert_eq!(key().verify(&format!("{t}=="), NOW), None);
+        let (h, rest) = t.split_once('.').unwrap();
+        assert_eq!(key().verify(&format!("{h}=.{rest}"), NOW), None);
+        // The last character of the 43-character signature carries 2 spare bits: flip one and the bytes are
+        // the same, the text is not.
+        let last = t.chars().last().unwrap();
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let pos = alphabet.find(last).unwrap();
+        let twin = alphabet.chars().nth(pos ^ 1).unwrap();
+        let respelled = format!("{}{twin}", &t[..t.len() - 1]);
+        assert_ne!(respelled, t);
+        assert_eq!(key().verify(&respelled, NOW), None);
+        // Whitespace and other characters around or inside.
+        for bad in [format!(" {t}"), format!("{t}\n"), t.replacen('.', "..", 1)] {
+            assert_eq!(key().verify(&bad, NOW), None, "{bad:?}");
         }
     }
 

@@ -1,14 +1,19 @@
-//! Batching policy (no I/O): when a batch is full and when it is due. One batch = one transaction.
+//! Batching (no I/O): the ingest queue of frames with fair shares per source, filling one batch from it,
+//! and the order in which committed batches make frames durable. One batch = one transaction.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::CoreError;
+use crate::writer::{row_bytes, Row};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPolicy {
     pub max_rows: usize,
     pub max_bytes: usize,
-    /// How long the first row of a batch may wait for company before the batch is written anyway.
+    /// How long the first row of a batch may wait for company before the batch is written anyway, when a
+    /// writer is free. While every writer is busy rows accumulate regardless, so batches grow with the load.
     pub max_age: Duration,
 }
 
@@ -60,11 +65,6 @@ impl BatchSize {
         self.opened_at.get_or_insert(queued_at);
     }
 
-    /// No further row of `row_bytes` can join.
-    pub fn is_full(&self, policy: &BatchPolicy, row_bytes: usize) -> bool {
-        self.rows > 0 && !self.admits(policy, row_bytes)
-    }
-
     /// When the batch must be written even if not full (`None` while empty).
     pub fn due_at(&self, policy: &BatchPolicy) -> Option<Instant> {
         self.opened_at.map(|t| t + policy.max_age)
@@ -75,6 +75,232 @@ impl BatchSize {
     }
 }
 
+/// Why the database refused one row (after the batch holding it was bisected down to that row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// What the writer learns about a frame's rows after it was queued: rows the database refused. Read by the
+/// sender once the frame's ticket is committed (every refusal is recorded before that).
+#[derive(Debug, Default)]
+pub struct Outcome {
+    refused: Mutex<Vec<(u32, Arc<Refusal>)>>,
+}
+
+impl Outcome {
+    pub fn refuse(&self, index: u32, why: Arc<Refusal>) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((index, why));
+    }
+
+    /// Refused entries: (index in the frame, reason), in index order.
+    pub fn refused(&self) -> Vec<(u32, Arc<Refusal>)> {
+        let mut v = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        v.sort_by_key(|r| r.0);
+        v
+    }
+}
+
+/// What every row of one queued frame shares.
+#[derive(Debug)]
+pub struct FrameMeta {
+    pub ticket: u64,
+    /// Who sent it (a connection, a token): the unit of the queue's fair shares.
+    pub source: u64,
+    /// Index in the frame of each queued row; `None` when the rows are the frame's entries 0, 1, 2, …
+    pub indices: Option<Vec<u32>>,
+    pub outcome: Arc<Outcome>,
+}
+
+impl FrameMeta {
+    fn index_of(&self, row: usize) -> u32 {
+        match &self.indices {
+            Some(ix) => ix[row],
+            // At most MAX_FRAME_DATAPOINTS rows: the cast cannot truncate.
+            None => row as u32,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct QueuedFrame {
+    meta: Arc<FrameMeta>,
+    rows: Vec<Row>,
+    /// Rows already moved into batches (a frame may straddle two batches).
+    taken: usize,
+    queued_at: Instant,
+}
+
+/// The queue was too full for a frame; nothing of it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    pub depth: usize,
+    pub capacity: usize,
+    /// True when the sender's own share was the limit (the queue as a whole had room).
+    pub share: bool,
+}
+
+/// Queued frames in arrival order, with the rows each source has waiting.
+#[derive(Debug)]
+pub struct Queue {
+    frames: VecDeque<QueuedFrame>,
+    depth: usize,
+    by_source: HashMap<u64, usize>,
+    capacity: usize,
+    source_capacity: usize,
+}
+
+impl Queue {
+    /// `share` is the fraction of `capacity` one source may fill (1.0: no fairness limit).
+    pub fn new(capacity: usize, share: f64) -> Result<Queue, CoreError> {
+        if capacity == 0 || !(share > 0.0 && share <= 1.0) {
+            return Err(CoreError::Config(
+                "queue capacity must be positive and the source share in (0, 1]".into(),
+            ));
+        }
+        let source_capacity = ((capacity as f64 * share).ceil() as usize).clamp(1, capacity);
+        Ok(Queue {
+            frames: VecDeque::new(),
+            depth: 0,
+            by_source: HashMap::new(),
+            capacity,
+            source_capacity,
+        })
+    }
+
+    /// Rows waiting for a writer.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.depth == 0
+    }
+
+    /// When the oldest waiting row was queued.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.frames.front().map(|f| f.queued_at)
+    }
+
+    /// Whether `rows` more rows of `source` fit. A frame always fits into an empty queue (or an empty
+    /// share), so a frame larger than the limit still progresses, alone.
+    pub fn admits(&self, source: u64, rows: usize) -> Result<(), Full> {
+        let mine = self.by_source.get(&source).copied().unwrap_or(0);
+        let over_all = self.depth > 0 && self.depth + rows > self.capacity;
+        let over_share = mine > 0 && mine + rows > self.source_capacity;
+        if over_all || over_share {
+            return Err(Full {
+                depth: self.depth,
+                capacity: self.capacity,
+                share: over_share && !over_all,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queue a frame's rows (call `admits` first; `push` does not refuse).
+    pub fn push(&mut self, meta: Arc<FrameMeta>, rows: Vec<Row>, queued_at: Instant) {
+        if rows.is_empty() {
+            return;
+        }
+        self.depth += rows.len();
+        *self.by_source.entry(meta.source).or_default() += rows.len();
+        self.frames.push_back(QueuedFrame {
+            meta,
+            rows,
+            taken: 0,
+            queued_at,
+        });
+    }
+
+    /// Move rows into `batch`, in queue order, until it is full or the queue is empty. Returns whether rows
+    /// are left (then the batch is full).
+    pub fn fill(&mut self, batch: &mut Batch, policy: &BatchPolicy) -> bool {
+        while let Some(front) = self.frames.front_mut() {
+            let start = front.taken;
+            let mut end = start;
+            while end < front.rows.len() {
+                let rb = row_bytes(&front.rows[end]);
+                if !batch.size.admits(policy, rb) {
+                    break;
+                }
+                batch.size.add(rb, front.queued_at);
+                end += 1;
+            }
+            if end == start {
+                return true;
+            }
+            batch.segments.push(Segment {
+                meta: front.meta.clone(),
+                start: batch.rows.len(),
+                frame_row: start,
+            });
+            batch.rows.extend_from_slice(&front.rows[start..end]);
+            front.taken = end;
+            let n = end - start;
+            self.depth -= n;
+            let source = front.meta.source;
+            if let Some(c) = self.by_source.get_mut(&source) {
+                *c -= n;
+                if *c == 0 {
+                    self.by_source.remove(&source);
+                }
+            }
+            if end < front.rows.len() {
+                return true;
+            }
+            batch.done_ticket = Some(front.meta.ticket);
+            self.frames.pop_front();
+        }
+        false
+    }
+}
+
+/// A run of consecutive batch rows from one frame.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub meta: Arc<FrameMeta>,
+    /// Index of the run's first row in the batch.
+    pub start: usize,
+    /// Index of the run's first row among the frame's queued rows.
+    pub frame_row: usize,
+}
+
+/// One batch being filled or written.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub rows: Vec<Row>,
+    pub segments: Vec<Segment>,
+    pub size: BatchSize,
+    /// The last frame this batch completes (its final rows are here).
+    pub done_ticket: Option<u64>,
+}
+
+impl Batch {
+    /// The frame a batch row came from and the row's index in that frame.
+    pub fn locate(&self, row: usize) -> Option<(&Arc<FrameMeta>, u32)> {
+        let seg = match self.segments.binary_search_by(|s| s.start.cmp(&row)) {
+            Ok(i) => &self.segments[i],
+            Err(0) => return None,
+            Err(i) => &self.segments[i - 1],
+        };
+        (row < self.rows.len()).then(|| {
+            (
+                &seg.meta,
+                seg.meta.index_of(seg.frame_row + row - seg.start),
+            )
+        })
+    }
+}
+
 /// Batches are filled in queue order (one writer fills at a time) but several writers may commit them out of
 /// order. A frame is durable once every batch up to the one holding its last row has committed, so tickets
 /// are released in batch order.
@@ -82,26 +308,41 @@ impl BatchSize {
 pub struct CommitOrder {
     next_seq: u64,
     retire_seq: u64,
-    finished: std::collections::BTreeMap<u64, Option<u64>>,
+    /// Batches not yet retired: when their oldest row was queued, and (once committed) the ticket they complete.
+    pending: BTreeMap<u64, (Option<Instant>, Option<Option<u64>>)>,
 }
 
 impl CommitOrder {
     /// Number the next batch (call while holding the right to fill, so numbers follow queue order).
-    pub fn open(&mut self) -> u64 {
+    pub fn open(&mut self, oldest: Option<Instant>) -> u64 {
         self.next_seq += 1;
+        self.pending.insert(self.next_seq - 1, (oldest, None));
         self.next_seq - 1
     }
 
     /// Record batch `seq` as committed; `done_ticket` is the last frame it completed. Returns the highest
     /// ticket that is now durable, if that changed.
     pub fn commit(&mut self, seq: u64, done_ticket: Option<u64>) -> Option<u64> {
-        self.finished.insert(seq, done_ticket);
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.1 = Some(done_ticket);
+        }
         let mut released = None;
-        while let Some(t) = self.finished.remove(&self.retire_seq) {
+        while let Some(&(_, Some(t))) = self.pending.get(&self.retire_seq) {
+            self.pending.remove(&self.retire_seq);
             self.retire_seq += 1;
             released = t.or(released);
         }
         released
+    }
+
+    /// When the oldest row of any batch still being written (or waiting for an earlier one) was queued.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.pending.values().filter_map(|p| p.0).min()
+    }
+
+    /// Batches opened and not yet retired.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
     }
 }
 
@@ -109,18 +350,59 @@ impl CommitOrder {
 mod tests {
     use super::*;
 
+    fn row(v: f64) -> Row {
+        Row {
+            time_us: 0,
+            event_id: 1,
+            experiment_id: None,
+            value: v,
+        }
+    }
+
+    fn meta(ticket: u64, source: u64, indices: Option<Vec<u32>>) -> Arc<FrameMeta> {
+        Arc::new(FrameMeta {
+            ticket,
+            source,
+            indices,
+            outcome: Arc::default(),
+        })
+    }
+
+    fn frame(q: &mut Queue, ticket: u64, source: u64, n: usize, t: Instant) {
+        q.push(
+            meta(ticket, source, None),
+            (0..n).map(|i| row(i as f64)).collect(),
+            t,
+        );
+    }
+
     #[test]
     fn commits_release_tickets_in_batch_order() {
         let mut o = CommitOrder::default();
-        let (a, b, c) = (o.open(), o.open(), o.open());
+        let (a, b, c) = (o.open(None), o.open(None), o.open(None));
         // b and c commit before a: nothing is durable yet (a holds earlier rows).
         assert_eq!(o.commit(b, Some(5)), None);
         assert_eq!(o.commit(c, None), None);
         assert_eq!(o.commit(a, Some(3)), Some(5));
-        let d = o.open();
+        let d = o.open(None);
         assert_eq!(o.commit(d, None), None);
-        let e = o.open();
+        let e = o.open(None);
         assert_eq!(o.commit(e, Some(9)), Some(9));
+        assert_eq!(o.in_flight(), 0);
+    }
+
+    #[test]
+    fn oldest_in_flight_is_the_oldest_unretired_batch() {
+        let mut o = CommitOrder::default();
+        let t0 = Instant::now();
+        let a = o.open(Some(t0));
+        let b = o.open(Some(t0 + Duration::from_millis(5)));
+        assert_eq!(o.oldest(), Some(t0));
+        // b committed but waits for a: still un-acknowledged, still counted.
+        o.commit(b, Some(2));
+        assert_eq!(o.oldest(), Some(t0));
+        o.commit(a, Some(1));
+        assert_eq!(o.oldest(), None);
     }
 
     #[test]
@@ -128,12 +410,11 @@ mod tests {
         let p = BatchPolicy::new(1, 10, Duration::ZERO).unwrap();
         let s = BatchSize::default();
         assert!(s.admits(&p, 1_000));
-        assert!(!s.is_full(&p, 1_000));
         assert_eq!(s.due_at(&p), None);
     }
 
     #[test]
-    fn rows_limit() {
+    fn rows_and_bytes_limits() {
         let p = BatchPolicy::new(3, 1 << 20, Duration::from_secs(1)).unwrap();
         let mut s = BatchSize::default();
         let t = Instant::now();
@@ -141,14 +422,9 @@ mod tests {
             assert!(s.admits(&p, 42));
             s.add(42, t);
         }
-        assert!(!s.admits(&p, 42) && s.is_full(&p, 42));
-    }
-
-    #[test]
-    fn bytes_limit() {
+        assert!(!s.admits(&p, 42));
         let p = BatchPolicy::new(100, 100, Duration::from_secs(1)).unwrap();
         let mut s = BatchSize::default();
-        let t = Instant::now();
         s.add(42, t);
         s.add(42, t);
         assert!(!s.admits(&p, 42));
@@ -172,5 +448,92 @@ mod tests {
     fn zero_limits_are_refused() {
         assert!(BatchPolicy::new(0, 1, Duration::ZERO).is_err());
         assert!(BatchPolicy::new(1, 0, Duration::ZERO).is_err());
+        assert!(Queue::new(0, 1.0).is_err());
+        assert!(Queue::new(10, 0.0).is_err());
+        assert!(Queue::new(10, 1.5).is_err());
+        assert!(Queue::new(10, f64::NAN).is_err());
+    }
+
+    #[test]
+    fn fill_takes_frames_in_order_and_splits_at_the_limit() {
+        let p = BatchPolicy::new(5, 1 << 20, Duration::ZERO).unwrap();
+        let mut q = Queue::new(100, 1.0).unwrap();
+        let t = Instant::now();
+        frame(&mut q, 1, 7, 3, t);
+        frame(&mut q, 2, 8, 4, t);
+        let mut b = Batch::default();
+        assert!(q.fill(&mut b, &p), "rows are left");
+        assert_eq!(b.rows.len(), 5);
+        // Frame 1 is complete in this batch; frame 2 straddles into the next.
+        assert_eq!(b.done_ticket, Some(1));
+        assert_eq!(q.depth(), 2);
+        assert_eq!(b.locate(0).map(|(m, i)| (m.ticket, i)), Some((1, 0)));
+        assert_eq!(b.locate(4).map(|(m, i)| (m.ticket, i)), Some((2, 1)));
+        assert!(b.locate(5).is_none());
+        let mut b2 = Batch::default();
+        assert!(!q.fill(&mut b2, &p));
+        assert_eq!(b2.rows.len(), 2);
+        assert_eq!(b2.done_ticket, Some(2));
+        assert_eq!(b2.locate(0).map(|(m, i)| (m.ticket, i)), Some((2, 2)));
+        assert!(q.is_empty() && q.oldest().is_none());
+    }
+
+    #[test]
+    fn locate_maps_through_frame_indices() {
+        let p = BatchPolicy::default();
+        let mut q = Queue::new(100, 1.0).unwrap();
+        // Entries 1 and 4 of the frame were rejected while parsing: rows are entries 0, 2, 3.
+        q.push(
+            meta(1, 1, Some(vec![0, 2, 3])),
+            vec![row(0.0), row(2.0), row(3.0)],
+            Instant::now(),
+        );
+        let mut b = Batch::default();
+        q.fill(&mut b, &p);
+        let idx: Vec<u32> = (0..3).map(|r| b.locate(r).unwrap().1).collect();
+        assert_eq!(idx, vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn one_source_cannot_take_the_whole_queue() {
+        let mut q = Queue::new(100, 0.25).unwrap();
+        let t = Instant::now();
+        assert_eq!(
+            q.admits(1, 500),
+            Ok(()),
+            "an empty share takes any one frame"
+        );
+        frame(&mut q, 1, 1, 20, t);
+        let full = q.admits(1, 10).unwrap_err();
+        assert!(full.share && full.depth == 20);
+        // Another source still gets in, up to the queue's capacity.
+        assert_eq!(q.admits(2, 25), Ok(()));
+        frame(&mut q, 2, 2, 25, t);
+        frame(&mut q, 3, 3, 25, t);
+        frame(&mut q, 4, 4, 25, t);
+        let full = q.admits(5, 10).unwrap_err();
+        assert!(!full.share && full.depth == 95 && full.capacity == 100);
+        // Taking rows frees the source's share.
+        let mut b = Batch::default();
+        q.fill(
+            &mut b,
+            &BatchPolicy::new(20, 1 << 20, Duration::ZERO).unwrap(),
+        );
+        assert_eq!(q.admits(1, 10), Ok(()));
+    }
+
+    #[test]
+    fn outcome_lists_refusals_in_index_order() {
+        let o = Outcome::default();
+        let why = Arc::new(Refusal {
+            sqlstate: "23514".into(),
+            message: "check".into(),
+        });
+        o.refuse(4, why.clone());
+        o.refuse(1, why);
+        assert_eq!(
+            o.refused().iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![1, 4]
+        );
     }
 }

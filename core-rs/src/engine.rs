@@ -13,15 +13,16 @@ use futures_util::StreamExt;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::batch::{BatchPolicy, BatchSize, CommitOrder};
+use crate::batch::{Batch, BatchPolicy, CommitOrder, FrameMeta, Outcome, Queue};
 use crate::catalog::{Catalog, EventEntry};
 use crate::error::CoreError;
 use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
+use crate::pg::{self, PgClient};
 use crate::rules::{self, Rule, RuleState};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::writer::{self, Row, Writer};
+use crate::writer::{self, Row, Writer, WriterStatus};
 
 /// The NOTIFY channel the catalog tables' triggers announce changes on (sql/0004).
 pub const CATALOG_CHANNEL: &str = "webmacs_catalog";
@@ -41,6 +42,12 @@ pub struct EngineConfig {
     pub buffer_capacity: usize,
     /// COPY connections: one fills the next batch while others write theirs.
     pub writers: usize,
+    /// Fraction of `queue_capacity` one source (a connection, a token) may fill, so one flooding sender
+    /// cannot take the queue from everyone else.
+    pub source_share: f64,
+    /// Deadline of one write transaction (and of a reconnect); past it the connection is dropped and the
+    /// batch retried, so a database that stops answering cannot hold a writer forever.
+    pub write_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -54,12 +61,14 @@ impl EngineConfig {
             broadcast_interval: Duration::from_millis(200),
             buffer_capacity: 100_000,
             writers: 2,
+            source_share: 0.25,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
 
 /// What happened to one frame.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Receipt {
     pub accepted: usize,
     /// Rejected entries: index in the frame and reason, in index order.
@@ -69,6 +78,23 @@ pub struct Receipt {
     pub seq: Option<u64>,
     /// Wait until `committed_ticket() >= ticket` before acknowledging: then every accepted row is durable.
     pub ticket: u64,
+    /// Rows the database refused when they were written; complete once the ticket is committed.
+    pub outcome: Arc<Outcome>,
+}
+
+/// What `/health` and the readiness probe report of the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// Rows waiting for a writer.
+    pub queue_depth: usize,
+    /// Age of the oldest accepted row not yet acknowledged (queued, or in a batch not yet durable).
+    pub oldest_unacked: Option<Duration>,
+    /// How long a writer has been failing to write, and the last fault seen (kept after recovery).
+    pub writer_failing: Option<Duration>,
+    pub last_error: Option<String>,
+    /// Batches being written or waiting for an earlier one to commit.
+    pub batches_in_flight: usize,
+    pub closing: bool,
 }
 
 /// Something Python must act on after a commit.
@@ -104,19 +130,9 @@ struct Latest {
     experiment_id: Option<i32>,
 }
 
-#[derive(Debug)]
-struct Queued {
-    row: Row,
-    ticket: u64,
-    /// The frame's last row: once it commits, the frame's ticket is done.
-    last_of_ticket: bool,
-    queued_at: Instant,
-}
-
-#[derive(Default)]
 struct IngestState {
     next_ticket: u64,
-    queue: VecDeque<Queued>,
+    queue: Queue,
     last_server_us: HashMap<i32, i64>,
     rule_states: HashMap<i32, RuleState>,
     reading_at: HashMap<i32, Instant>,
@@ -133,6 +149,11 @@ struct Shared {
     stats: Stats,
     committed: AtomicU64,
     writer_wake: Notify,
+    /// Woken when a writer finishes a transaction (the filling writer may then close its batch).
+    writer_free: Notify,
+    /// Writers inside a transaction right now.
+    writing: std::sync::atomic::AtomicUsize,
+    writer_status: Arc<WriterStatus>,
     /// Held by the writer filling the next batch, so batches take the queue in order.
     fill: tokio::sync::Mutex<()>,
     commit_order: Mutex<CommitOrder>,
@@ -144,7 +165,7 @@ struct Shared {
     commit_notify: Notify,
     /// One connection for catalog loads; the lock also serialises loads so a slow stale read never
     /// overwrites a newer snapshot.
-    catalog_client: tokio::sync::Mutex<Option<Client>>,
+    catalog_client: tokio::sync::Mutex<Option<PgClient>>,
 }
 
 pub fn unix_now_us() -> i64 {
@@ -162,15 +183,27 @@ impl Shared {
 
     async fn with_catalog_client<T>(
         &self,
-        f: impl AsyncFnOnce(&mut Client) -> Result<T, CoreError>,
+        f: impl AsyncFnOnce(&mut PgClient) -> Result<T, CoreError>,
     ) -> Result<T, CoreError> {
-        let mut guard = self.catalog_client.lock().await;
+        // Waiting for the lock counts against the deadline too: a stalled load must not queue callers forever.
+        let started = tokio::time::Instant::now();
+        let limit = pg::CONNECT_TIMEOUT + pg::QUERY_TIMEOUT;
+        let mut guard = tokio::time::timeout(limit, self.catalog_client.lock())
+            .await
+            .map_err(|_| {
+                CoreError::Database("catalog connection busy (database not answering)".into())
+            })?;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(writer::connect(&self.config.dsn, "webmacs-ingest-catalog").await?);
+            *guard = Some(pg::connect(&self.config.dsn, "webmacs-ingest-catalog").await?);
         }
         // Set just above when missing.
         let client = guard.as_mut().expect("connected above");
-        let res = f(client).await;
+        let res = match tokio::time::timeout_at(started + limit, f(client)).await {
+            Ok(r) => r,
+            Err(_) => Err(CoreError::Database(
+                "catalog query: no answer from the database in time".into(),
+            )),
+        };
         if res.is_err() {
             // The connection may be dead without knowing it yet (server restart); start afresh next time.
             *guard = None;
@@ -179,7 +212,7 @@ impl Shared {
     }
 
     async fn reload_catalog(&self) -> Result<(), CoreError> {
-        let load = async |c: &mut Client| {
+        let load = async |c: &mut PgClient| {
             let cat = Catalog::load(c).await?;
             self.catalog.store(Arc::new(cat));
             Ok(())
@@ -215,11 +248,11 @@ impl Shared {
         }
         for r in rows {
             st.latest.insert(
-                r.get(0),
+                r.try_get(0)?,
                 Latest {
-                    value: r.get(1),
-                    time_us: r.get(2),
-                    experiment_id: r.get(3),
+                    value: r.try_get(1)?,
+                    time_us: r.try_get(2)?,
+                    experiment_id: r.try_get(3)?,
                 },
             );
         }
@@ -261,16 +294,30 @@ impl Engine {
         let (reader, signal) = UnixStream::pair().map_err(io)?;
         reader.set_nonblocking(true).map_err(io)?;
         signal.set_nonblocking(true).map_err(io)?;
+        if config.write_timeout.is_zero() {
+            return Err(CoreError::Config("write_timeout must be positive".into()));
+        }
+        let queue = Queue::new(config.queue_capacity, config.source_share)?;
         let shared = Arc::new(Shared {
             config,
             catalog: ArcSwap::from_pointee(Catalog::default()),
             state: Mutex::new(IngestState {
                 next_ticket: 1,
-                ..Default::default()
+                queue,
+                last_server_us: HashMap::new(),
+                rule_states: HashMap::new(),
+                reading_at: HashMap::new(),
+                broadcast_at: HashMap::new(),
+                latest: HashMap::new(),
+                firings: VecDeque::new(),
+                live: VecDeque::new(),
             }),
             stats: Stats::default(),
             committed: AtomicU64::new(0),
             writer_wake: Notify::new(),
+            writer_free: Notify::new(),
+            writing: std::sync::atomic::AtomicUsize::new(0),
+            writer_status: Arc::default(),
             fill: tokio::sync::Mutex::new(()),
             commit_order: Mutex::new(CommitOrder::default()),
             closing: AtomicBool::new(false),
@@ -315,18 +362,24 @@ impl Engine {
         &self.shared.config
     }
 
-    /// Return once `committed_ticket() >= ticket` (from inside the runtime).
-    pub async fn wait_committed(&self, ticket: u64) {
+    /// Return once `committed_ticket() >= ticket` (true), or false at `deadline` or when the engine closes
+    /// with the ticket unwritten (from inside the runtime).
+    pub async fn wait_committed(&self, ticket: u64, deadline: tokio::time::Instant) -> bool {
         loop {
             let notified = self.shared.commit_notify.notified();
             tokio::pin!(notified);
             // Registered before the check, so a commit between the check and the await is not missed.
             notified.as_mut().enable();
             if self.committed_ticket() >= ticket {
-                return;
+                return true;
             }
-            // Bounded, as a backstop; on close the runtime ends this task with the engine.
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            if self.shared.abort.load(Ordering::Acquire) || tokio::time::Instant::now() >= deadline
+            {
+                return false;
+            }
+            // Bounded, as a backstop against a missed wake-up.
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
+            let _ = tokio::time::timeout_at(wake, notified).await;
         }
     }
 
@@ -335,8 +388,9 @@ impl Engine {
         let _ = tokio::time::timeout(timeout, self.shared.commit_notify.notified()).await;
     }
 
-    /// Parse, validate and queue a frame. `strict` (REST): any malformed entry refuses the whole frame.
-    pub fn submit(&self, bytes: &[u8], strict: bool) -> Result<Receipt, CoreError> {
+    /// Parse, validate and queue a frame from `source` (a connection or a token: the unit of fair queue
+    /// shares). `strict` (REST): any malformed entry refuses the whole frame.
+    pub fn submit(&self, bytes: &[u8], strict: bool, source: u64) -> Result<Receipt, CoreError> {
         self.check_open()?;
         let s = &self.shared;
         s.stats.frames.fetch_add(1, Ordering::Relaxed);
@@ -344,39 +398,7 @@ impl Engine {
             .inspect_err(|_| {
                 s.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             })?;
-        self.ingest(parsed, strict)
-    }
-
-    /// Queue already-decoded points `(event public id, value, client time µs)` (the single REST create).
-    pub fn submit_points(
-        &self,
-        points: Vec<(String, f64, Option<i64>)>,
-    ) -> Result<Receipt, CoreError> {
-        self.check_open()?;
-        self.shared.stats.frames.fetch_add(1, Ordering::Relaxed);
-        let now_us = unix_now_us();
-        let mut parsed = ParsedFrame {
-            total: points.len(),
-            has_datapoints: true,
-            ..Default::default()
-        };
-        for (i, (event_public_id, value, time_us)) in points.into_iter().enumerate() {
-            if !value.is_finite() {
-                parsed.rejects.push((i, Reject::NonFinite));
-            } else if time_us.is_some_and(|t| t > now_us.saturating_add(frame::MAX_FUTURE_US)) {
-                parsed.rejects.push((i, Reject::FarFutureTimestamp));
-            } else {
-                parsed.points.push((
-                    i,
-                    ParsedPoint {
-                        event_public_id,
-                        value,
-                        time_us,
-                    },
-                ));
-            }
-        }
-        self.ingest(parsed, false)
+        self.ingest(parsed, strict, source)
     }
 
     fn check_open(&self) -> Result<(), CoreError> {
@@ -387,7 +409,7 @@ impl Engine {
         }
     }
 
-    fn ingest(&self, parsed: ParsedFrame, strict: bool) -> Result<Receipt, CoreError> {
+    fn ingest(&self, parsed: ParsedFrame, strict: bool, source: u64) -> Result<Receipt, CoreError> {
         let s = &self.shared;
         let ParsedFrame {
             points,
@@ -408,12 +430,12 @@ impl Engine {
             return Ok(receipt);
         }
         let catalog = s.catalog.load();
-        let mut resolved: Vec<(&EventEntry, ParsedPoint)> = Vec::with_capacity(points.len());
+        let mut resolved: Vec<(usize, &EventEntry, ParsedPoint)> = Vec::with_capacity(points.len());
         for (i, p) in points {
             match catalog.events.get(p.event_public_id.as_str()) {
                 None => rejects.push((i, Reject::UnknownEvent)),
                 Some(e) if !e.active => rejects.push((i, Reject::InactiveEvent)),
-                Some(e) => resolved.push((e, p)),
+                Some(e) => resolved.push((i, e, p)),
             }
         }
         rejects.sort_unstable_by_key(|r| r.0);
@@ -422,13 +444,18 @@ impl Engine {
         let now_us = unix_now_us();
         let cfg = &s.config;
         let mut st = s.state();
-        let depth = st.queue.len();
-        if !resolved.is_empty() && depth > 0 && depth + resolved.len() > cfg.queue_capacity {
-            s.stats.queue_full.fetch_add(1, Ordering::Relaxed);
-            return Err(CoreError::QueueFull {
-                depth,
-                capacity: cfg.queue_capacity,
-            });
+        if !resolved.is_empty() {
+            if let Err(full) = st.queue.admits(source, resolved.len()) {
+                s.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                if full.share {
+                    s.stats.queue_full_share.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(CoreError::QueueFull {
+                    depth: full.depth,
+                    capacity: full.capacity,
+                    share: full.share,
+                });
+            }
         }
         rejects.iter().for_each(|r| s.stats.reject(r.1));
         receipt.accepted = resolved.len();
@@ -444,9 +471,12 @@ impl Engine {
         let experiment_id = catalog.running_experiment;
         let experiment_public_id = catalog.experiment_public_id(experiment_id);
         let mut live_pass: HashMap<i32, bool> = HashMap::new();
-        let last = resolved.len() - 1;
+        // Row i of the frame's queued rows came from entry indices[i] (None: rows are entries 0, 1, 2, …).
+        let identity = resolved.iter().enumerate().all(|(n, r)| r.0 == n);
+        let indices = (!identity).then(|| resolved.iter().map(|r| r.0 as u32).collect());
+        let mut rows = Vec::with_capacity(resolved.len());
         let st = &mut *st;
-        for (n, (e, p)) in resolved.into_iter().enumerate() {
+        for (_, e, p) in resolved {
             let time_us = p.time_us.unwrap_or_else(|| {
                 next_server_time(st.last_server_us.entry(e.id).or_insert(i64::MIN), now_us)
             });
@@ -519,24 +549,26 @@ impl Engine {
                     }
                 })
                 .or_insert(latest);
-            st.queue.push_back(Queued {
-                row: Row {
-                    time_us,
-                    event_id: e.id,
-                    experiment_id,
-                    value: p.value,
-                },
-                ticket,
-                last_of_ticket: n == last,
-                queued_at: now,
+            rows.push(Row {
+                time_us,
+                event_id: e.id,
+                experiment_id,
+                value: p.value,
             });
         }
+        let meta = Arc::new(FrameMeta {
+            ticket,
+            source,
+            indices,
+            outcome: receipt.outcome.clone(),
+        });
+        st.queue.push(meta, rows, now);
         s.stats
             .accepted
             .fetch_add(receipt.accepted as u64, Ordering::Relaxed);
         s.stats
             .queue_depth
-            .store(st.queue.len() as u64, Ordering::Relaxed);
+            .store(st.queue.depth() as u64, Ordering::Relaxed);
         s.writer_wake.notify_one();
         Ok(receipt)
     }
@@ -595,6 +627,32 @@ impl Engine {
         self.shared.stats.snapshot()
     }
 
+    /// The engine's state for `/health`: backlog, the oldest un-acknowledged row, writer faults.
+    pub fn health(&self) -> Health {
+        let s = &self.shared;
+        let (queue_depth, queued_oldest) = {
+            let st = s.state();
+            (st.queue.depth(), st.queue.oldest())
+        };
+        let (in_flight_oldest, batches_in_flight) = {
+            let o = s.commit_order.lock().unwrap_or_else(|p| p.into_inner());
+            (o.oldest(), o.in_flight())
+        };
+        let oldest = match (queued_oldest, in_flight_oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let (writer_failing, last_error) = s.writer_status.snapshot();
+        Health {
+            queue_depth,
+            oldest_unacked: oldest.map(|t| t.elapsed()),
+            writer_failing,
+            last_error,
+            batches_in_flight,
+            closing: s.closing.load(Ordering::Acquire),
+        }
+    }
+
     /// Stop taking data, write everything queued (waiting at most `timeout` for the database), stop.
     /// Returns the number of rows that could not be written (never acknowledged to anyone).
     pub fn close(&self, timeout: Duration) -> usize {
@@ -615,7 +673,7 @@ impl Engine {
             });
         }
         self.shared.shutdown.notify_waiters();
-        let left = self.shared.state().queue.len();
+        let left = self.shared.state().queue.depth();
         if let Some(rt) = self
             .runtime
             .lock()
@@ -658,39 +716,37 @@ fn push_bounded<T>(buf: &mut VecDeque<T>, cap: usize, stats: &Stats, item: T) {
 
 /// One writer: take the right to fill, fill the next batch from the queue in order, hand the right on, write
 /// the batch in one transaction, then release the tickets it completed (in batch order, see `CommitOrder`).
+///
+/// Batches close adaptively: a free writer writes what has queued at once when no other writer is inside a
+/// transaction (an idle engine adds no delay); while one is, rows keep accumulating until the batch is full
+/// or its oldest row has waited `max_age`, so under load batches grow and each commit carries more rows.
 async fn run_writer(shared: Arc<Shared>) {
     let policy = shared.config.policy;
-    let mut writer = Writer::new(&shared.config.dsn);
+    let mut writer = Writer::new(
+        &shared.config.dsn,
+        shared.config.write_timeout,
+        shared.writer_status.clone(),
+    );
     let (mut retries, mut reconnects) = (0, 0);
     loop {
-        let mut rows = Vec::new();
-        let mut size = BatchSize::default();
-        let mut done_ticket = None;
+        let mut batch = Batch::default();
         let fill = shared.fill.lock().await;
         loop {
+            // Registered before looking, so a writer finishing in between still wakes us.
+            let freed = shared.writer_free.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             let full = {
                 let mut st = shared.state();
-                while let Some(q) = st.queue.front() {
-                    let rb = writer::row_bytes(&q.row);
-                    if !size.admits(&policy, rb) {
-                        break;
-                    }
-                    // front() was Some just above, under the same lock.
-                    let q = st.queue.pop_front().expect("front exists");
-                    size.add(rb, q.queued_at);
-                    rows.push(q.row);
-                    if q.last_of_ticket {
-                        done_ticket = Some(q.ticket);
-                    }
-                }
+                let full = st.queue.fill(&mut batch, &policy);
                 shared
                     .stats
                     .queue_depth
-                    .store(st.queue.len() as u64, Ordering::Relaxed);
-                !st.queue.is_empty()
+                    .store(st.queue.depth() as u64, Ordering::Relaxed);
+                full
             };
             let closing = shared.closing.load(Ordering::Acquire);
-            if rows.is_empty() {
+            if batch.rows.is_empty() {
                 if closing {
                     // Wake the next writer waiting to fill: it sees the same and stops too.
                     shared.writer_wake.notify_one();
@@ -699,12 +755,14 @@ async fn run_writer(shared: Arc<Shared>) {
                 shared.writer_wake.notified().await;
                 continue;
             }
-            if full || closing || size.is_due(&policy, Instant::now()) {
+            let busy = shared.writing.load(Ordering::Acquire) > 0;
+            if full || closing || !busy || batch.size.is_due(&policy, Instant::now()) {
                 break;
             }
-            let due = size.due_at(&policy).unwrap_or_else(Instant::now);
+            let due = batch.size.due_at(&policy).unwrap_or_else(Instant::now);
             tokio::select! {
                 _ = shared.writer_wake.notified() => {}
+                _ = &mut freed => {}
                 _ = tokio::time::sleep_until(due.into()) => {}
             }
         }
@@ -712,14 +770,17 @@ async fn run_writer(shared: Arc<Shared>) {
             .commit_order
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .open();
+            .open(batch.size.opened_at);
+        shared.writing.fetch_add(1, Ordering::AcqRel);
         drop(fill);
         // Rows may be left for the next writer, which may be waiting for a wake-up that was consumed here.
         shared.writer_wake.notify_one();
         let started = Instant::now();
         let res = writer
-            .write(&rows, || shared.abort.load(Ordering::Acquire))
+            .write(&batch.rows, || shared.abort.load(Ordering::Acquire))
             .await;
+        shared.writing.fetch_sub(1, Ordering::AcqRel);
+        shared.writer_free.notify_waiters();
         let stats = &shared.stats;
         stats
             .retries
@@ -728,26 +789,60 @@ async fn run_writer(shared: Arc<Shared>) {
             .reconnects
             .fetch_add(writer.reconnects - reconnects, Ordering::Relaxed);
         (retries, reconnects) = (writer.retries, writer.reconnects);
-        match res {
-            Ok(w) => {
-                stats.written.fetch_add(w.inserted, Ordering::Relaxed);
-                stats.duplicates.fetch_add(w.duplicates, Ordering::Relaxed);
-                stats.flushed(writer::elapsed_us(started));
-                let released = shared
-                    .commit_order
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .commit(seq, done_ticket);
-                if let Some(t) = released {
-                    shared.committed.fetch_max(t, Ordering::AcqRel);
-                }
-                shared.signal_commit();
-            }
+        let written = match res {
+            Ok(w) => w,
             // Only when closing with a dead database: nothing of this batch was acknowledged.
             Err(_) => return,
+        };
+        stats.written.fetch_add(written.inserted, Ordering::Relaxed);
+        stats
+            .duplicates
+            .fetch_add(written.duplicates, Ordering::Relaxed);
+        stats
+            .bisections
+            .fetch_add(written.bisections, Ordering::Relaxed);
+        stats.flushed(writer::elapsed_us(started));
+        if !written.refused.is_empty() {
+            refuse_rows(&shared, &batch, &written.refused);
         }
+        let released = shared
+            .commit_order
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .commit(seq, batch.done_ticket);
+        if let Some(t) = released {
+            shared.committed.fetch_max(t, Ordering::AcqRel);
+        }
+        shared.signal_commit();
     }
 }
+
+/// Report rows the database refused to their frames (before the frames' tickets are released), count them,
+/// and re-read "latest" for their events: the cache took their values when they were accepted.
+fn refuse_rows(
+    shared: &Arc<Shared>,
+    batch: &Batch,
+    refused: &[(usize, Arc<crate::batch::Refusal>)],
+) {
+    let mut events = Vec::with_capacity(refused.len());
+    for (row, why) in refused {
+        if let Some((meta, index)) = batch.locate(*row) {
+            meta.outcome.refuse(index, why.clone());
+        }
+        shared.stats.reject(Reject::DatabaseRefused);
+        events.push(batch.rows[*row].event_id);
+    }
+    events.sort_unstable();
+    events.dedup();
+    let s = shared.clone();
+    tokio::spawn(async move {
+        let _ = s.load_latest(Some(events)).await;
+    });
+}
+
+/// How often the LISTEN connection proves it is alive: notifications sent to a connection that silently
+/// stopped (a partition behind a proxy) would be lost, so a probe that fails in time reconnects it.
+const LISTEN_PROBE: Duration = Duration::from_secs(15);
 
 /// LISTEN for catalog changes made by any process; reload on each (coalesced) notification, and after
 /// every reconnect, since notifications sent while disconnected are lost.
@@ -758,8 +853,11 @@ async fn run_listener(shared: Arc<Shared>) {
             return;
         }
         let connected = async {
-            let config: tokio_postgres::Config = shared.config.dsn.parse()?;
-            config.connect(NoTls).await
+            let config = pg::config(&shared.config.dsn, "webmacs-ingest-listen")?;
+            tokio::time::timeout(pg::CONNECT_TIMEOUT, config.connect(NoTls))
+                .await
+                .map_err(|_| CoreError::Database("connect timed out".into()))?
+                .map_err(CoreError::from)
         }
         .await;
         let (client, mut conn) = match connected {
@@ -782,13 +880,17 @@ async fn run_listener(shared: Arc<Shared>) {
                 }
             }
         });
-        if client
-            .batch_execute(&format!("LISTEN {CATALOG_CHANNEL}"))
-            .await
-            .is_ok()
-        {
+        let listening = pg::deadline(
+            pg::QUERY_TIMEOUT,
+            "LISTEN",
+            client.batch_execute(&format!("LISTEN {CATALOG_CHANNEL}")),
+        )
+        .await;
+        if listening.is_ok() {
             backoff = Duration::from_millis(100);
             let _ = shared.reload_catalog().await;
+            let mut probe = tokio::time::interval(LISTEN_PROBE);
+            probe.tick().await;
             loop {
                 tokio::select! {
                     msg = rx.recv() => match msg {
@@ -802,6 +904,11 @@ async fn run_listener(shared: Arc<Shared>) {
                         }
                         None => break,
                     },
+                    _ = probe.tick() => {
+                        if pg::deadline(pg::QUERY_TIMEOUT, "probe", client.simple_query("")).await.is_err() {
+                            break;
+                        }
+                    }
                     _ = shared.shutdown.notified() => { driver.abort(); return; }
                 }
             }

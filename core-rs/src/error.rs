@@ -9,9 +9,14 @@ pub enum CoreError {
     /// The frame as a whole was refused (not JSON, not an object, too many entries, too many bytes).
     #[error("{0}")]
     Frame(#[from] FrameError),
-    /// The ingest queue is full; nothing of the frame was taken. Retry once a batch has committed.
-    #[error("ingest queue is full ({depth} of {capacity} rows queued)")]
-    QueueFull { depth: usize, capacity: usize },
+    /// The ingest queue is full (or the sender's share of it); nothing of the frame was taken. Retry once a
+    /// batch has committed.
+    #[error("ingest queue is full ({depth} of {capacity} rows queued{})", if *share { "; this sender's share is used up" } else { "" })]
+    QueueFull {
+        depth: usize,
+        capacity: usize,
+        share: bool,
+    },
     /// The engine was closed; it takes no more data.
     #[error("the ingest engine is closed")]
     Closed,

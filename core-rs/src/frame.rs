@@ -9,9 +9,9 @@ pub const MAX_FRAME_DATAPOINTS: usize = 500;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 4 << 20;
 /// Client timestamps further ahead than this are rejected: a wrong device clock must not poison "latest".
 pub const MAX_FUTURE_US: i64 = 5 * 60 * 1_000_000;
-/// Range accepted for client timestamps: 0001-01-01 .. 9999-12-31 (inside PostgreSQL's timestamptz range).
-const MIN_TS_US: i64 = -62_135_596_800_000_000;
-const MAX_TS_US: i64 = 253_402_300_799_999_999;
+/// The earliest client timestamp accepted: the Unix epoch. Older times are device clocks that were never
+/// set (or hostile input); every reader (Python's datetime, time arithmetic, exports) handles this range.
+pub const MIN_TIME_US: i64 = 0;
 
 /// Why one entry of a frame was not accepted. Every rejection has exactly one reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -25,10 +25,14 @@ pub enum Reject {
     InactiveEvent,
     BadTimestamp,
     FarFutureTimestamp,
+    /// Before 1970-01-01T00:00:00Z.
+    TimestampTooOld,
+    /// The database refused the row itself (a constraint, a range, a trigger) when it was written.
+    DatabaseRefused,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 11] = [
         Reject::NotObject,
         Reject::MissingValue,
         Reject::InvalidValue,
@@ -38,6 +42,8 @@ impl Reject {
         Reject::InactiveEvent,
         Reject::BadTimestamp,
         Reject::FarFutureTimestamp,
+        Reject::TimestampTooOld,
+        Reject::DatabaseRefused,
     ];
 
     pub fn code(self) -> &'static str {
@@ -51,12 +57,34 @@ impl Reject {
             Reject::InactiveEvent => "inactive_event",
             Reject::BadTimestamp => "bad_timestamp",
             Reject::FarFutureTimestamp => "far_future_timestamp",
+            Reject::TimestampTooOld => "timestamp_too_old",
+            Reject::DatabaseRefused => "database_refused",
         }
     }
 
     /// Shape errors make a strict (REST) request fail as a whole; catalog misses are dropped silently.
     pub fn is_shape_error(self) -> bool {
-        !matches!(self, Reject::UnknownEvent | Reject::InactiveEvent)
+        !matches!(
+            self,
+            Reject::UnknownEvent | Reject::InactiveEvent | Reject::DatabaseRefused
+        )
+    }
+
+    /// A sentence for the sender (error frames, REST errors).
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::NotObject => "entry is not a JSON object",
+            Reject::MissingValue => "value is missing",
+            Reject::InvalidValue => "value is not a number",
+            Reject::NonFinite => "value is not a finite number",
+            Reject::MissingEvent => "event_public_id is missing",
+            Reject::UnknownEvent => "event not found",
+            Reject::InactiveEvent => "event is not linked to an enabled plugin instance",
+            Reject::BadTimestamp => "timestamp is not RFC 3339 or epoch milliseconds",
+            Reject::FarFutureTimestamp => "timestamp is more than 5 minutes in the future",
+            Reject::TimestampTooOld => "timestamp is before 1970-01-01T00:00:00Z",
+            Reject::DatabaseRefused => "the database refused the datapoint",
+        }
     }
 
     pub fn index(self) -> usize {
@@ -137,8 +165,37 @@ fn event_id_of(v: Option<&Value>) -> Result<String, Reject> {
     }
 }
 
-/// A client timestamp: RFC 3339 (a naive ISO form counts as UTC) or epoch milliseconds.
-pub fn parse_timestamp(v: &Value) -> Result<Option<i64>, Reject> {
+/// The one range check of client timestamps, for every ingest path: from the Unix epoch to `MAX_FUTURE_US`
+/// after `now_us`. Overflow-checked: any i64 is answered, never wrapped.
+pub fn check_time(time_us: i64, now_us: i64) -> Result<i64, Reject> {
+    if time_us < MIN_TIME_US {
+        return Err(Reject::TimestampTooOld);
+    }
+    if time_us > now_us.saturating_add(MAX_FUTURE_US) {
+        return Err(Reject::FarFutureTimestamp);
+    }
+    Ok(time_us)
+}
+
+/// Epoch milliseconds (a JSON number, possibly fractional) to microseconds, for any finite or huge input.
+pub fn epoch_ms_to_us(ms: f64) -> Result<i64, Reject> {
+    if !ms.is_finite() {
+        return Err(Reject::BadTimestamp);
+    }
+    let us = (ms * 1000.0).round();
+    // Outside i64 (≈ ±292,000 years) the value is certainly out of range: say which side.
+    if us < i64::MIN as f64 {
+        return Err(Reject::TimestampTooOld);
+    }
+    if us >= i64::MAX as f64 {
+        return Err(Reject::FarFutureTimestamp);
+    }
+    Ok(us as i64)
+}
+
+/// A client timestamp: RFC 3339 (a naive ISO form counts as UTC) or epoch milliseconds; range-checked
+/// against `now_us` by `check_time`.
+pub fn parse_timestamp(v: &Value, now_us: i64) -> Result<Option<i64>, Reject> {
     let us = match v {
         Value::Null => return Ok(None),
         Value::String(s) => {
@@ -152,20 +209,10 @@ pub fn parse_timestamp(v: &Value) -> Result<Option<i64>, Reject> {
                     .timestamp_micros()
             }
         }
-        Value::Number(n) => {
-            let ms = n.as_f64().ok_or(Reject::BadTimestamp)?;
-            let us = (ms * 1000.0).round();
-            if !us.is_finite() || us < MIN_TS_US as f64 || us > MAX_TS_US as f64 {
-                return Err(Reject::BadTimestamp);
-            }
-            us as i64
-        }
+        Value::Number(n) => epoch_ms_to_us(n.as_f64().ok_or(Reject::BadTimestamp)?)?,
         _ => return Err(Reject::BadTimestamp),
     };
-    if !(MIN_TS_US..=MAX_TS_US).contains(&us) {
-        return Err(Reject::BadTimestamp);
-    }
-    Ok(Some(us))
+    check_time(us, now_us).map(Some)
 }
 
 fn point_of(item: &Value, now_us: i64) -> Result<ParsedPoint, Reject> {
@@ -174,13 +221,8 @@ fn point_of(item: &Value, now_us: i64) -> Result<ParsedPoint, Reject> {
     let event_public_id = event_id_of(obj.get("event_public_id"))?;
     let time_us = match obj.get("timestamp") {
         None => None,
-        Some(t) => parse_timestamp(t)?,
+        Some(t) => parse_timestamp(t, now_us)?,
     };
-    if let Some(t) = time_us {
-        if t > now_us.saturating_add(MAX_FUTURE_US) {
-            return Err(Reject::FarFutureTimestamp);
-        }
-    }
     Ok(ParsedPoint {
         event_public_id,
         value,
@@ -374,8 +416,38 @@ mod tests {
         assert_eq!(f.points.len(), 1);
         assert_eq!(
             reasons(&f),
-            vec![Reject::FarFutureTimestamp, Reject::BadTimestamp]
+            vec![Reject::FarFutureTimestamp, Reject::FarFutureTimestamp]
         );
+    }
+
+    #[test]
+    fn timestamps_outside_the_range_are_rejected_whatever_their_size() {
+        use Reject::*;
+        let cases: [(&str, Result<Option<i64>, Reject>); 14] = [
+            // The poison value: epoch ms before 4713 BC.
+            ("-300000000000000", Err(TimestampTooOld)),
+            ("-1", Err(TimestampTooOld)),
+            ("0", Ok(Some(0))),
+            ("-0.0001", Ok(Some(0))),
+            ("9223372036854775807", Err(FarFutureTimestamp)),
+            ("-9223372036854775808", Err(TimestampTooOld)),
+            ("1e308", Err(FarFutureTimestamp)),
+            ("-1e308", Err(TimestampTooOld)),
+            ("\"0000-01-01T00:00:00Z\"", Err(TimestampTooOld)),
+            ("\"1969-12-31T23:59:59.999999Z\"", Err(TimestampTooOld)),
+            ("\"1970-01-01T00:00:00Z\"", Ok(Some(0))),
+            ("\"9999-12-31T23:59:59Z\"", Err(FarFutureTimestamp)),
+            ("\"+10000-01-01T00:00:00Z\"", Err(BadTimestamp)),
+            ("true", Err(BadTimestamp)),
+        ];
+        for (json, want) in cases {
+            let v: Value = serde_json::from_str(json).unwrap();
+            assert_eq!(parse_timestamp(&v, NOW), want, "{json}");
+        }
+        assert_eq!(check_time(i64::MAX, i64::MAX), Ok(i64::MAX));
+        assert_eq!(check_time(i64::MIN, 0), Err(TimestampTooOld));
+        assert_eq!(epoch_ms_to_us(f64::NAN), Err(BadTimestamp));
+        assert_eq!(epoch_ms_to_us(f64::INFINITY), Err(BadTimestamp));
     }
 
     #[test]
@@ -404,6 +476,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn any_epoch_ms_is_answered_inside_the_range(ms in any::<f64>(), now in 0i64..4_000_000_000_000_000) {
+            if let Ok(us) = epoch_ms_to_us(ms).and_then(|us| check_time(us, now)) {
+                prop_assert!((MIN_TIME_US..=now + MAX_FUTURE_US).contains(&us));
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = parse(&bytes);

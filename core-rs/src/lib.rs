@@ -9,11 +9,12 @@ pub mod downsample;
 pub mod engine;
 pub mod error;
 pub mod frame;
-pub mod listener;
+pub mod pg;
 pub mod pgcopy;
 pub mod rules;
 pub mod stats;
 pub mod writer;
+pub mod ws;
 
 #[cfg(feature = "python")]
 pub mod py;

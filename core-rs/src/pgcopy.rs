@@ -331,7 +331,7 @@ pub fn order_ties_by_event(cols: &mut DatapointColumns) {
 pub const READ_AHEAD: usize = 2;
 
 type Frames = tokio::sync::mpsc::Receiver<Result<DatapointColumns>>;
-type Client = std::sync::Arc<tokio_postgres::Client>;
+type Client = std::sync::Arc<crate::pg::PgClient>;
 
 /// One COPY in flight: the task reading it and the frames it decoded.
 struct Running {
@@ -382,7 +382,7 @@ impl CopyReader {
         while self.clients.len() <= index {
             let client = self
                 .runtime
-                .block_on(crate::writer::connect(&self.dsn, "webmacs-export"))
+                .block_on(crate::pg::connect(&self.dsn, "webmacs-export"))
                 .map_err(|e| PgCopyError::Database(e.to_string()))?;
             self.clients.push(std::sync::Arc::new(client));
         }

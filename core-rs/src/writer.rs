@@ -1,14 +1,18 @@
-//! The writer: binary COPY of one batch per transaction, reconnect and retry, duplicate-tolerant fallback.
+//! The writer: binary COPY of one batch per transaction. Transient faults are retried (reconnecting, with a
+//! deadline on every attempt); rows the database refuses are isolated by bisection and returned, so one bad
+//! row never holds up the rows behind it; the unique key's refusals fall back to a duplicate-tolerant insert.
 
+use std::ops::Range;
 use std::pin::pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 
+use crate::batch::Refusal;
 use crate::error::CoreError;
+use crate::pg::{self, Failure, PgClient};
 
 /// One datapoint row as stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,8 +43,9 @@ const STAGING_INSERT_SQL: &str = "INSERT INTO datapoints (time, event_id, experi
     SELECT time, event_id, experiment_id, value FROM datapoints_staging ON CONFLICT DO NOTHING";
 
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
-const PG_EPOCH_US: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0";
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Size of one row in binary COPY.
 pub fn row_bytes(row: &Row) -> usize {
@@ -48,7 +53,9 @@ pub fn row_bytes(row: &Row) -> usize {
     2 + 16 + 8 + 4 + if row.experiment_id.is_some() { 4 } else { 0 } + 8
 }
 
-/// Encode rows as a complete binary COPY stream (header, tuples, trailer), written once.
+/// Encode rows as a complete binary COPY stream (header, tuples, trailer), written once. Times are
+/// validated at the door (`frame::check_time`), so the shift to PostgreSQL's epoch cannot overflow; it
+/// saturates rather than wraps all the same, and the database then refuses the row (range error).
 pub fn encode(rows: &[Row]) -> Bytes {
     let mut buf = BytesMut::with_capacity(19 + rows.len() * 42 + 2);
     buf.put_slice(HEADER);
@@ -57,7 +64,7 @@ pub fn encode(rows: &[Row]) -> Bytes {
     for r in rows {
         buf.put_i16(4);
         buf.put_i32(8);
-        buf.put_i64(r.time_us - PG_EPOCH_US);
+        buf.put_i64(r.time_us.saturating_sub(PG_EPOCH_US));
         buf.put_i32(4);
         buf.put_i32(r.event_id);
         match r.experiment_id {
@@ -74,142 +81,236 @@ pub fn encode(rows: &[Row]) -> Bytes {
     buf.freeze()
 }
 
-/// Connect with the engine's session settings; the connection is driven on the current runtime.
-pub async fn connect(dsn: &str, name: &str) -> Result<Client, CoreError> {
-    let mut config: tokio_postgres::Config = dsn.parse()?;
-    config.application_name(name);
-    config.options("-c timezone=UTC");
-    config.connect_timeout(Duration::from_secs(10));
-    let (client, conn) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        // Errors surface on the client's next call; the connection task just ends.
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 /// Outcome of writing one batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
     pub inserted: u64,
     pub duplicates: u64,
+    /// Rows the database refused: their index in the batch and why.
+    pub refused: Vec<(usize, Arc<Refusal>)>,
+    /// Extra transactions spent isolating refused rows.
+    pub bisections: u64,
 }
 
-async fn copy(
-    client: &mut Client,
-    data: &Bytes,
-    rows: u64,
-) -> Result<Written, tokio_postgres::Error> {
+async fn copy(client: &mut PgClient, data: Bytes, rows: u64) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let sink = tx.copy_in(COPY_SQL).await?;
     let mut sink = pin!(sink);
-    sink.send(data.clone()).await?;
+    sink.send(data).await?;
     let n = sink.finish().await?;
     tx.commit().await?;
-    Ok(Written {
-        inserted: n,
-        duplicates: rows - n.min(rows),
-    })
+    Ok(n.min(rows))
 }
 
-/// The unique key rejected the batch (a retry after a lost commit, or a client resending timestamps):
+/// The unique key refused the batch (a retry after a lost commit, or a client resending timestamps):
 /// stage it and insert what is new; the rest counts as duplicates.
-async fn copy_dedup(
-    client: &mut Client,
-    data: &Bytes,
-    rows: u64,
-) -> Result<Written, tokio_postgres::Error> {
+async fn copy_dedup(client: &mut PgClient, data: Bytes) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(STAGING_SQL).await?;
     let sink = tx.copy_in(STAGING_COPY_SQL).await?;
     let mut sink = pin!(sink);
-    sink.send(data.clone()).await?;
+    sink.send(data).await?;
     sink.finish().await?;
     let n = tx.execute(STAGING_INSERT_SQL, &[]).await?;
     tx.commit().await?;
-    Ok(Written {
-        inserted: n,
-        duplicates: rows - n.min(rows),
-    })
+    Ok(n)
 }
 
-/// A COPY connection that survives restarts: every batch is retried until it commits (or `give_up` says so).
+/// What the writers report for `/health` and the stats: since when writing fails, and the last fault.
+#[derive(Debug, Default)]
+pub struct WriterStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct StatusInner {
+    failing_since: Option<Instant>,
+    failing_writers: usize,
+    last_error: Option<String>,
+}
+
+impl WriterStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failing(&self, was_failing: bool, error: String) {
+        let mut s = self.lock();
+        s.failing_since.get_or_insert_with(Instant::now);
+        if !was_failing {
+            s.failing_writers += 1;
+        }
+        s.last_error = Some(error);
+    }
+
+    fn recovered(&self) {
+        let mut s = self.lock();
+        s.failing_writers = s.failing_writers.saturating_sub(1);
+        if s.failing_writers == 0 {
+            s.failing_since = None;
+        }
+    }
+
+    /// How long some writer has been failing to write (None: all fine), and the last fault seen.
+    pub fn snapshot(&self) -> (Option<Duration>, Option<String>) {
+        let s = self.lock();
+        (s.failing_since.map(|t| t.elapsed()), s.last_error.clone())
+    }
+}
+
+enum Attempt {
+    Done(u64),
+    Data(Refusal),
+}
+
+/// A COPY connection that survives restarts: every transaction is retried until it commits, a data error
+/// says so, or `give_up` (engine shutdown) says stop.
 pub struct Writer {
     dsn: String,
-    client: Option<Client>,
+    client: Option<PgClient>,
     connected_once: bool,
+    /// Deadline of one attempt (a transaction, or a connect).
+    attempt_timeout: Duration,
+    status: Arc<WriterStatus>,
     pub retries: u64,
     pub reconnects: u64,
 }
 
 impl Writer {
-    pub fn new(dsn: &str) -> Self {
+    pub fn new(dsn: &str, attempt_timeout: Duration, status: Arc<WriterStatus>) -> Self {
         Writer {
             dsn: dsn.to_owned(),
             client: None,
             connected_once: false,
+            attempt_timeout,
+            status,
             retries: 0,
             reconnects: 0,
         }
     }
 
-    /// Write one batch in one transaction. Transient failures are retried with exponential backoff
-    /// (50 ms doubling to 5 s); `give_up` is polled between attempts (engine shutdown with a dead database).
+    /// Write one batch. Rows the database refuses for what they hold are isolated (the batch is split in
+    /// halves, each in its own transaction, down to single rows) and reported; everything else commits.
+    /// Err only when `give_up` turned true while the database was failing (shutdown): the batch is then not
+    /// acknowledged, though halves of it may have committed while it was being bisected.
     pub async fn write(
         &mut self,
         rows: &[Row],
         give_up: impl Fn() -> bool,
     ) -> Result<Written, CoreError> {
-        let data = encode(rows);
-        let n = rows.len() as u64;
-        let mut backoff = Duration::from_millis(50);
-        let mut dedup = false;
-        loop {
-            if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-                match connect(&self.dsn, "webmacs-ingest-writer").await {
-                    Ok(c) => {
-                        if self.connected_once {
-                            self.reconnects += 1;
-                        }
-                        self.connected_once = true;
-                        self.client = Some(c);
-                    }
-                    Err(e) => {
-                        self.client = None;
-                        if give_up() {
-                            return Err(e);
-                        }
-                        self.retries += 1;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
+        let mut out = Written::default();
+        let mut work: Vec<Range<usize>> = Vec::with_capacity(32);
+        work.push(0..rows.len());
+        let mut first = true;
+        while let Some(range) = work.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            if !first {
+                out.bisections += 1;
+            }
+            first = false;
+            let data = encode(&rows[range.clone()]);
+            let n = range.len() as u64;
+            match self.attempt(data, n, &give_up).await? {
+                Attempt::Done(inserted) => {
+                    out.inserted += inserted;
+                    out.duplicates += n - inserted;
+                }
+                Attempt::Data(why) if range.len() == 1 => {
+                    out.refused.push((range.start, Arc::new(why)))
+                }
+                Attempt::Data(_) => {
+                    let mid = range.start + range.len() / 2;
+                    // Popped last-in first-out: the left half is written first, keeping time order.
+                    work.push(mid..range.end);
+                    work.push(range.start..mid);
                 }
             }
-            // Only reached with a connected client (set just above).
-            let client = self.client.as_mut().expect("connected above");
-            let res = if dedup {
-                copy_dedup(client, &data, n).await
-            } else {
-                copy(client, &data, n).await
-            };
-            match res {
-                Ok(w) => return Ok(w),
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+        }
+        out.refused.sort_by_key(|r| r.0);
+        Ok(out)
+    }
+
+    /// One transaction for `data`, retried across transient faults.
+    async fn attempt(
+        &mut self,
+        data: Bytes,
+        rows: u64,
+        give_up: &impl Fn() -> bool,
+    ) -> Result<Attempt, CoreError> {
+        let mut backoff = Duration::from_millis(50);
+        let mut dedup = false;
+        let mut failing = false;
+        let result = loop {
+            let fault = match self.try_once(data.clone(), rows, dedup).await {
+                Ok(n) => break Ok(Attempt::Done(n)),
+                Err(Failure::Duplicate) if !dedup => {
                     dedup = true;
                     continue;
                 }
-                Err(e) => {
-                    if e.as_db_error().is_none() || client.is_closed() {
-                        self.client = None;
-                    }
-                    if give_up() {
-                        return Err(e.into());
-                    }
-                    self.retries += 1;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err(Failure::Data { sqlstate, message }) => {
+                    break Ok(Attempt::Data(Refusal { sqlstate, message }))
                 }
+                // A unique violation even in the duplicate-tolerant insert: a concurrent writer of the same
+                // key (two processes, two writers) committed between our staging and our insert. Retry.
+                Err(Failure::Duplicate) => "unique violation during deduplication".to_owned(),
+                Err(Failure::Transient(e)) => e,
+            };
+            self.status.failing(failing, fault.clone());
+            failing = true;
+            if give_up() {
+                break Err(CoreError::Database(fault));
+            }
+            self.retries += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        if failing {
+            self.status.recovered();
+        }
+        result
+    }
+
+    async fn try_once(&mut self, data: Bytes, rows: u64, dedup: bool) -> Result<u64, Failure> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            let c = pg::connect(&self.dsn, "webmacs-ingest-writer")
+                .await
+                .map_err(|e| Failure::Transient(e.to_string()))?;
+            if self.connected_once {
+                self.reconnects += 1;
+            }
+            self.connected_once = true;
+            self.client = Some(c);
+        }
+        // Set just above when missing.
+        let client = self.client.as_mut().expect("connected above");
+        let run = async {
+            if dedup {
+                copy_dedup(client, data).await
+            } else {
+                copy(client, data, rows).await
+            }
+        };
+        match tokio::time::timeout(self.attempt_timeout, run).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => {
+                let failure = pg::classify(&e);
+                if matches!(failure, Failure::Transient(_)) {
+                    // The connection may be unusable (or its state unknown): start afresh.
+                    self.client = None;
+                }
+                Err(failure)
+            }
+            Err(_) => {
+                // No answer in time: the commit may or may not have happened. Drop the connection; the
+                // retry meets the unique key if it did, and the duplicate-tolerant insert keeps it once.
+                self.client = None;
+                Err(Failure::Transient(format!(
+                    "no answer from the database within {} s",
+                    self.attempt_timeout.as_secs_f64()
+                )))
             }
         }
     }
@@ -249,5 +350,31 @@ mod tests {
         // NULL experiment is a -1 length.
         assert_eq!(&b[41..45], &(-1i32).to_be_bytes());
         assert_eq!(&b[b.len() - 2..], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn extreme_times_saturate_instead_of_wrapping() {
+        let b = encode(&[Row {
+            time_us: i64::MIN,
+            event_id: 1,
+            experiment_id: None,
+            value: 0.0,
+        }]);
+        assert_eq!(&b[25..33], &i64::MIN.to_be_bytes());
+    }
+
+    #[test]
+    fn status_tracks_failing_writers() {
+        let s = WriterStatus::default();
+        assert_eq!(s.snapshot().0, None);
+        s.failing(false, "down".into());
+        s.failing(true, "still down".into());
+        s.failing(false, "second writer".into());
+        assert!(s.snapshot().0.is_some());
+        s.recovered();
+        assert!(s.snapshot().0.is_some(), "one writer still failing");
+        s.recovered();
+        let (since, last) = s.snapshot();
+        assert_eq!((since, last.as_deref()), (None, Some("second writer")));
     }
 }

@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,6 +24,7 @@ from webmacs.middleware import RateLimitMiddleware, RequestIdMiddleware
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
+from webmacs.server import ENGINE_STATE_KEY
 from webmacs.settings import DEV_SECRET_WARNING, Settings
 
 log = logging.getLogger("webmacs")
@@ -79,16 +80,10 @@ def database_url(settings: Settings) -> str:
 
 # Services that hook into the lifespan: each module has `install(app)` registering start/stop hooks.
 SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "webmacs.services.retention"]
-# WebSocket routers (`/ws/...`), each module exposing `router`.
-WS_MODULES = ["webmacs.ws.telemetry", "webmacs.ws.stream"]
 
 
 class _ServiceModule(Protocol):
     def install(self, app: FastAPI) -> None: ...
-
-
-class _RouterModule(Protocol):
-    router: APIRouter
 
 
 def _modules(names: list[str]) -> list[ModuleType]:
@@ -101,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         if settings.weak_secret:
             log.warning(DEV_SECRET_WARNING)
         url = await asyncio.to_thread(database_url, settings)
@@ -124,7 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             tasks.append(asyncio.create_task(_purge_blacklist(pool, settings)))
             for hook in app.state.startup_hooks:
                 await hook(app)
-            yield
+            # Lifespan state reaches uvicorn's protocols: the WebSocket hand-over finds the engine here.
+            yield {ENGINE_STATE_KEY: app.state.ingest.engine}
         finally:
             for hook in reversed(app.state.shutdown_hooks):
                 with contextlib.suppress(Exception):
@@ -149,9 +145,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
-    for module in _modules(WS_MODULES):
-        # Imported by name, so the type checker cannot see the module; the protocol states what it must have.
-        app.include_router(cast(_RouterModule, module).router)
     for module in _modules(SERVICE_MODULES):
         cast(_ServiceModule, module).install(app)
     # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).

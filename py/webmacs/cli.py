@@ -40,9 +40,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from webmacs.app import create_app, database_url
+    from webmacs.server import serve
 
     if not settings.database_url:
         # Bring the cluster up before uvicorn so its start-up (and the URL) is visible first.
@@ -50,14 +49,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.webmacs_host
     port = args.port or settings.webmacs_port
     print(f"WebMACS-TS listening on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=args.log_level,
-        ws="websockets-sansio",
-        ws_max_size=16 * 1024 * 1024,
-    )
+    serve(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
 
 

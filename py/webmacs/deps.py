@@ -12,7 +12,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs.repositories import users as users_repo
-from webmacs.security import API_TOKEN_PREFIX, decode_access_token, hash_api_token
+from webmacs.security import API_TOKEN_PREFIX, MAX_TOKEN_CHARS, hash_api_token, inspect_access_token
 from webmacs.settings import Settings
 
 ROLE_LEVEL = {"viewer": 1, "operator": 2, "admin": 3}
@@ -71,8 +71,12 @@ class User:
     role: str
     registered_on: datetime
     sso_provider: str | None
-    #: The raw bearer credential (logout blacklists it).
+    #: The raw bearer credential.
     token: str
+    #: The API token's id, or None for a JWT.
+    token_id: int | None = None
+    #: The JWT's id (what logout revokes), or None.
+    jti: str | None = None
 
     @property
     def admin(self) -> bool:
@@ -81,8 +85,13 @@ class User:
     def at_least(self, role: str) -> bool:
         return ROLE_LEVEL.get(self.role, 0) >= ROLE_LEVEL[role]
 
+    @property
+    def ingest_source(self) -> int:
+        """The sender this request counts as for the ingest queue's fair shares: its token."""
+        return (1 << 40) | self.token_id if self.token_id is not None else self.id
+
     @classmethod
-    def from_row(cls, row: dict[str, Any], token: str) -> User:
+    def from_row(cls, row: dict[str, Any], token: str, *, token_id: int | None = None, jti: str | None = None) -> User:
         return cls(
             id=row["id"],
             public_id=row["public_id"],
@@ -92,6 +101,8 @@ class User:
             registered_on=row["registered_on"],
             sso_provider=row["sso_provider"],
             token=token,
+            token_id=token_id,
+            jti=jti,
         )
 
 
@@ -116,18 +127,20 @@ async def authenticate(conn: AsyncConnection, settings: Settings, token: str) ->
         if user is None:
             raise AuthError("Token owner not found.", "User not found")
         await users_repo.touch_token(conn, token_id=row["token_id"])
-        return User.from_row(user, token)
-    claims = decode_access_token(token, key=settings.secret_key_effective, algorithm=settings.algorithm)
-    # HTTP checks the blacklist first, WebSockets decode first (spec §3.1 vs §7); both fail the same
-    # credentials, only the order of the two messages differs for a revoked *and* expired token.
-    if await users_repo.is_blacklisted(conn, token=token):
+        return User.from_row(user, token, token_id=row["token_id"])
+    claims = inspect_access_token(token, key=settings.secret_key_effective, algorithm=settings.algorithm)
+    # HTTP checks revocation before expiry (spec §3.1). Revocation is by the token's `jti`, or by its exact
+    # text for rows and tokens without one; only canonical spellings are genuine, so no other text passes.
+    if len(token) <= MAX_TOKEN_CHARS and await users_repo.is_blacklisted(
+        conn, jti=claims.jti if claims else None, token=token
+    ):
         raise AuthError("Token has been revoked.", "Token has been revoked")
-    if claims is None:
+    if claims is None or not claims.current:
         raise AuthError("Invalid or expired token.", "Invalid or expired token")
-    user = await users_repo.by_id(conn, user_id=int(claims["sub"]))
+    user = await users_repo.by_id(conn, user_id=claims.user_id)
     if user is None:
         raise AuthError("User not found.", "User not found")
-    return User.from_row(user, token)
+    return User.from_row(user, token, jti=claims.jti)
 
 
 def _bearer(request: Request) -> str:
@@ -159,6 +172,22 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     return user
 
 
+async def ingest_user(request: Request, settings: SettingsDep) -> User:
+    """An operator for the ingest routes, authenticated on a connection that goes back to the pool at once:
+    a request waiting for its datapoints to be written holds no pooled connection, so a stalled write can
+    never starve login and CRUD of connections."""
+    token = _bearer(request)
+    try:
+        async with get_pool(request).connection(timeout=10) as conn:
+            user = await authenticate(conn, settings, token)
+    except AuthError as e:
+        raise HTTPException(401, e.detail) from e
+    if not user.at_least("operator"):
+        raise HTTPException(403, "Operator privileges required.")
+    return user
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+IngestUser = Annotated[User, Depends(ingest_user)]
 OperatorUser = Annotated[User, Depends(operator_user)]
 AdminUser = Annotated[User, Depends(admin_user)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,10 +70,48 @@ def install_handlers(app: FastAPI) -> None:
 
     async def _validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        errors = [_bounded_error(e) for e in exc.errors()[:MAX_ERRORS]]
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
     app.add_exception_handler(DomainError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
+
+
+#: 422 answers list at most this many errors, and echo at most this many characters of an offending input.
+MAX_ERRORS = 100
+MAX_ECHO = 100
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple = 3, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = MAX_ECHO
+
+
+def _small(value: Any, budget: list[int], depth: int = 0) -> bool:
+    """Whether `value` is small enough to echo as it is (walks at most a few levels and items)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 3:
+        return False
+    if isinstance(value, str | bytes):
+        budget[0] -= len(value) // 8
+        return len(value) <= MAX_ECHO and budget[0] >= 0
+    if isinstance(value, dict):
+        return len(value) <= 8 and all(
+            _small(k, budget, depth + 1) and _small(v, budget, depth + 1) for k, v in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return len(value) <= 8 and all(_small(v, budget, depth + 1) for v in value)
+    return True
+
+
+def _bounded_error(error: Any) -> Any:
+    """An error entry whose `input` (and `ctx`) echo at most a short excerpt of what the client sent: a 422
+    must not hand a huge body back (and grow the server while encoding it)."""
+    if not isinstance(error, dict):
+        return error
+    out = dict(error)
+    for key in ("input", "ctx"):
+        if key in out and not _small(out[key], [64]):
+            out[key] = _REPR.repr(out[key])[: MAX_ECHO * 2]
+    return out
 
 
 def _json_safe(value: Any) -> Any:

@@ -65,13 +65,28 @@ class Settings(BaseSettings):
     webmacs_ingest_max_age_ms: int = Field(default=5, ge=0)
     webmacs_ingest_queue_capacity: int = Field(default=200_000, ge=1)
     webmacs_ingest_writers: int = Field(default=2, ge=1, le=16)
+    #: Fraction of the ingest queue one sender (a WebSocket connection, a REST token) may fill, so one flooding
+    #: controller cannot take the queue from the others.
+    webmacs_ingest_source_share: float = Field(default=0.25, gt=0, le=1)
+    #: Deadline of one write transaction of the engine; past it the connection is dropped and the batch retried.
+    webmacs_ingest_write_timeout_s: float = Field(default=30.0, gt=0)
+    #: How long a REST ingest request waits for its datapoints to be written before answering 503 (they stay
+    #: queued and may still be stored: the client was never told they were).
+    webmacs_ingest_ack_timeout_s: float = Field(default=30.0, gt=0)
+    #: How often open WebSocket sessions' credentials are checked again (logout, token deletion, role change).
+    webmacs_ws_recheck_s: float = Field(default=2.0, gt=0)
+    #: Shutdown budget: the engine writes what is queued for at most this long; what is left was never acked.
+    webmacs_shutdown_timeout_s: float = Field(default=20.0, gt=0, le=300)
+    #: `/health` reports ingest as degraded (and `/health/ready` answers 503) when an accepted datapoint has
+    #: waited longer than this to be written, or while a writer is failing.
+    webmacs_health_max_unacked_s: float = Field(default=5.0, gt=0)
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.
     webmacs_host: str = "127.0.0.1"
     webmacs_port: int = 8000
-    #: "host:port" where the Rust engine itself serves `/ws/controller/telemetry` (same protocol, no Python
-    #: per frame); empty = off. The API's own `/ws/controller/telemetry` keeps working either way.
+    #: "host:port" where the engine also accepts WebSocket connections itself (`/ws/controller/telemetry`,
+    #: `/ws/datapoints/stream`), e.g. for a reverse proxy; empty = off. The API's own port serves them anyway.
     webmacs_telemetry_listen: str = ""
     #: Command that installs an uploaded plugin wheel (the wheel path is appended; split like a shell would).
     #: Empty: `<this python> -m pip install --no-deps --no-input <wheel>`.

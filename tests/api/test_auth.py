@@ -164,10 +164,37 @@ def test_logout_revokes_the_token(client: httpx.Client, admin: dict[str, str], d
     r = client.post(LOGOUT, headers=user["headers"])
     assert r.status_code == 200
     assert r.json() == {"status": "success", "message": "Successfully logged out."}
-    assert db.execute("SELECT count(*) FROM blacklist_tokens WHERE token = %s", (user["token"],)).fetchone() == (1,)
+    # Revoked by its id; the token itself is not kept.
+    jti = jwt.decode(user["token"], options={"verify_signature": False})["jti"]
+    assert db.execute("SELECT count(*) FROM blacklist_tokens WHERE jti = %s", (jti,)).fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM blacklist_tokens WHERE token = %s", (user["token"],)).fetchone() == (0,)
     assert_unauthorized(client.get(ME, headers=user["headers"]), "Token has been revoked.")
     # Logging out again with the revoked token is itself refused.
     assert_unauthorized(client.post(LOGOUT, headers=user["headers"]), "Token has been revoked.")
+
+
+@pytest.mark.parametrize("suffix", ["=", "==", "%3D", ".", "A"])
+def test_a_respelled_revoked_token_is_not_a_new_token(client: httpx.Client, admin: dict[str, str], suffix: str) -> None:
+    """The bypass this guards against: after logout, the JWT with `=` appended decoded to the same claims and
+    was not on the blacklist (which compared strings)."""
+    user = new_user(client, admin)
+    assert client.post(LOGOUT, headers=user["headers"]).status_code == 200
+    r = client.get(ME, headers=bearer(user["token"] + suffix))
+    assert r.status_code == 401, (suffix, r.text)
+    # The last signature character carries two spare bits: flipping one respells the same bytes.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = user["token"][-1]
+    twin = alphabet[alphabet.index(last) ^ 1]
+    assert client.get(ME, headers=bearer(user["token"][:-1] + twin)).status_code == 401
+
+
+def test_tokens_from_before_revocation_by_id_stay_revoked(
+    client: httpx.Client, admin: dict[str, str], db: psycopg.Connection
+) -> None:
+    """A blacklist row holding the token text (written before the jti migration, or by WebMACS) still revokes."""
+    user = new_user(client, admin)
+    db.execute("INSERT INTO blacklist_tokens (token) VALUES (%s)", (user["token"],))
+    assert_unauthorized(client.get(ME, headers=user["headers"]), "Token has been revoked.")
 
 
 def test_logging_out_one_session_leaves_another_session_of_the_same_user(

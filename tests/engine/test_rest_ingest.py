@@ -317,4 +317,6 @@ def test_stats_count_reasons(server: Server) -> None:
         "inactive_event",
         "bad_timestamp",
         "far_future_timestamp",
+        "timestamp_too_old",
+        "database_refused",
     }

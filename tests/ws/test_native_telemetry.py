@@ -236,18 +236,18 @@ def test_non_json_or_non_object_closes(native: Server, admin_token: str, payload
         assert closed_with(ws) == (1007, "Frame is not a JSON object")
 
 
-def test_other_paths_are_not_found(native: Server) -> None:
+def test_other_paths_are_not_found(native: Server, admin_token: str) -> None:
     http_base = "http://" + native.app.state.telemetry_listen
     with httpx.Client(timeout=10) as c:
         assert c.get(http_base + "/api/v1/events").status_code == 404
         # The path without an upgrade is not a WebSocket request: 404, as Starlette answers.
         assert c.get(http_base + PATH).status_code == 404
-    with (
-        pytest.raises(InvalidStatus) as e,
-        connect(base(native) + "/ws/datapoints/stream?token=x", open_timeout=10, proxy=None),
-    ):
+    with pytest.raises(InvalidStatus) as e, connect(base(native) + "/ws/other?token=x", open_timeout=10, proxy=None):
         pass
     assert e.value.response.status_code == 404
+    # The live stream is the other route the engine serves on its own port.
+    with connect(f"{base(native)}/ws/datapoints/stream?token={admin_token}", open_timeout=10, proxy=None) as ws:
+        assert recv_json(ws)["type"] == "connected"
 
 
 def test_full_queue_pauses_reads_and_shutdown_closes_1001(

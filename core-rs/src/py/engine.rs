@@ -12,7 +12,7 @@ use crate::batch::BatchPolicy;
 use crate::engine::{self, EngineConfig, Firing};
 use crate::error::CoreError;
 use crate::frame::Reject;
-use crate::listener::Listener;
+use crate::ws::{Listener, WsConfig, WsServer};
 
 /// What happened to one submitted frame.
 #[pyclass(frozen, module = "webmacs._core")]
@@ -28,6 +28,7 @@ pub struct Receipt {
     #[pyo3(get)]
     ticket: u64,
     rejects: Vec<(usize, Reject)>,
+    outcome: Arc<crate::batch::Outcome>,
 }
 
 #[pymethods]
@@ -59,6 +60,16 @@ impl Receipt {
         self.rejects.iter().map(|(i, r)| (*i, r.code())).collect()
     }
 
+    /// Entries the database refused when they were written, as (index in the frame, SQLSTATE, message):
+    /// complete once `committed_ticket() >= ticket`. They count in `accepted`, not in `rejected`.
+    fn refused(&self) -> Vec<(u32, String, String)> {
+        self.outcome
+            .refused()
+            .into_iter()
+            .map(|(i, r)| (i, r.sqlstate.clone(), r.message.clone()))
+            .collect()
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Receipt(accepted={}, rejected={}, total={}, seq={:?}, ticket={})",
@@ -80,6 +91,7 @@ impl From<engine::Receipt> for Receipt {
             seq: r.seq,
             ticket: r.ticket,
             rejects: r.rejects,
+            outcome: r.outcome,
         }
     }
 }
@@ -102,19 +114,20 @@ fn live_tuple(p: engine::LivePoint) -> LiveTuple {
 #[pyclass(frozen, module = "webmacs._core")]
 pub struct Engine {
     inner: Arc<engine::Engine>,
-    /// The native telemetry listener, when started.
-    listener: Mutex<Option<Listener>>,
+    /// The WebSocket server, once `serve_websockets` ran, and the port it listens on itself, if any.
+    websockets: Mutex<Option<(WsServer, Option<Listener>)>>,
 }
 
 impl Engine {
-    fn stop_listener(&self) {
-        if let Some(l) = self
-            .listener
+    fn stop_websockets(&self) {
+        if let Some((server, listener)) = self
+            .websockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            l.stop();
+            drop(listener);
+            server.stop();
         }
     }
 }
@@ -123,7 +136,8 @@ impl Engine {
 impl Engine {
     #[new]
     #[pyo3(signature = (dsn, *, max_rows=20_000, max_bytes=4_194_304, max_age_ms=5, queue_capacity=200_000,
-        max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2, writers=2))]
+        max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2, writers=2, source_share=0.25,
+        write_timeout_s=30.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -136,6 +150,8 @@ impl Engine {
         reading_interval_s: f64,
         broadcast_interval_s: f64,
         writers: usize,
+        source_share: f64,
+        write_timeout_s: f64,
     ) -> PyResult<Self> {
         let secs = |s: f64| {
             Duration::try_from_secs_f64(s)
@@ -148,49 +164,112 @@ impl Engine {
         config.reading_interval = secs(reading_interval_s)?;
         config.broadcast_interval = secs(broadcast_interval_s)?;
         config.writers = writers;
+        config.source_share = source_share;
+        config.write_timeout = secs(write_timeout_s)?;
         let inner = detached(py, || engine::Engine::start(config))?;
         Ok(Engine {
             inner: Arc::new(inner),
-            listener: Mutex::new(None),
+            websockets: Mutex::new(None),
         })
     }
 
     /// Parse, validate and queue one frame (GIL released). `strict`: a malformed entry refuses the frame.
-    #[pyo3(signature = (frame, strict=false))]
-    fn submit(&self, py: Python<'_>, frame: PyBackedBytes, strict: bool) -> PyResult<Receipt> {
-        Ok(detached(py, || self.inner.submit(&frame, strict))?.into())
-    }
-
-    /// Queue decoded points `(event_public_id, value, client_time_us | None)`.
-    fn submit_points(
+    /// `source` identifies the sender (a token, a connection) for the fair shares of the queue.
+    #[pyo3(signature = (frame, strict=false, source=0))]
+    fn submit(
         &self,
         py: Python<'_>,
-        points: Vec<(String, f64, Option<i64>)>,
+        frame: PyBackedBytes,
+        strict: bool,
+        source: u64,
     ) -> PyResult<Receipt> {
-        Ok(detached(py, || self.inner.submit_points(points))?.into())
+        Ok(detached(py, || self.inner.submit(&frame, strict, source))?.into())
     }
 
-    /// Serve `/ws/controller/telemetry` natively on `address` ("host:port"; port 0 picks one), verifying JWTs
-    /// with `secret_key`/`algorithm`. Returns the bound "host:port". Replaces a running listener.
-    #[pyo3(signature = (address, *, secret_key, algorithm="HS256"))]
-    fn listen(
+    /// Serve `/ws/controller/telemetry` and `/ws/datapoints/stream` from the engine, verifying JWTs with
+    /// `secret_key`/`algorithm`: sockets handed over with `adopt_websocket`, and, when `listen` is given
+    /// ("host:port"; port 0 picks one), connections on that port. Returns the bound "host:port" or None.
+    /// Replaces a running server.
+    #[pyo3(signature = (*, secret_key, algorithm="HS256", listen=None, recheck_s=2.0, outbox=1024,
+        subscriber_queue=256, send_timeout_s=30.0, max_connections=10_000))]
+    #[allow(clippy::too_many_arguments)]
+    fn serve_websockets(
         &self,
         py: Python<'_>,
-        address: &str,
         secret_key: &str,
         algorithm: &str,
-    ) -> PyResult<String> {
-        let key = crate::auth::JwtKey::new(secret_key, algorithm)?;
-        self.stop_listener();
-        let listener = detached(py, || Listener::start(self.inner.clone(), address, key))?;
-        let bound = listener.local_addr().to_string();
-        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+        listen: Option<&str>,
+        recheck_s: f64,
+        outbox: usize,
+        subscriber_queue: usize,
+        send_timeout_s: f64,
+        max_connections: usize,
+    ) -> PyResult<Option<String>> {
+        let secs = |s: f64| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| CoreError::Config(format!("invalid interval {s}")))
+        };
+        let mut config = WsConfig::new(crate::auth::JwtKey::new(secret_key, algorithm)?);
+        config.recheck_interval = secs(recheck_s)?;
+        config.outbox = outbox;
+        config.subscriber_queue = subscriber_queue;
+        config.send_timeout = secs(send_timeout_s)?;
+        config.max_connections = max_connections;
+        self.stop_websockets();
+        let inner = self.inner.clone();
+        let (server, listener) = detached(py, || -> Result<_, CoreError> {
+            let server = WsServer::start(inner, config)?;
+            let listener = listen.map(|a| server.listen(a)).transpose()?;
+            Ok((server, listener))
+        })?;
+        let bound = listener.as_ref().map(|l| l.local_addr().to_string());
+        *self.websockets.lock().unwrap_or_else(|p| p.into_inner()) = Some((server, listener));
         Ok(bound)
     }
 
-    /// Stop the native listener (open connections are closed with 1001); no-op when not listening.
-    fn stop_listening(&self) {
-        self.stop_listener();
+    /// Take over a connected socket whose request head (`head`, the bytes up to the blank line) another
+    /// server read: the engine answers the upgrade and serves the WebSocket. `fd` is owned by the engine
+    /// from here on, also when this raises.
+    fn adopt_websocket(&self, fd: i32, head: Vec<u8>) -> PyResult<()> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        if fd < 0 {
+            return Err(CoreError::Config("invalid file descriptor".into()).into());
+        }
+        // SAFETY: the caller passes a descriptor it owns and never uses again (a dup of the socket).
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let guard = self.websockets.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((server, _)) = guard.as_ref() else {
+            return Err(CoreError::Closed.into());
+        };
+        Ok(server.adopt(socket, head)?)
+    }
+
+    /// WebSocket counters: connections, telemetry_sessions, subscribers, subscribers_dropped, sessions_ended,
+    /// refused_busy (all 0 when the server is not running).
+    fn websocket_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let guard = self.websockets.lock().unwrap_or_else(|p| p.into_inner());
+        let s = guard.as_ref().map(|(server, _)| server.stats());
+        let s = s.unwrap_or(crate::ws::WsStats {
+            connections: 0,
+            telemetry_sessions: 0,
+            subscribers: 0,
+            subscribers_dropped: 0,
+            sessions_ended: 0,
+            refused_busy: 0,
+        });
+        d.set_item("connections", s.connections)?;
+        d.set_item("telemetry_sessions", s.telemetry_sessions)?;
+        d.set_item("subscribers", s.subscribers)?;
+        d.set_item("subscribers_dropped", s.subscribers_dropped)?;
+        d.set_item("sessions_ended", s.sessions_ended)?;
+        d.set_item("refused_busy", s.refused_busy)?;
+        Ok(d)
+    }
+
+    /// Close every WebSocket with 1001 and stop serving them; no-op when not serving.
+    fn stop_websockets_now(&self) {
+        self.stop_websockets();
     }
 
     /// File descriptor that becomes readable after each commit; read and discard its bytes.
@@ -272,17 +351,6 @@ impl Engine {
             .collect()
     }
 
-    /// Datapoints for the live stream (throttled per event): (event_public_id, value, time µs, experiment_public_id).
-    fn drain_broadcast(&self, py: Python<'_>) -> Vec<LiveTuple> {
-        detached(py, || {
-            self.inner
-                .drain_live()
-                .into_iter()
-                .map(live_tuple)
-                .collect()
-        })
-    }
-
     /// Counters: accepted, written, duplicates, batches, flush latency, queue depth… and `rejected` per reason.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let snap = self.inner.stats();
@@ -298,12 +366,32 @@ impl Engine {
         Ok(d)
     }
 
+    /// The engine's state: queue_depth, oldest_unacked_s, writer_failing_s (None when writing works),
+    /// last_error, batches_in_flight, closing.
+    fn health<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let h = self.inner.health();
+        let d = PyDict::new(py);
+        d.set_item("queue_depth", h.queue_depth)?;
+        d.set_item(
+            "oldest_unacked_s",
+            h.oldest_unacked.map(|t| t.as_secs_f64()),
+        )?;
+        d.set_item(
+            "writer_failing_s",
+            h.writer_failing.map(|t| t.as_secs_f64()),
+        )?;
+        d.set_item("last_error", h.last_error)?;
+        d.set_item("batches_in_flight", h.batches_in_flight)?;
+        d.set_item("closing", h.closing)?;
+        Ok(d)
+    }
+
     /// Stop taking data, write what is queued (waiting at most `timeout_s` for the database), stop.
     /// Returns the number of rows that could not be written.
     #[pyo3(signature = (timeout_s=30.0))]
     fn close(&self, py: Python<'_>, timeout_s: f64) -> usize {
         let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::from_secs(30));
-        self.stop_listener();
+        self.stop_websockets();
         detached(py, || self.inner.close(timeout))
     }
 }

@@ -8,59 +8,101 @@ use crate::error::CoreError;
 use crate::frame::FrameError;
 
 create_exception!(
-    _core,
+    webmacs._core,
     CoreException,
     PyException,
     "Base class of every error raised by the engine."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     InvalidFrameError,
     CoreException,
     "The frame is not JSON or not a JSON object."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     FrameTooLargeError,
     CoreException,
     "The frame exceeds a limit (more than 500 datapoints, or too many bytes)."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     QueueFullError,
     CoreException,
     "The ingest queue is full; retry after the next commit."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     EngineClosedError,
     CoreException,
     "The engine was closed."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     DatabaseError,
     CoreException,
     "The engine could not reach or use the database."
 );
 create_exception!(
-    _core,
+    webmacs._core,
     ConfigError,
     CoreException,
     "An engine setting is out of range."
 );
 
+/// Build the exception and set its data attributes, so Python never parses messages.
+fn with_attrs(err: PyErr, attrs: &[(&str, Option<u64>)], code: Option<&str>) -> PyErr {
+    Python::attach(|py| {
+        let value = err.value(py);
+        for (name, v) in attrs {
+            // Setting an attribute on a fresh exception instance cannot fail short of memory exhaustion.
+            let _ = value.setattr(*name, *v);
+        }
+        if let Some(code) = code {
+            let _ = value.setattr("code", code);
+        }
+    });
+    err
+}
+
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> PyErr {
         let msg = e.to_string();
         match e {
-            CoreError::Frame(FrameError::InvalidJson(_) | FrameError::NotObject) => {
-                InvalidFrameError::new_err(msg)
+            CoreError::Frame(f @ (FrameError::InvalidJson(_) | FrameError::NotObject)) => {
+                with_attrs(InvalidFrameError::new_err(msg), &[], Some(f.code()))
             }
-            CoreError::Frame(FrameError::TooMany(_) | FrameError::TooLarge(..)) => {
-                FrameTooLargeError::new_err(msg)
+            CoreError::Frame(FrameError::TooMany(n)) => with_attrs(
+                FrameTooLargeError::new_err(msg),
+                &[
+                    ("count", Some(n as u64)),
+                    ("limit", Some(crate::frame::MAX_FRAME_DATAPOINTS as u64)),
+                ],
+                Some("too_many"),
+            ),
+            CoreError::Frame(FrameError::TooLarge(n, max)) => with_attrs(
+                FrameTooLargeError::new_err(msg),
+                &[("count", Some(n as u64)), ("limit", Some(max as u64))],
+                Some("too_large"),
+            ),
+            CoreError::QueueFull {
+                depth,
+                capacity,
+                share,
+            } => {
+                let err = with_attrs(
+                    QueueFullError::new_err(msg),
+                    &[
+                        ("depth", Some(depth as u64)),
+                        ("capacity", Some(capacity as u64)),
+                    ],
+                    None,
+                );
+                Python::attach(|py| {
+                    let _ = err.value(py).setattr("share", share);
+                });
+                err
             }
-            CoreError::QueueFull { .. } => QueueFullError::new_err(msg),
             CoreError::Closed => EngineClosedError::new_err(msg),
             CoreError::Database(_) => DatabaseError::new_err(msg),
             CoreError::Config(_) => ConfigError::new_err(msg),

@@ -45,10 +45,31 @@ fn validate_frame(py: Python<'_>, frame: PyBackedBytes) -> PyResult<ValidatedFra
     Ok((points, rejects, parsed.total))
 }
 
+/// A genuine JWT's user id, jti, exp and whether it is valid now.
+type InspectedJwt = (i64, Option<String>, f64, bool);
+
+/// Inspect a JWT: None unless it is genuine (signed with this key and algorithm, canonical base64url,
+/// well-formed claims); else (user id, jti or None, exp, valid at `now_s`: not expired, not before nbf/iat).
+#[pyfunction]
+#[pyo3(signature = (token, *, secret_key, algorithm="HS256", now_s=None))]
+fn inspect_jwt(
+    token: &str,
+    secret_key: &str,
+    algorithm: &str,
+    now_s: Option<f64>,
+) -> PyResult<Option<InspectedJwt>> {
+    let key = crate::auth::JwtKey::new(secret_key, algorithm)?;
+    let now = now_s.unwrap_or_else(|| crate::engine::unix_now_us() as f64 / 1e6);
+    Ok(key
+        .inspect(token, now)
+        .map(|(c, current)| (c.user_id, c.jti, c.exp, current)))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add_function(wrap_pyfunction!(validate_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_jwt, m)?)?;
     errors::register(m)?;
     engine::register(m)?;
     downsample::register(m)?;

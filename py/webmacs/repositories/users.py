@@ -109,15 +109,22 @@ async def first_admin(conn: AsyncConnection) -> dict[str, Any] | None:
 # --- JWT blacklist ---
 
 
-async def is_blacklisted(conn: AsyncConnection, *, token: str) -> bool:
-    cur = await conn.execute("SELECT 1 FROM blacklist_tokens WHERE token = %(t)s", {"t": token})
+async def is_blacklisted(conn: AsyncConnection, *, jti: str | None, token: str) -> bool:
+    """Revoked by its id, or (rows from before revocation by id, tokens without one) by its exact text."""
+    cur = await conn.execute(
+        "SELECT 1 FROM blacklist_tokens WHERE jti = %(j)s OR token = %(t)s LIMIT 1", {"j": jti, "t": token}
+    )
     return await cur.fetchone() is not None
 
 
-async def blacklist(conn: AsyncConnection, *, token: str) -> None:
-    await conn.execute(
-        "INSERT INTO blacklist_tokens (token) VALUES (%(t)s) ON CONFLICT (token) DO NOTHING", {"t": token}
-    )
+async def blacklist(conn: AsyncConnection, *, jti: str | None, token: str) -> None:
+    """Revoke a JWT: by its `jti` when it has one (the token text is not kept), else by its text."""
+    if jti is not None:
+        await conn.execute("INSERT INTO blacklist_tokens (jti) VALUES (%(j)s) ON CONFLICT (jti) DO NOTHING", {"j": jti})
+    else:
+        await conn.execute(
+            "INSERT INTO blacklist_tokens (token) VALUES (%(t)s) ON CONFLICT (token) DO NOTHING", {"t": token}
+        )
 
 
 async def purge_blacklist(conn: AsyncConnection, *, older_than: datetime) -> int:

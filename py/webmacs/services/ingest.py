@@ -1,8 +1,10 @@
-"""The bridge between the app and the Rust ingest engine: lifecycle, commit waits, rule firings, live stream."""
+"""The bridge between the app and the Rust ingest engine: lifecycle, commit waits with deadlines, durable
+rule side effects. WebSockets (telemetry and the live stream) are served by the engine itself."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -11,8 +13,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-import orjson
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import Engine, Receipt
@@ -58,36 +59,51 @@ def rule_log_text(f: dict[str, Any]) -> str:
     return f"Rule '{f['rule']}' triggered: {cond}"
 
 
+class CommitTimeout(Exception):
+    """A frame was not written within the deadline (the database is failing or overloaded). Its rows stay
+    queued and may still be written: the sender was never told they were stored."""
+
+    def __init__(self, waited_s: float, last_error: str | None) -> None:
+        super().__init__(f"not written within {waited_s:g} s")
+        self.waited_s = waited_s
+        self.last_error = last_error
+
+
+#: Firings waiting to be recorded at most (a long database outage with rules firing); older ones go first.
+MAX_PENDING_FIRINGS = 100_000
+
+
 class Ingest:
     """Owns the engine for one app: resolves commit waits from the engine's commit pipe (the engine never
-    calls into Python) and turns firings and live points into webhooks, log entries and stream messages."""
+    calls into Python) and turns rule firings into webhooks and log entries, retrying until recorded."""
 
-    def __init__(self, engine: Engine, pool: AsyncConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, engine: Engine, pool: AsyncConnectionPool, loop: asyncio.AbstractEventLoop, *, ack_timeout_s: float
+    ) -> None:
         self.engine = engine
         self.pool = pool
         self.loop = loop
-        self.subscribers: set[WebSocket] = set()
+        self.ack_timeout_s = ack_timeout_s
         self._fd = engine.commit_fd()
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._next_commit: list[asyncio.Future[None]] = []
         self._firings_due = asyncio.Event()
-        self._live_due = asyncio.Event()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self.firings_dropped = 0
+        self.firing_retries = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
     def start(self) -> None:
         self.loop.add_reader(self._fd, self._on_commit)
-        self._tasks = [
-            asyncio.create_task(self._firings_loop(), name="ingest-firings"),
-            asyncio.create_task(self._live_loop(), name="ingest-live"),
-        ]
+        self._tasks = [asyncio.create_task(self._firings_loop(), name="ingest-firings")]
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float) -> None:
         self._closed = True
-        self.engine.stop_listening()
+        self.engine.stop_websockets_now()
         self.loop.remove_reader(self._fd)
-        left = await asyncio.to_thread(self.engine.close, 30.0)
+        left = await asyncio.to_thread(self.engine.close, timeout_s)
         if left:
             log.error("ingest engine closed with %d unwritten rows (never acknowledged)", left)
         self._on_commit()
@@ -96,9 +112,12 @@ class Ingest:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        # Handle what the last batches produced (firings of committed data).
+        # Record what the last batches fired (firings of committed data), within the same budget.
+        self._take_firings()
         with contextlib.suppress(Exception):
-            await self._handle_firings(self.engine.drain_firings())
+            await asyncio.wait_for(self._record_pending(), timeout=min(5.0, timeout_s))
+        if self._pending:
+            log.error("%d rule firings could not be recorded before shutdown", len(self._pending))
         for _, _, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(EngineClosedError("the ingest engine closed before this data was written"))
@@ -122,20 +141,28 @@ class Ingest:
             if not fut.done():
                 fut.set_result(None)
         self._firings_due.set()
-        self._live_due.set()
 
-    async def wait_committed(self, ticket: int) -> None:
-        """Return once every row of the receipt with this ticket is committed."""
+    async def wait_committed(self, ticket: int, timeout_s: float | None = None) -> None:
+        """Return once every row of the receipt with this ticket is committed; CommitTimeout after
+        `timeout_s` (default: the configured ack timeout), EngineClosedError if the engine closes first."""
         if ticket <= self.engine.committed_ticket():
             return
         if self._closed:
             raise EngineClosedError("the ingest engine is closed")
         fut: asyncio.Future[None] = self.loop.create_future()
-        heapq.heappush(self._waiters, (ticket, next(self._order), fut))
+        entry = (ticket, next(self._order), fut)
+        heapq.heappush(self._waiters, entry)
         # The commit may have landed between the check above and registering.
         if ticket <= self.engine.committed_ticket():
             self._on_commit()
-        await fut
+        limit = self.ack_timeout_s if timeout_s is None else timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), limit)
+        except TimeoutError:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
+            raise CommitTimeout(limit, self.engine.health()["last_error"]) from None
 
     async def next_commit(self, timeout: float = 1.0) -> None:  # noqa: ASYNC109 - the bound is this wait's contract
         """Wait for the next commit (room in the queue), at most `timeout` seconds."""
@@ -144,10 +171,10 @@ class Ingest:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, timeout)
 
-    def submit(self, frame: bytes, *, strict: bool = False) -> Receipt:
+    def submit(self, frame: bytes, *, strict: bool = False, source: int = 0) -> Receipt:
         # Called on the loop thread: parsing a 500-point frame takes tens of µs with the GIL released,
         # cheaper than a hop to a worker thread.
-        return self.engine.submit(frame, strict)
+        return self.engine.submit(frame, strict, source)
 
     async def refresh_catalog(self) -> None:
         try:
@@ -162,74 +189,66 @@ class Ingest:
         await asyncio.to_thread(self.engine.reload_latest, event_public_ids)
 
     # -- firings -------------------------------------------------------------------------------------
+    def _take_firings(self) -> None:
+        self._pending.extend(self.engine.drain_firings())
+        overflow = len(self._pending) - MAX_PENDING_FIRINGS
+        if overflow > 0:
+            for _ in range(overflow):
+                self._pending.popleft()
+            self.firings_dropped += overflow
+            log.error("dropped %d unrecorded rule firings (database unavailable for long)", overflow)
+
     async def _firings_loop(self) -> None:
+        backoff = 0.1
         while True:
-            await self._firings_due.wait()
+            if not self._pending:
+                await self._firings_due.wait()
             self._firings_due.clear()
-            firings = self.engine.drain_firings()
-            if not firings:
-                continue
+            self._take_firings()
             try:
-                await self._handle_firings(firings)
-            except Exception:
-                log.exception("handling %d rule firings / sensor readings failed", len(firings))
+                await self._record_pending()
+                backoff = 0.1
+            except Exception as e:
+                # A pool timeout or a database blip: the firing stays first in line and is tried again.
+                self.firing_retries += 1
+                log.warning("recording %d rule firings failed, retrying in %.1f s: %s", len(self._pending), backoff, e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._firings_due.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
 
-    async def _handle_firings(self, firings: list[dict[str, Any]]) -> None:
-        if not firings:
+    async def _record_pending(self) -> None:
+        """Record pending firings in order, each in its own transaction: a rule's cooldown is claimed in the
+        same transaction that writes its log entry and queues its webhooks, so it is consumed only when the
+        firing is recorded. A firing leaves the queue only after its transaction committed."""
+        if not self._pending:
             return
-        async with self.pool.connection() as conn:
-            for f in firings:
-                if f["kind"] == "reading":
-                    await webhooks.enqueue(conn, event_type="sensor.reading", sensor=f["sensor"], value=f["value"])
-                    continue
-                cur = await conn.execute(CLAIM_RULE_SQL, {"id": f["rule_id"]})
-                claimed = await cur.fetchone()
-                if claimed is None:
-                    continue  # another process fired it within the cooldown, or the rule is gone
-                if f["action_type"] == "webhook":
-                    await webhooks.enqueue(
-                        conn,
-                        event_type=f["webhook_event_type"] or "sensor.threshold_exceeded",
-                        sensor=f["sensor"],
-                        value=f["value"],
-                        rule=f["rule"],
-                        operator=f["operator"],
-                        threshold=f["threshold"],
-                    )
-                log.warning("Rule triggered: %s", rule_log_text(f))
-                await logs_repo.create(
-                    conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed[0]
-                )
+        async with self.pool.connection(timeout=10) as conn:
+            while self._pending:
+                f = self._pending[0]
+                async with conn.transaction():
+                    await self._record(conn, f)
+                self._pending.popleft()
 
-    # -- live stream ---------------------------------------------------------------------------------
-    async def _live_loop(self) -> None:
-        while True:
-            await self._live_due.wait()
-            self._live_due.clear()
-            points = self.engine.drain_broadcast()
-            if not points or not self.subscribers:
-                continue
-            message = orjson.dumps(
-                {
-                    "type": "datapoints_batch",
-                    "datapoints": [
-                        {
-                            "value": v,
-                            "event_public_id": e,
-                            "timestamp": time_of(us).isoformat(),
-                            "experiment_public_id": x,
-                        }
-                        for e, v, us, x in points
-                    ],
-                }
-            ).decode()
-            await asyncio.gather(*(self._send(ws, message) for ws in list(self.subscribers)))
-
-    async def _send(self, ws: WebSocket, message: str) -> None:
-        try:
-            await ws.send_text(message)
-        except Exception:
-            self.subscribers.discard(ws)
+    async def _record(self, conn: Any, f: dict[str, Any]) -> None:
+        if f["kind"] == "reading":
+            await webhooks.enqueue(conn, event_type="sensor.reading", sensor=f["sensor"], value=f["value"])
+            return
+        cur = await conn.execute(CLAIM_RULE_SQL, {"id": f["rule_id"]})
+        claimed = await cur.fetchone()
+        if claimed is None:
+            return  # another process fired it within the cooldown, or the rule is gone
+        if f["action_type"] == "webhook":
+            await webhooks.enqueue(
+                conn,
+                event_type=f["webhook_event_type"] or "sensor.threshold_exceeded",
+                sensor=f["sensor"],
+                value=f["value"],
+                rule=f["rule"],
+                operator=f["operator"],
+                threshold=f["threshold"],
+            )
+        log.warning("Rule triggered: %s", rule_log_text(f))
+        await logs_repo.create(conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed[0])
 
 
 def engine_of(app: FastAPI) -> Ingest:
@@ -247,23 +266,30 @@ def install(app: FastAPI) -> None:
             "max_age_ms": settings.webmacs_ingest_max_age_ms,
             "queue_capacity": settings.webmacs_ingest_queue_capacity,
             "writers": settings.webmacs_ingest_writers,
+            "source_share": settings.webmacs_ingest_source_share,
+            "write_timeout_s": settings.webmacs_ingest_write_timeout_s,
         }
         options.update(getattr(app.state, "ingest_options", {}))
+        ws_options: dict[str, Any] = {"recheck_s": settings.webmacs_ws_recheck_s}
+        ws_options.update(getattr(app.state, "ws_options", {}))
         engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
-        if settings.webmacs_telemetry_listen:
-            try:
-                bound = await asyncio.to_thread(
-                    engine.listen,
-                    settings.webmacs_telemetry_listen,
-                    secret_key=settings.secret_key_effective,
-                    algorithm=settings.algorithm,
-                )
-            except Exception:
-                await asyncio.to_thread(engine.close, 5.0)
-                raise
-            log.info("native telemetry listener on ws://%s/ws/controller/telemetry", bound)
+        try:
+            bound = await asyncio.to_thread(
+                engine.serve_websockets,
+                secret_key=settings.secret_key_effective,
+                algorithm=settings.algorithm,
+                listen=settings.webmacs_telemetry_listen or None,
+                **ws_options,
+            )
+        except Exception:
+            await asyncio.to_thread(engine.close, 5.0)
+            raise
+        if bound:
+            log.info("engine WebSocket listener on ws://%s (also served on the API's port)", bound)
             app.state.telemetry_listen = bound
-        ingest = Ingest(engine, app.state.pool, asyncio.get_running_loop())
+        ingest = Ingest(
+            engine, app.state.pool, asyncio.get_running_loop(), ack_timeout_s=settings.webmacs_ingest_ack_timeout_s
+        )
         ingest.start()
         app.state.ingest = ingest
         app.state.catalog_refresh = ingest.refresh_catalog
@@ -271,7 +297,7 @@ def install(app: FastAPI) -> None:
     async def stop(app: FastAPI) -> None:
         ingest: Ingest | None = getattr(app.state, "ingest", None)
         if ingest is not None:
-            await ingest.close()
+            await ingest.close(app.state.settings.webmacs_shutdown_timeout_s)
 
     app.state.startup_hooks.append(start)
     app.state.shutdown_hooks.append(stop)

@@ -61,8 +61,8 @@ def _dummy_hash(rounds: int) -> str:
 
 @router.post("/logout", response_model=Status)
 async def logout(user: CurrentUser, conn: Conn) -> Status:
-    if not user.token.startswith("wm_"):
-        await users_repo.blacklist(conn, token=user.token)
+    if user.token_id is None:  # API tokens are not subject to logout (spec §3.5)
+        await users_repo.blacklist(conn, jti=user.jti, token=user.token)
     return Status.ok("Successfully logged out.")
 
 

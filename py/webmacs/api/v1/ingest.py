@@ -1,4 +1,9 @@
-"""Datapoint ingest over REST (spec §4.2, §6): single and batch create through the engine, latest values."""
+"""Datapoint ingest over REST (spec §4.2, §6): single and batch create through the engine, latest values.
+
+Both creates hand the body's bytes to the engine, which parses and validates them (the same function for every
+protocol). The request then waits, holding no pooled connection, until its rows are written: 201 after the
+commit, 503 when the database does not take them within `WEBMACS_INGEST_ACK_TIMEOUT_S`.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,20 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from webmacs.deps import CurrentUser, OperatorUser
+from webmacs._core import Receipt
+from webmacs.deps import CurrentUser, IngestUser
 from webmacs.errors import Conflict, NotFound, TooLarge, Unavailable
-from webmacs.exceptions import FrameTooLargeError, InvalidFrameError, QueueFullError
+from webmacs.exceptions import EngineClosedError, FrameTooLargeError, InvalidFrameError, QueueFullError
 from webmacs.pagination import Status
 from webmacs.repositories.datapoints import datapoint_public_id
-from webmacs.services.ingest import engine_of, time_of
+from webmacs.services.ingest import CommitTimeout, Ingest, engine_of, time_of
 
 router = APIRouter(prefix="/datapoints", tags=["datapoints"])
 
 MAX_BATCH = 500
 RETRY_AFTER_S = 1
 QUEUE_FULL = "Ingest queue is full; retry later."
+QUEUE_SHARE_FULL = "Ingest queue is full for this sender; retry later."
 
 
 class DatapointCreate(BaseModel):
@@ -29,8 +36,12 @@ class DatapointCreate(BaseModel):
 
     value: float
     event_public_id: str
-    timestamp: datetime | float | None = Field(
-        default=None, description="Optional client time: RFC 3339, or epoch milliseconds. Server time otherwise."
+    # Any JSON value: the engine parses and range-checks it (1970-01-01 .. now + 5 min), as on every path.
+    timestamp: Any = Field(
+        default=None,
+        description="Optional client time: RFC 3339, or epoch milliseconds (1970-01-01 to now + 5 min). "
+        "Server time otherwise.",
+        json_schema_extra={"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}, {"type": "null"}]},
     )
 
 
@@ -55,42 +66,81 @@ _REASON_ERRORS: dict[str, tuple[str | None, str, str]] = {
     "missing_event": ("event_public_id", "missing", "Field required"),
     "bad_timestamp": ("timestamp", "datetime_parsing", "Input should be a valid datetime (RFC 3339 or epoch ms)"),
     "far_future_timestamp": ("timestamp", "datetime_future", "Timestamp is more than 5 minutes in the future"),
+    "timestamp_too_old": ("timestamp", "datetime_past", "Timestamp is before 1970-01-01T00:00:00Z"),
 }
 
 
-def _validation_error(errors: list[dict[str, Any]]) -> RequestValidationError:
-    return RequestValidationError(errors)
+def _submit(ingest: Ingest, frame: bytes, source: int) -> Receipt:
+    try:
+        return ingest.submit(frame, strict=True, source=source)
+    except QueueFullError as e:
+        raise Unavailable(QUEUE_SHARE_FULL if e.share else QUEUE_FULL, retry_after=RETRY_AFTER_S) from e
+    except EngineClosedError as e:
+        raise Unavailable("Server is shutting down; retry later.", retry_after=RETRY_AFTER_S) from e
+
+
+def _fault(last_error: str | None) -> str:
+    """What to tell a client about a write that did not happen in time (no internals beyond the kind of fault)."""
+    text = (last_error or "").lower()
+    if "53100" in text or "no space left" in text or "disk full" in text:
+        return "the database is out of disk space"
+    if "no answer" in text or "timed out" in text:
+        return "the database is not answering"
+    if last_error:
+        return "the database is unavailable"
+    return "the database is overloaded"
+
+
+async def _written(ingest: Ingest, receipt: Receipt) -> list[tuple[int, str, str]]:
+    """Wait for the receipt's rows to be written; returns the entries the database refused."""
+    try:
+        await ingest.wait_committed(receipt.ticket)
+    except CommitTimeout as e:
+        raise Unavailable(
+            f"Datapoints not written within {e.waited_s:g} s: {_fault(e.last_error)}. They stay queued and may "
+            "still be stored; resend with client timestamps to avoid duplicates.",
+            retry_after=5,
+        ) from e
+    except EngineClosedError as e:
+        raise Unavailable("Server shut down before the datapoints were written; retry.", retry_after=5) from e
+    return receipt.refused()
+
+
+def _refusal_errors(refused: list[tuple[int, str, str]], loc: list[str | int]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "database_refused",
+            "loc": [*loc, index] if len(loc) > 1 else loc,
+            "msg": f"The database refused the datapoint: {message}",
+            "input": None,
+            "ctx": {"sqlstate": sqlstate},
+        }
+        for index, sqlstate, message in refused
+    ]
 
 
 @router.post("", status_code=201, response_model=Status)
-async def create_datapoint(body: DatapointCreate, _: OperatorUser, request: Request) -> Status:
+async def create_datapoint(body: DatapointCreate, user: IngestUser, request: Request) -> Status:
     ingest = engine_of(request.app)
-    time_us = _client_time_us(body.timestamp)
-    try:
-        receipt = ingest.engine.submit_points([(body.event_public_id, body.value, time_us)])
-    except QueueFullError as e:
-        raise Unavailable(QUEUE_FULL, retry_after=RETRY_AFTER_S) from e
+    # The body was valid JSON holding one object (FastAPI parsed it): as the one entry of a frame, the engine
+    # validates it exactly as it validates every other datapoint.
+    raw = await request.body()
+    receipt = _submit(ingest, b'{"datapoints":[' + raw + b"]}", user.ingest_source)
     if receipt.accepted == 0:
         reasons = receipt.reasons
         if "unknown_event" in reasons:
             raise NotFound("Event not found.")
         if "inactive_event" in reasons:
             raise Conflict("Event is not linked to an enabled plugin instance.")
-        reason = next(iter(reasons))
-        field, typ, msg = _REASON_ERRORS[reason]
-        raise _validation_error([{"type": typ, "loc": ["body", field], "msg": msg, "input": body.timestamp}])
-    await ingest.wait_committed(receipt.ticket)
+        reason = next(iter(reasons), "invalid_value")
+        field, typ, msg = _REASON_ERRORS.get(reason, (None, reason, reason))
+        raise RequestValidationError(
+            [{"type": typ, "loc": ["body", field] if field else ["body"], "msg": msg, "input": body.timestamp}]
+        )
+    refused = await _written(ingest, receipt)
+    if refused:
+        raise RequestValidationError(_refusal_errors(refused, ["body"]))
     return Status.ok("1 datapoint successfully created.")
-
-
-def _client_time_us(ts: datetime | float | None) -> int | None:
-    if ts is None:
-        return None
-    if isinstance(ts, datetime):
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=time_of(0).tzinfo)
-        return round((ts - time_of(0)).total_seconds() * 1_000_000)
-    return round(ts * 1000)
 
 
 def _batch_schema() -> dict[str, Any]:
@@ -101,57 +151,65 @@ def _batch_schema() -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-@router.post("/batch", status_code=201, response_model=Status, openapi_extra=_batch_schema())
-async def create_batch(request: Request, _: OperatorUser) -> Status:
+class BatchStatus(Status):
+    #: Entries the database refused when they were written (only present when some were).
+    rejected: int | None = None
+
+
+@router.post(
+    "/batch",
+    status_code=201,
+    response_model=BatchStatus,
+    response_model_exclude_none=True,
+    openapi_extra=_batch_schema(),
+)
+async def create_batch(request: Request, user: IngestUser) -> BatchStatus:
     """Up to 500 datapoints in one transaction. Unknown events and events not linked to an enabled plugin
-    instance are dropped silently (spec §4.2); a malformed entry fails the request (422)."""
+    instance are dropped silently (spec §4.2); a malformed entry fails the request (422). Entries the database
+    refuses when they are written are counted in `rejected`; the others are stored."""
     ingest = engine_of(request.app)
     body = await request.body()
     try:
-        receipt = ingest.submit(body, strict=True)
+        receipt = _submit(ingest, body, user.ingest_source)
     except InvalidFrameError as e:
-        if "not a JSON object" in str(e):
-            raise _validation_error(
+        if e.code == "not_object":
+            raise RequestValidationError(
                 [
                     {
                         "type": "model_attributes_type",
                         "loc": ["body"],
                         "msg": "Input should be a valid dictionary or object to extract fields from",
-                        "input": body.decode("utf-8", "replace")[:200],
+                        "input": body[:200].decode("utf-8", "replace"),
                     }
                 ]
             ) from e
-        raise _validation_error(
+        raise RequestValidationError(
             [
                 {
                     "type": "json_invalid",
                     "loc": ["body", 0],
                     "msg": "JSON decode error",
                     "input": {},
-                    "ctx": {"error": str(e)},
+                    "ctx": {"error": str(e)[:200]},
                 }
             ]
         ) from e
     except FrameTooLargeError as e:
-        message = str(e)
-        if message.startswith("Batch too large"):
-            n = int(message.split("(", 1)[1].split(")", 1)[0])
-            raise _validation_error(
+        if e.code == "too_many":
+            raise RequestValidationError(
                 [
                     {
                         "type": "too_long",
                         "loc": ["body", "datapoints"],
-                        "msg": f"List should have at most {MAX_BATCH} items after validation, not {n}",
+                        "msg": f"List should have at most {MAX_BATCH} items after validation, not {e.count}",
                         "input": None,
-                        "ctx": {"field_type": "List", "max_length": MAX_BATCH, "actual_length": n},
+                        "ctx": {"field_type": "List", "max_length": MAX_BATCH, "actual_length": e.count},
                     }
                 ]
             ) from e
         raise TooLarge("Request body too large.") from e
-    except QueueFullError as e:
-        raise Unavailable(QUEUE_FULL, retry_after=RETRY_AFTER_S) from e
     if not receipt.has_datapoints:
-        raise _validation_error(
+        raise RequestValidationError(
             [{"type": "missing", "loc": ["body", "datapoints"], "msg": "Field required", "input": None}]
         )
     errors = []
@@ -164,9 +222,13 @@ async def create_batch(request: Request, _: OperatorUser) -> Status:
             loc.append(field)
         errors.append({"type": typ, "loc": loc, "msg": msg, "input": None})
     if errors:
-        raise _validation_error(errors)
-    await ingest.wait_committed(receipt.ticket)
-    return Status.ok(f"{receipt.accepted} datapoints successfully created.")
+        raise RequestValidationError(errors)
+    refused = await _written(ingest, receipt)
+    # Never a 4xx once other rows are stored: the refused ones are counted instead.
+    stored = receipt.accepted - len(refused)
+    return BatchStatus(
+        status="success", message=f"{stored} datapoints successfully created.", rejected=len(refused) or None
+    )
 
 
 @router.get("/latest", response_model=list[LatestDatapoint])

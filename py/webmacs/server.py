@@ -1,0 +1,95 @@
+"""Serving the app: uvicorn for HTTP, the Rust engine for WebSockets on the same port.
+
+uvicorn owns the listening socket and parses every request head. When a request is a WebSocket upgrade,
+uvicorn hands the connection to its "ws protocol" class with the head it read; ours passes the socket and
+that head to the engine (`Engine.adopt_websocket`), which answers the upgrade and serves every frame after it
+in Rust. HTTP requests never leave uvicorn; WebSocket frames never reach Python. Several worker processes
+share the port the way uvicorn's workers always do (one listening socket, the kernel spreads accepted
+connections), and each worker's engine serves the sockets its uvicorn accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any, cast
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger("webmacs.server")
+
+#: The key under which the lifespan publishes the engine to uvicorn's protocols (ASGI lifespan state).
+ENGINE_STATE_KEY = "webmacs.engine"
+
+_UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 20\r\n"
+    b"connection: close\r\n\r\nService Unavailable\n"
+)
+
+
+class WebSocketHandoff(asyncio.Protocol):
+    """uvicorn's `ws` protocol class: gives the upgraded connection to the engine's WebSocket server."""
+
+    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any], _loop: Any = None) -> None:
+        self.app_state = app_state
+        self.transport: asyncio.Transport | None = None
+        self.handed_over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn serves streams (asyncio's or uvloop's TCP transport, which does not subclass asyncio's).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        # The first call carries the request head uvicorn rebuilt; nothing else arrives before we let go.
+        transport = self.transport
+        if self.handed_over or transport is None:
+            return
+        self.handed_over = True
+        transport.pause_reading()
+        engine = self.app_state.get(ENGINE_STATE_KEY)
+        sock = transport.get_extra_info("socket")
+        if engine is None or sock is None:
+            transport.write(_UNAVAILABLE)
+            transport.close()
+            return
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            log.warning("cannot hand a WebSocket connection over (out of file descriptors?)")
+            transport.abort()
+            return
+        try:
+            # From here the engine owns `fd` (also when this raises).
+            engine.adopt_websocket(fd, data)
+        except Exception:
+            log.warning("the engine refused a WebSocket connection", exc_info=True)
+        # Our descriptor closes; the engine's duplicate keeps the connection open (close() of one descriptor
+        # of a socket neither sends FIN nor RST while another refers to it).
+        transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str = "info", **kwargs: Any) -> uvicorn.Config:
+    """The uvicorn configuration every way of serving the app uses (CLI, tests, benchmarks)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        ws=WebSocketHandoff,
+        lifespan="on",
+        # Open connections (a long REST ingest wait, an export) get this long to finish on shutdown.
+        timeout_graceful_shutdown=10,
+        **kwargs,
+    )
+
+
+def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info") -> None:
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()

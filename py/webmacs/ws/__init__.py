@@ -1,1 +1,0 @@
-"""WebSocket endpoints (spec §7) and the authentication they share."""
