@@ -20,12 +20,14 @@ from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
 from webmacs.errors import install_handlers
-from webmacs.middleware import RateLimitMiddleware, RequestIdMiddleware
+from webmacs.middleware import BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware, TrustedProxies
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
 from webmacs.server import ENGINE_STATE_KEY
-from webmacs.settings import DEV_SECRET_WARNING, Settings
+from webmacs.services.export import ExportSlots
+from webmacs.services.plugins import MAX_WHEEL_BYTES
+from webmacs.settings import DEFAULT_ADMIN_PASSWORD, DEV_SECRET_WARNING, Settings
 
 log = logging.getLogger("webmacs")
 
@@ -35,6 +37,11 @@ async def _seed(pool: AsyncConnectionPool, settings: Settings) -> None:
     async with pool.connection() as conn:
         await conn.execute("SELECT pg_advisory_xact_lock(7765626)")  # one seeder among concurrent processes
         if await users_repo.count(conn) == 0:
+            if settings.env == "production" and settings.initial_admin_password == DEFAULT_ADMIN_PASSWORD:
+                raise RuntimeError(
+                    "ENV=production: refusing to create the initial admin with the default password; "
+                    "set INITIAL_ADMIN_PASSWORD"
+                )
             ph = await asyncio.to_thread(hash_password, settings.initial_admin_password, settings.webmacs_bcrypt_rounds)
             await users_repo.create(
                 conn,
@@ -61,6 +68,7 @@ async def _purge_blacklist(pool: AsyncConnectionPool, settings: Settings) -> Non
             async with pool.connection() as conn:
                 cutoff = datetime.now(UTC) - timedelta(minutes=settings.access_token_expire_minutes)
                 await users_repo.purge_blacklist(conn, older_than=cutoff)
+                await users_repo.purge_login_failures(conn, older_than_s=settings.webmacs_login_window_s)
         except Exception:
             log.exception("blacklist purge failed")
 
@@ -75,7 +83,8 @@ def database_url(settings: Settings) -> str:
         return settings.database_url
     from webmacs.db.cluster import Cluster
 
-    return Cluster(settings.webmacs_home, settings.webmacs_db_port).up()
+    # In production the local cluster requires a password (no `trust` for every local user).
+    return Cluster(settings.webmacs_home, settings.webmacs_db_port, secure=settings.env == "production").up()
 
 
 # Services that hook into the lifespan: each module has `install(app)` registering start/stop hooks.
@@ -147,8 +156,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router())
     for module in _modules(SERVICE_MODULES):
         cast(_ServiceModule, module).install(app)
-    # Outermost first per spec §15: Request-ID → CORS → rate limit → app (add_middleware prepends).
-    app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute)
+    app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
+    app.state.export_slots = ExportSlots(settings.webmacs_export_concurrency)
+    # Outermost first per spec §15: Request-ID → CORS → rate limit → body limit → app (add_middleware prepends).
+    app.add_middleware(
+        BodyLimitMiddleware,
+        anonymous=settings.webmacs_body_limit_anonymous,
+        default=settings.webmacs_body_limit_default,
+        ingest=settings.webmacs_ingest_max_frame_bytes,
+        # Uploads check their own caps (with their own messages); this is the backstop, multipart framing included.
+        uploads={
+            "/api/v1/ota/upload": settings.webmacs_ota_max_bundle_bytes + (1 << 20),
+            "/api/v1/plugins/packages/upload": MAX_WHEEL_BYTES + (1 << 20),
+        },
+    )
+    app.add_middleware(
+        RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute, proxies=app.state.trusted_proxies
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def _cluster(settings: Settings) -> Cluster:
     from webmacs.db.cluster import Cluster
 
-    return Cluster(settings.webmacs_home, settings.webmacs_db_port)
+    return Cluster(settings.webmacs_home, settings.webmacs_db_port, secure=settings.env == "production")
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             tz=args.tz,
             chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,
             progress=progress,
+            guard=settings.webmacs_csv_formula_guard,
         )
         if args.output == "-":
             for piece in body:

@@ -53,13 +53,19 @@ class TooLarge(DomainError):
 
 
 class Unavailable(DomainError):
-    """The ingest queue is full; the client should retry after `retry_after` seconds."""
+    """Not now (a full queue, a stalled write, too many exports): retry after `retry_after` seconds."""
 
     status_code = 503
 
     def __init__(self, detail: str, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class TooManyRequests(Unavailable):
+    """Throttled (failed logins): retry after `retry_after` seconds."""
+
+    status_code = 429
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -1,12 +1,16 @@
-"""Pure-ASGI middleware of spec §15: X-Request-ID on every HTTP response, and the per-client rate limit."""
+"""Pure-ASGI middleware: X-Request-ID on every HTTP response and the per-client rate limit (spec §15), the
+request-body limit, and who the client is (`X-Forwarded-For` only from trusted proxies)."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from collections import deque
 
 import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -37,29 +41,57 @@ _EXEMPT_PATHS = ("/ws", "/health", "/api/v1/ota")
 _TOO_MANY = orjson.dumps({"detail": "Too many requests. Please try again later."})
 
 
-class RateLimitMiddleware:
-    """Sliding 60 s window of accepted requests per client key (spec §15.3), in memory, per process."""
+class TrustedProxies:
+    """Which peers may say who the client is. The spec's key (first `X-Forwarded-For` entry, else `X-Real-IP`)
+    is honoured only when the TCP peer is one of these networks; anyone else could name any address (and pick
+    the rate-limit exemption of private addresses, or dodge the failed-login throttle)."""
 
-    def __init__(self, app: ASGIApp, limit_per_minute: int) -> None:
-        self.app = app
-        self.limit = limit_per_minute
-        self.window = 60.0
-        self.hits: dict[str, deque[float]] = {}
-        self._last_prune = time.monotonic()
+    def __init__(self, networks: list[str]) -> None:
+        self.networks = [ipaddress.ip_network(n.strip(), strict=False) for n in networks if n.strip()]
 
-    @staticmethod
-    def client_key(scope: Scope) -> str:
+    def trusts(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in n for n in self.networks)
+
+    def client(self, scope: Scope) -> str:
+        peer: tuple[str, int] | None = scope.get("client")
+        peer_host = peer[0] if peer else "unknown"
+        if not self.trusts(peer_host):
+            return peer_host
         headers: dict[bytes, bytes] = {k.lower(): v for k, v in scope.get("headers", [])}
         xff = headers.get(b"x-forwarded-for")
         if xff:
             first = xff.decode("latin-1").split(",")[0].strip()
             if first:
-                return first
+                return first[:64]
         real = headers.get(b"x-real-ip")
         if real:
-            return real.decode("latin-1").strip()
-        client: tuple[str, int] | None = scope.get("client")
-        return client[0] if client else "unknown"
+            return real.decode("latin-1").strip()[:64] or peer_host
+        return peer_host
+
+
+def client_address(request: Request) -> str:
+    """The client's address as the rate limit and the login throttle see it."""
+    proxies: TrustedProxies = request.app.state.trusted_proxies
+    return proxies.client(request.scope)
+
+
+class RateLimitMiddleware:
+    """Sliding 60 s window of accepted requests per client key (spec §15.3), in memory, per process."""
+
+    def __init__(self, app: ASGIApp, limit_per_minute: int, proxies: TrustedProxies) -> None:
+        self.app = app
+        self.limit = limit_per_minute
+        self.window = 60.0
+        self.hits: dict[str, deque[float]] = {}
+        self.proxies = proxies
+        self._last_prune = time.monotonic()
+
+    def client_key(self, scope: Scope) -> str:
+        return self.proxies.client(scope)
 
     def exempt(self, scope: Scope, key: str) -> bool:
         path: str = scope["path"]
@@ -106,3 +138,102 @@ class RateLimitMiddleware:
             return
         q.append(now)
         await self.app(scope, receive, send)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` when a body passes its limit: FastAPI lets HTTPExceptions through its own body
+    parsing (anything else it would turn into a 400), so the client gets the 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "Request body too large.")
+
+
+_TOO_LARGE = orjson.dumps({"detail": "Request body too large."})
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over a limit while reading them, before parsing and before authentication (413).
+
+    The limit depends on who asks for what: requests without credentials get `anonymous` bytes (a login body
+    has no business being larger), ingest routes the engine's frame cap, uploads their own caps, everything else
+    `default`. A declared Content-Length over the limit is refused before a byte is read; a chunked body is cut
+    off as soon as it passes the limit."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        anonymous: int,
+        default: int,
+        ingest: int,
+        uploads: dict[str, int],
+    ) -> None:
+        self.app = app
+        self.anonymous = anonymous
+        self.default = default
+        self.ingest = ingest
+        self.uploads = uploads
+
+    def limit(self, scope: Scope) -> int:
+        path: str = scope["path"]
+        for prefix, cap in self.uploads.items():
+            if path.startswith(prefix):
+                return cap
+        if not any(k.lower() == b"authorization" for k, _ in scope.get("headers", [])):
+            return self.anonymous
+        if path.startswith(("/api/v1/datapoints", "/api/v2/write", "/write")):
+            return self.ingest
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope)
+        declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), None)
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                too_large = False  # h11/httptools refuse a malformed Content-Length before we are called
+            if too_large:
+                await _send_json(send, 413, _TOO_LARGE)
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, _TOO_LARGE)
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

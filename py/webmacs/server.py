@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from typing import Any, cast
 
 import uvicorn
@@ -74,9 +75,37 @@ class WebSocketHandoff(asyncio.Protocol):
         self.transport = None
 
 
+#: Query parameters whose values are credentials or one-time secrets (WebSocket tokens, SSO codes and state).
+_SECRET_PARAMS = re.compile(r"([?&](?:token|access_token|code|state|password|secret)=)[^&\s\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """The text with secret query-parameter values replaced by `[redacted]`."""
+    return _SECRET_PARAMS.sub(r"\1[redacted]", text)
+
+
+class RedactSecrets(logging.Filter):
+    """Keeps tokens and SSO codes out of the logs: uvicorn's access log prints every request's full path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) for a in record.args):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str) and "=" in record.msg:
+            record.msg = redact(record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach the redaction to the loggers that print request targets (idempotent)."""
+    for name in ("uvicorn.access", "uvicorn.error", "webmacs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
+            logger.addFilter(RedactSecrets())
+
+
 def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str = "info", **kwargs: Any) -> uvicorn.Config:
     """The uvicorn configuration every way of serving the app uses (CLI, tests, benchmarks)."""
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -85,8 +114,14 @@ def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str = "info
         lifespan="on",
         # Open connections (a long REST ingest wait, an export) get this long to finish on shutdown.
         timeout_graceful_shutdown=10,
+        # uvicorn would rewrite the client address from X-Forwarded-For (its last entry); the app decides who
+        # the client is itself (spec §15.3's first entry, only from WEBMACS_TRUSTED_PROXIES).
+        proxy_headers=False,
         **kwargs,
     )
+    # uvicorn configured its loggers just now (Config.__init__): filter what they print from here on.
+    install_log_redaction()
+    return config
 
 
 def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info") -> None:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: The spec's default initial admin password: fine for a laptop, refused in production (see app._seed).
+DEFAULT_ADMIN_PASSWORD = "admin123"  # noqa: S105 - the documented development default, refused in production
 DEV_SECRET_WARNING = "SECRET_KEY is empty or shorter than 32 characters; acceptable only in development."  # noqa: S105 - a message
 
 
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
     env: str = "development"
     initial_admin_email: str = "admin@webmacs.io"
     initial_admin_username: str = "admin"
-    initial_admin_password: str = "admin123"  # noqa: S105 - WebMACS's documented first-run admin (README)
+    initial_admin_password: str = DEFAULT_ADMIN_PASSWORD
     rate_limit_per_minute: int = Field(default=300, ge=1)
     github_repo: str = "stefanposs/webmacs"
     webmacs_update_dir: Path = Path("/updates")
@@ -80,6 +82,24 @@ class Settings(BaseSettings):
     #: `/health` reports ingest as degraded (and `/health/ready` answers 503) when an accepted datapoint has
     #: waited longer than this to be written, or while a writer is failing.
     webmacs_health_max_unacked_s: float = Field(default=5.0, gt=0)
+    #: Largest ingest frame (a WebSocket message's JSON, a REST ingest body) the engine parses.
+    webmacs_ingest_max_frame_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Request-body limits, enforced while reading, before parsing and authentication (413 beyond): requests
+    #: without credentials, and any other JSON request (ingest routes use the frame cap; uploads their own).
+    webmacs_body_limit_anonymous: int = Field(default=1024 * 1024, ge=1024)
+    webmacs_body_limit_default: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Peers (addresses or networks) whose `X-Forwarded-For` / `X-Real-IP` name the client (rate limit, login
+    #: throttle). Anyone else is identified by the TCP peer address. Default: a reverse proxy on this host.
+    webmacs_trusted_proxies: Annotated[list[str], NoDecode] = ["127.0.0.1/32", "::1/128"]
+    #: Failed logins allowed per account, and per client address, in `webmacs_login_window_s`; more answer 429.
+    webmacs_login_max_failures_account: int = Field(default=10, ge=1)
+    webmacs_login_max_failures_peer: int = Field(default=50, ge=1)
+    webmacs_login_window_s: int = Field(default=900, ge=1)
+    #: Exports (CSV/Parquet, experiment CSV) running at once; more answer 503. Each holds its own connections.
+    webmacs_export_concurrency: int = Field(default=4, ge=1)
+    #: Text cells of CSV exports (names, units) that a spreadsheet would run as a formula (`= + - @` first) get a
+    #: leading `'`. False: byte-exact WebMACS CSV (spec §13).
+    webmacs_csv_formula_guard: bool = True
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.
@@ -127,7 +147,13 @@ class Settings(BaseSettings):
     #: Compress chunks older than this many days (Timescale-License edition only); unset disables it.
     webmacs_compress_after_days: int | None = Field(default=None, ge=1)
 
-    @field_validator("cors_origins", "webmacs_webhook_allow_hosts", "webmacs_webhook_retry_delays_s", mode="before")
+    @field_validator(
+        "cors_origins",
+        "webmacs_webhook_allow_hosts",
+        "webmacs_webhook_retry_delays_s",
+        "webmacs_trusted_proxies",
+        mode="before",
+    )
     @classmethod
     def _parse_list(cls, v: Any) -> Any:
         """List settings from the environment: a JSON list (as WebMACS's CORS_ORIGINS) or comma separated."""
@@ -136,6 +162,15 @@ class Settings(BaseSettings):
             if v.startswith("["):
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("webmacs_trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for n in v:
+            ipaddress.ip_network(n.strip(), strict=False)  # raises ValueError: a clear start-up error
         return v
 
     @field_validator("webmacs_webhook_retry_delays_s")

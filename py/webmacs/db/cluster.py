@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 PROVISION_SCRIPT = Path(__file__).with_name("provision-timescaledb.sh")
 DB_NAME = "webmacs"
@@ -84,6 +86,24 @@ def _postgres_can_reach(path: Path) -> bool:
 class Cluster:
     home: Path
     port: int
+    #: Password authentication (SCRAM) instead of `trust`: for production, where other local users exist. The
+    #: password is generated once and kept in `<home>/db-password` (mode 0600); it appears in `url()`.
+    secure: bool = False
+
+    @property
+    def password_file(self) -> Path:
+        return self.home / "db-password"
+
+    def password(self) -> str | None:
+        """The cluster's password (created on first use) when secure, else None."""
+        if not self.secure:
+            return None
+        if not self.password_file.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(secrets.token_urlsafe(32))
+        return self.password_file.read_text(encoding="utf-8").strip()
 
     @property
     def data_dir(self) -> Path:
@@ -99,8 +119,10 @@ class Cluster:
     def log_file(self) -> Path:
         return self.data_dir / "server.log"
 
-    def url(self) -> str:
-        return f"postgresql://{DB_USER}@127.0.0.1:{self.port}/{DB_NAME}"
+    def url(self, database: str = DB_NAME) -> str:
+        pw = self.password()
+        user = f"{DB_USER}:{quote(pw, safe='')}" if pw else DB_USER
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         if _as_root():
@@ -170,8 +192,38 @@ class Cluster:
                     f"-p {self.port}",
                 ]
             )
+        if self.secure:
+            self._require_passwords()
         self._ensure_database()
         return self.url()
+
+    def _require_passwords(self) -> None:
+        """Switch a `trust` cluster to SCRAM passwords: set the role's password while trust still lets us in,
+        then make every pg_hba line require it and reload."""
+        import psycopg
+        from psycopg import sql
+
+        hba = self.data_dir / "pg_hba.conf"
+        lines = hba.read_text(encoding="utf-8").splitlines()
+        rules = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not any(ln.split()[-1] == "trust" for ln in rules):
+            return
+        with psycopg.connect(f"postgresql://{DB_USER}@127.0.0.1:{self.port}/postgres", autocommit=True) as c:
+            c.execute("SET password_encryption = 'scram-sha-256'")
+            c.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(DB_USER), sql.Literal(self.password()))
+            )
+        rewritten = [
+            " ".join([*ln.split()[:-1], "scram-sha-256"]) if ln in rules and ln.split()[-1] == "trust" else ln
+            for ln in lines
+        ]
+        self._write_as_owner(hba, "\n".join(rewritten) + "\n")
+        self._run([str(_pg_bindir() / "pg_ctl"), "reload", "-D", str(self.data_dir)])
+
+    def _write_as_owner(self, path: Path, text: str) -> None:
+        st = path.stat()
+        path.write_text(text, encoding="utf-8")
+        os.chown(path, st.st_uid, st.st_gid)
 
     def _ensure_database(self) -> None:
         import psycopg
@@ -179,7 +231,7 @@ class Cluster:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with psycopg.connect(f"postgresql://{DB_USER}@127.0.0.1:{self.port}/postgres", autocommit=True) as c:
+                with psycopg.connect(self.url("postgres"), autocommit=True) as c:
                     if c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
                         c.execute(f'CREATE DATABASE "{DB_NAME}"')  # constant identifier, not user input
                     return

@@ -132,6 +132,39 @@ async def purge_blacklist(conn: AsyncConnection, *, older_than: datetime) -> int
     return cur.rowcount
 
 
+# --- failed logins ---
+
+
+async def login_failures(conn: AsyncConnection, *, account: str, peer: str, window_s: int) -> tuple[int, int, float]:
+    """Failures of `account` and from `peer` within the window, and seconds until the oldest of them leaves it."""
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE account = %(a)s), count(*) FILTER (WHERE peer = %(p)s),"
+        " coalesce(extract(epoch FROM min(failed_at) + make_interval(secs => %(w)s) - now()), 0)::float8"
+        " FROM login_failures WHERE (account = %(a)s OR peer = %(p)s)"
+        " AND failed_at > now() - make_interval(secs => %(w)s)",
+        {"a": account, "p": peer, "w": window_s},
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1]), float(row[2])) if row else (0, 0, 0.0)
+
+
+async def record_login_failure(conn: AsyncConnection, *, account: str, peer: str) -> None:
+    await conn.execute(
+        "INSERT INTO login_failures (account, peer) VALUES (%(a)s, %(p)s)", {"a": account[:320], "p": peer[:64]}
+    )
+
+
+async def clear_login_failures(conn: AsyncConnection, *, account: str) -> None:
+    await conn.execute("DELETE FROM login_failures WHERE account = %(a)s", {"a": account})
+
+
+async def purge_login_failures(conn: AsyncConnection, *, older_than_s: int) -> int:
+    cur = await conn.execute(
+        "DELETE FROM login_failures WHERE failed_at < now() - make_interval(secs => %(w)s)", {"w": older_than_s}
+    )
+    return cur.rowcount
+
+
 # --- API tokens ---
 
 TOKEN_COLUMNS = "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id"  # noqa: S105 - column names

@@ -8,7 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
 
 from webmacs.repositories.datapoints import datapoint_public_id
 
@@ -39,24 +39,43 @@ def content_disposition(name: str, public_id: str) -> str:
     return header
 
 
-def _encode(rows: list[tuple[datetime, str, str, float, str]]) -> bytes:
+#: What a spreadsheet reads as the start of a formula (OWASP "CSV injection"); tab and CR too.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(text: str) -> str:
+    """A text cell a spreadsheet would run as a formula gets a leading `'` (shown, never evaluated)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _encode(rows: list[tuple[datetime, str, str, float, str]], *, guard: bool) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
+    cell = neutralise if guard else str
+    # Only names and units are text: numbers, times and ids are never touched.
     writer.writerows(
-        (time.isoformat(), name, event_public_id, str(value), unit, datapoint_public_id(event_public_id, time))
+        (
+            time.isoformat(),
+            cell(name),
+            event_public_id,
+            str(value),
+            cell(unit),
+            datapoint_public_id(event_public_id, time),
+        )
         for time, name, event_public_id, value, unit in rows
     )
     return buf.getvalue().encode()
 
 
-async def experiment_csv(pool: AsyncConnectionPool, *, experiment_id: int) -> AsyncIterator[bytes]:
-    """The CSV body in chunks of ~5000 rows. Opens its own pooled connection: the request's connection is
-    released before the response streams."""
+async def experiment_csv(url: str, *, experiment_id: int, guard: bool = True) -> AsyncIterator[bytes]:
+    """The CSV body in chunks of ~5000 rows, read on a connection of its own (a long download must not hold
+    one of the API pool's connections). `guard`: neutralise formula-like text cells."""
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\r\n").writerow(HEADER)
     yield buf.getvalue().encode()
-    async with pool.connection() as conn, conn.cursor(name="experiment_csv") as cur:
+    conn = await psycopg.AsyncConnection.connect(url, options="-c timezone=UTC")
+    async with conn, conn.cursor(name="experiment_csv") as cur:
         cur.itersize = ROWS_PER_CHUNK
         await cur.execute(QUERY, {"x": experiment_id})
         while rows := await cur.fetchmany(ROWS_PER_CHUNK):
-            yield _encode(rows)
+            yield _encode(rows, guard=guard)

@@ -109,9 +109,9 @@ class Dispatcher:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # Bounded: a task that does not end within 5 s is left behind rather than holding up shutdown.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self.inflight:
             # Let sends to responsive receivers finish; then give the rest back to the outbox.
             await asyncio.wait(list(self.inflight), timeout=5)
@@ -164,8 +164,11 @@ class Dispatcher:
             # A small floor: rows another process has locked are "due" but not claimable; do not spin on them.
             wait_s = max(wait_s, 0.05)
             if not self.wake.is_set():
+                # asyncio.timeout, not wait_for: no inner task whose cancellation a shutdown would wait on
+                # (wait_for's inner task, cancelled right after it was created, hung shutdowns on 3.11).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=wait_s)
+                    async with asyncio.timeout(wait_s):
+                        await self.wake.wait()
             self.wake.clear()
 
     async def _claim(self, n: int) -> list[dict[str, Any]]:

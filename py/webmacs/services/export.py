@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -254,13 +255,36 @@ def _csv_time(tz: str | None) -> pl.Expr:
     )
 
 
-def encode_csv(frames: Iterator[pa.Table], *, tz: str | None = None) -> Iterator[bytes]:
-    """RFC 4180 CSV (CRLF) with the header row first, even when there are no rows."""
+def _guarded(table: pa.Table) -> pa.Table:
+    """Neutralise formula-like names and units (text only, never numbers) by rewriting the small dictionaries
+    the columns index into, not the rows."""
+    import pyarrow as pa
+
+    from webmacs.services.csv_export import neutralise
+
+    for name in ("event_name", "unit"):
+        column = table.column(name)
+        chunks = []
+        for chunk in column.chunks:
+            words = chunk.dictionary.to_pylist()
+            safe = [None if w is None else neutralise(w) for w in words]
+            if safe != words:
+                chunk = pa.DictionaryArray.from_arrays(chunk.indices, pa.array(safe, pa.string()))
+            chunks.append(chunk)
+        table = table.set_column(table.schema.get_field_index(name), name, pa.chunked_array(chunks, column.type))
+    return table
+
+
+def encode_csv(frames: Iterator[pa.Table], *, tz: str | None = None, guard: bool = True) -> Iterator[bytes]:
+    """RFC 4180 CSV (CRLF) with the header row first, even when there are no rows. `guard`: names and units a
+    spreadsheet would run as a formula get a leading `'`."""
     import polars as pl
 
     yield (",".join(COLUMNS) + "\r\n").encode()
     time = _csv_time(tz)
     for table in frames:
+        if guard:
+            table = _guarded(table)
         # Dictionary columns become Categoricals, written as their strings: no string column per frame
         # (materialising them cost ~40 MiB of peak memory).
         frame = pl.from_arrow(table)
@@ -300,10 +324,34 @@ def export(
     tz: str | None = None,
     chunk_rows: int = 100_000,
     progress: Callable[[float, int], None] | None = None,
+    guard: bool = True,
 ) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
     rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
-    return encode_csv(rows, tz=tz) if fmt == "csv" else encode_parquet(rows)
+    return encode_csv(rows, tz=tz, guard=guard) if fmt == "csv" else encode_parquet(rows)
+
+
+class ExportSlots:
+    """How many exports may run at once. An export holds connections of its own and a producer thread for its
+    whole duration; past the cap, new exports are refused (503) rather than queued behind running ones."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.running = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.running >= self.capacity:
+                self.refused += 1
+                return False
+            self.running += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.running = max(0, self.running - 1)
 
 
 def connect(url: str) -> psycopg.Connection:
@@ -312,8 +360,8 @@ def connect(url: str) -> psycopg.Connection:
 
 
 def stream(
-    url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000
+    url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000, guard: bool = True
 ) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
-        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows)
+        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows, guard=guard)

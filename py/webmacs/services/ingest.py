@@ -109,9 +109,8 @@ class Ingest:
         self._on_commit()
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         # Record what the last batches fired (firings of committed data), within the same budget.
         self._take_firings()
         with contextlib.suppress(Exception):
@@ -213,7 +212,8 @@ class Ingest:
                 self.firing_retries += 1
                 log.warning("recording %d rule firings failed, retrying in %.1f s: %s", len(self._pending), backoff, e)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._firings_due.wait(), backoff)
+                    async with asyncio.timeout(backoff):
+                        await self._firings_due.wait()
                 backoff = min(backoff * 2, 5.0)
 
     async def _record_pending(self) -> None:
@@ -268,6 +268,7 @@ def install(app: FastAPI) -> None:
             "writers": settings.webmacs_ingest_writers,
             "source_share": settings.webmacs_ingest_source_share,
             "write_timeout_s": settings.webmacs_ingest_write_timeout_s,
+            "max_frame_bytes": settings.webmacs_ingest_max_frame_bytes,
         }
         options.update(getattr(app.state, "ingest_options", {}))
         ws_options: dict[str, Any] = {"recheck_s": settings.webmacs_ws_recheck_s}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, StringConstraints
 
 from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed, datapoints_deleted
+from webmacs.errors import Unavailable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories import logs as logs_repo
@@ -99,9 +101,24 @@ async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, reques
 )
 async def export_csv(public_id: str, _: CurrentUser, conn: Conn, request: Request) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
-    body = csv_export.experiment_csv(request.app.state.pool, experiment_id=experiment["id"])
+    slots = request.app.state.export_slots
+    if not slots.try_acquire():
+        raise Unavailable("Too many exports are running; retry later.", retry_after=5)
+    body = csv_export.experiment_csv(
+        request.app.state.database_url,
+        experiment_id=experiment["id"],
+        guard=request.app.state.settings.webmacs_csv_formula_guard,
+    )
+
+    async def released() -> AsyncIterator[bytes]:
+        try:
+            async for piece in body:
+                yield piece
+        finally:
+            slots.release()
+
     return StreamingResponse(
-        body,
+        released(),
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": csv_export.content_disposition(experiment["name"], experiment["public_id"]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, tzinfo
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from webmacs.api.v1.datapoints import DatapointResponse
 from webmacs.deps import AdminUser, Conn, CurrentUser
-from webmacs.errors import NotFound, Unprocessable
+from webmacs.errors import NotFound, Unavailable, Unprocessable
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories.datapoints import datapoint_public_id
 from webmacs.services import export as export_service
@@ -238,7 +238,7 @@ def _produce(body: Generator[bytes, None, None], pieces: queue.Queue[_Piece], st
         body.close()
 
 
-async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
+async def _drain(body: Generator[bytes, None, None], release: Callable[[], None]) -> AsyncIterator[bytes]:
     """Stream the blocking export generator, run by a producer thread of its own at most EXPORT_QUEUE pieces
     ahead of the client (backpressure); the producer stops and closes it however the response ends."""
     pieces: queue.Queue[_Piece] = queue.Queue(maxsize=EXPORT_QUEUE)
@@ -255,17 +255,26 @@ async def _drain(body: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
                 yield piece
     finally:
         stop.set()
+        release()
 
 
 def _export_response(
     request: Request, sel: export_service.Selection, fmt: export_service.Format, tz: str | None, stem: str
 ) -> StreamingResponse:
     settings = request.app.state.settings
+    slots: export_service.ExportSlots = request.app.state.export_slots
+    if not slots.try_acquire():
+        raise Unavailable("Too many exports are running; retry later.", retry_after=5)
     body = export_service.stream(
-        request.app.state.database_url, sel, fmt, tz=tz, chunk_rows=settings.webmacs_export_chunk_rows
+        request.app.state.database_url,
+        sel,
+        fmt,
+        tz=tz,
+        chunk_rows=settings.webmacs_export_chunk_rows,
+        guard=settings.webmacs_csv_formula_guard,
     )
     return StreamingResponse(
-        _drain(body),
+        _drain(body, slots.release),
         media_type=export_service.CONTENT_TYPES[fmt],
         headers={"Content-Disposition": export_service.content_disposition(stem, fmt)},
     )
