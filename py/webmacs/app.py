@@ -20,7 +20,13 @@ from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
 from webmacs.errors import install_handlers
-from webmacs.middleware import BodyLimitMiddleware, RateLimitMiddleware, RequestIdMiddleware, TrustedProxies
+from webmacs.middleware import (
+    BodyLimitMiddleware,
+    RateLimitMiddleware,
+    RequestDeadlineMiddleware,
+    RequestIdMiddleware,
+    TrustedProxies,
+)
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
@@ -115,7 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             min_size=1,
             max_size=settings.webmacs_pool_size,
             open=False,
-            kwargs={"options": "-c timezone=UTC"},
+            kwargs={"options": "-c timezone=UTC", "application_name": "webmacs-api"},
+            timeout=settings.webmacs_db_timeout_s,
             name="webmacs-api",
         )
         await pool.open(wait=True, timeout=30)
@@ -158,7 +165,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cast(_ServiceModule, module).install(app)
     app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
     app.state.export_slots = ExportSlots(settings.webmacs_export_concurrency)
-    # Outermost first per spec §15: Request-ID → CORS → rate limit → body limit → app (add_middleware prepends).
+    # Outermost first per spec §15: Request-ID → CORS → rate limit → body limit → deadline → app (add_middleware
+    # prepends).
+    app.add_middleware(
+        RequestDeadlineMiddleware,
+        seconds=max(settings.webmacs_request_timeout_s, settings.webmacs_ingest_ack_timeout_s + 5),
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         anonymous=settings.webmacs_body_limit_anonymous,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import reprlib
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
+
+log = logging.getLogger("webmacs.errors")
 
 
 class DomainError(Exception):
@@ -79,8 +84,18 @@ def install_handlers(app: FastAPI) -> None:
         errors = [_bounded_error(e) for e in exc.errors()[:MAX_ERRORS]]
         return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
 
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        # The database is unreachable or stopped answering (a pool timeout, a lost connection): not a bug of
+        # the request, and not a 500. The details stay in the log.
+        log.warning("database unavailable: %s", exc)
+        return JSONResponse(
+            {"detail": "Database unavailable; retry later."}, status_code=503, headers={"Retry-After": "5"}
+        )
+
     app.add_exception_handler(DomainError, _domain)
     app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(psycopg.OperationalError, _database)
+    app.add_exception_handler(PoolTimeout, _database)
 
 
 #: 422 answers list at most this many errors, and echo at most this many characters of an offending input.

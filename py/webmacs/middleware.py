@@ -3,6 +3,7 @@ request-body limit, and who the client is (`X-Forwarded-For` only from trusted p
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 import uuid
@@ -237,3 +238,46 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+_TOO_SLOW = orjson.dumps({"detail": "The database did not answer in time; retry later."})
+
+
+class RequestDeadlineMiddleware:
+    """No request waits forever: a handler that has not started its response within `seconds` (a database that
+    stopped answering mid-query, a pool with every connection stuck) is cancelled and answered 503. Streaming
+    responses that have started (exports) are left to their own bounds."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.timed_out = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = asyncio.Event()
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        waiter = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({task, waiter}, timeout=self.seconds, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not started.is_set():
+                self.timed_out += 1
+                task.cancel()
+                # The cancelled handler may itself wait on the network a little; it gets a short grace.
+                await asyncio.wait({task}, timeout=2)
+                if not started.is_set():
+                    await _send_json(send, 503, _TOO_SLOW, [(b"retry-after", b"5")])
+                return
+            await task
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     #: Text cells of CSV exports (names, units) that a spreadsheet would run as a formula (`= + - @` first) get a
     #: leading `'`. False: byte-exact WebMACS CSV (spec §13).
     webmacs_csv_formula_guard: bool = True
+    #: How long a request waits for a pooled database connection before answering 503.
+    webmacs_db_timeout_s: float = Field(default=10.0, gt=0)
+    #: No request waits longer for its response to start (a stalled database): it is cancelled and answered 503.
+    #: Longer than the REST ingest ack timeout.
+    webmacs_request_timeout_s: float = Field(default=60.0, gt=0)
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.
