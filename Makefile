@@ -71,6 +71,12 @@ bench-ingest: build timescaledb ## ingest benchmark: engine vs COPY limit vs pur
 bench-query: build timescaledb ## analyst benchmark: series and exports vs direct SQL/COPY
 	$(PY) benches/query.py
 
+# Cases over all fuzz targets (split by fixed shares); FUZZ_SEED replays a run, FUZZ_TARGETS=http,jwt.mutated picks.
+FUZZ_CASES ?= 1000000
+.PHONY: fuzz
+fuzz: ## fuzz the frame parser, JWT check, WebSocket request handling, COPY decoder (FUZZ_CASES=1000000)
+	FUZZ_CASES=$(FUZZ_CASES) cargo test -q --profile fuzz -p webmacs-core --test fuzz -- --ignored --exact fuzz --nocapture
+
 .PHONY: clean
 clean: ## remove build outputs (keeps the local cluster)
 	rm -rf target $(VENV) $(CORE_SO)

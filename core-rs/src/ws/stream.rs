@@ -174,7 +174,10 @@ pub(super) async fn serve<S, R>(
 }
 
 /// The answer to a client message: `{"type":"ping"}` → pong, other objects → nothing, anything else → Err.
-fn reply(raw: &[u8]) -> Result<Option<&'static str>, ()> {
+/// Public for the fuzz harness (`core-rs/tests/fuzz`), which feeds it arbitrary client bytes.
+// The one failure ("not a JSON object") needs no payload: the caller closes with 1007.
+#[allow(clippy::result_unit_err)]
+pub fn reply(raw: &[u8]) -> Result<Option<&'static str>, ()> {
     match serde_json::from_slice::<serde_json::Value>(raw) {
         Ok(serde_json::Value::Object(o)) => {
             Ok((o.get("type").and_then(|t| t.as_str()) == Some("ping")).then_some(PONG))

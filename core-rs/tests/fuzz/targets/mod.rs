@@ -1,0 +1,7 @@
+//! The fuzz targets, one module per boundary of the core.
+
+pub mod frame;
+pub mod http;
+pub mod jwt;
+pub mod pgcopy;
+pub mod time;
