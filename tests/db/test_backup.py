@@ -24,9 +24,12 @@ from tests.conftest import (
     throwaway_cluster,
     unique,
 )
+from tests.services.receiver import Receiver
 from tests.test_cli import webmacs
+from tests.updater.support import HEALTHY, build, manifest_for
 from webmacs.db import backup
 from webmacs.db.cluster import Cluster
+from webmacs.updater.service import Updater
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,34 @@ def test_restored_cluster_serves_the_same_data(
         rows = restored_db.execute("SELECT count(*) FROM datapoints WHERE event_id = %s", (event.id,)).fetchone()
         restoring = restored_db.execute("SHOW timescaledb.restoring").fetchone()
     assert rows == (11,) and restoring == ("off",)
+
+
+@pytest.mark.usefixtures("server")  # the session database with its schema and the audit log
+def test_updater_backup_restores_into_a_fresh_cluster(fresh: Cluster, db_url: str, tmp_path: Path) -> None:
+    """The updater's pre-update backup is the same function's: its file restores elsewhere."""
+    (tmp_path / "updates").mkdir()
+    build(tmp_path / "updates" / "webmacs-update-2.1.0.tar.gz", manifest=manifest_for())
+    with Receiver() as health:
+        health.default = HEALTHY
+        settings = make_settings(
+            db_url,
+            tmp_path,
+            webmacs_updater_apply="true",
+            webmacs_updater_health_url=f"{health.url}/health",
+        )
+        [result] = Updater(settings).run_once() or []
+    assert result.outcome == "applied" and result.backup is not None
+
+    target = make_conninfo(fresh.url(), dbname=unique("from_updater").replace("-", "_"))
+    assert backup.restore(result.backup, target).kept_as is None
+    with psycopg.connect(target) as restored, psycopg.connect(db_url) as original:
+        query = "SELECT content FROM log_entries WHERE content LIKE 'Update 2.1.0 applied%' ORDER BY id"
+        # The entry recording this very update was written after the backup; everything before it is there.
+        assert len(restored.execute(query).fetchall()) == len(original.execute(query).fetchall()) - 1
+        assert (
+            restored.execute("SELECT count(*) FROM schema_migrations").fetchone()
+            == original.execute("SELECT count(*) FROM schema_migrations").fetchone()
+        )
 
 
 def test_restore_refuses_a_database_that_holds_data(fresh: Cluster, db_url: str, tmp_path: Path) -> None:
