@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -35,9 +36,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[Cluster]:
-    home = Path(tempfile.mkdtemp(prefix="webmacs-test-"))
+@contextlib.contextmanager
+def throwaway_cluster(prefix: str) -> Iterator[Cluster]:
+    """A TimescaleDB cluster of its own, started on a free port and destroyed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
     home.chmod(0o755)  # the postgres user must be able to enter it when tests run as root
     c = Cluster(home, free_port())
     c.up()
@@ -46,6 +48,12 @@ def cluster() -> Iterator[Cluster]:
     finally:
         c.destroy()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    with throwaway_cluster("webmacs-test-") as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

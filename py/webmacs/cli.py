@@ -1,10 +1,11 @@
-"""The `webmacs` command: `serve`, `db up|down|status|url|migrate` and `export`."""
+"""The `webmacs` command: `serve`, `db up|down|status|url|migrate|backup|restore`, `export` and `updater`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from webmacs.settings import Settings
@@ -36,6 +37,71 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         url = settings.database_url or cluster.up()
         applied = migrate.apply(url, settings.webmacs_chunk_interval)
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    elif args.action == "backup":
+        return cmd_backup(Path(args.file or "."), settings)
+    elif args.action == "restore":
+        if not args.file:
+            print("webmacs: db restore needs the backup FILE", file=sys.stderr)
+            return 2
+        return cmd_restore(Path(args.file), settings, replace=args.replace)
+    return 0
+
+
+# --- backup, restore and the updater (README "Backup and restore", "Updater") ---
+
+
+def cmd_backup(dest: Path, settings: Settings) -> int:
+    from webmacs.db import backup
+
+    made = backup.backup(settings.database_url or _cluster(settings).up(), dest)
+    st = made.state
+    print(f"{made.path} (PostgreSQL {st.postgres_version}, TimescaleDB {st.timescaledb_version},", end=" ")
+    print(f"schema {st.schema_version})")
+    return 0
+
+
+def cmd_restore(dump: Path, settings: Settings, *, replace: bool) -> int:
+    from webmacs.db import backup
+
+    restored = backup.restore(dump, settings.database_url or _cluster(settings).up(), replace=replace)
+    print(f"restored {dump} into database '{restored.database}'")
+    if restored.kept_as:
+        print(
+            f"the data it held before is kept in database '{restored.kept_as}' (drop it when no longer needed;"
+            " to use it, run SELECT timescaledb_post_restore() in it first)"
+        )
+    return 0
+
+
+def cmd_updater(args: argparse.Namespace, settings: Settings) -> int:
+    if args.updater_action == "restore":
+        given = Path(args.backup)
+        # A bare name from the updater's record means the backup it made in <update dir>/backups/.
+        dump = given if given.exists() else settings.webmacs_update_dir / "backups" / given
+        return cmd_restore(dump, settings, replace=True)
+    import signal
+    import threading
+
+    from webmacs.updater.service import Updater
+
+    try:
+        updater = Updater(settings)
+    except ValueError as e:  # a configuration error (the signing key): say it, no traceback
+        print(f"webmacs: {e}", file=sys.stderr)
+        return 2
+    if args.once:
+        results = updater.run_once()
+        if results is None:
+            print(f"another updater is working on {settings.webmacs_update_dir}; nothing done")
+            return 0
+        for r in results:
+            print(f"{r.bundle}: {r.outcome} -> {r.moved_to}" + (f" ({r.reason})" if r.reason else ""))
+        return 1 if any(r.outcome != "applied" for r in results) else 0
+    stop = threading.Event()
+    # systemd stops with SIGTERM: finish the bundle in hand (never leave an update half applied), then exit.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    updater.run_forever(stop)
     return 0
 
 
@@ -61,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info")
     db = sub.add_parser("db", help="manage the local TimescaleDB cluster")
-    db.add_argument("action", choices=["up", "down", "status", "url", "migrate"])
+    db.add_argument("action", choices=["up", "down", "status", "url", "migrate", "backup", "restore"])
+    db.add_argument("file", nargs="?", help="backup: file or directory to write (default: here); restore: the dump")
+    db.add_argument("--replace", action="store_true", help="restore: replace a database that holds data")
+    updater = sub.add_parser("updater", help="apply uploaded update bundles (spec §10.6)")
+    updater.add_argument("--once", action="store_true", help="one pass over the update directory, then exit")
+    updater_sub = updater.add_subparsers(dest="updater_action")
+    updater_restore = updater_sub.add_parser("restore", help="restore a database backup the updater made")
+    updater_restore.add_argument("backup", help="a backup file, or its name in <WEBMACS_UPDATE_DIR>/backups")
     from webmacs import cli_export
 
     cli_export.add_parser(sub)
@@ -73,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_db(args, settings)
         if args.command == "export":
             return int(args.handler(args, settings))
+        if args.command == "updater":
+            return cmd_updater(args, settings)
         return cmd_serve(args, settings)
     except Exception as e:  # a clear one-line message instead of a traceback for operational failures
+        from webmacs.db.backup import BackupError
         from webmacs.db.cluster import ClusterError
 
-        if isinstance(e, ClusterError):
+        if isinstance(e, ClusterError | BackupError):
             print(f"webmacs: {e}", file=sys.stderr)
             return 1
         raise

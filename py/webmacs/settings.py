@@ -152,6 +152,35 @@ class Settings(BaseSettings):
     #: Compress chunks older than this many days (Timescale-License edition only); unset disables it.
     webmacs_compress_after_days: int | None = Field(default=None, ge=1)
 
+    # --- the bundle updater (spec §10.6; README "Updater") ---
+    #: Seconds between scans of WEBMACS_UPDATE_DIR for `webmacs-update-*.tar.gz` (spec §16).
+    webmacs_updater_poll: float = Field(default=30.0, gt=0)
+    #: How a verified bundle is applied: empty = the spec's Docker Compose flow; otherwise a command (split like
+    #: a shell would) run in the extracted bundle with WEBMACS_BUNDLE_DIR, WEBMACS_VERSION and
+    #: WEBMACS_PREVIOUS_VERSION in its environment, e.g. for bare-metal/systemd installs.
+    webmacs_updater_apply: str = ""
+    #: With WEBMACS_UPDATER_APPLY: the command that puts the previous version back (same environment);
+    #: empty = no automatic rollback in command mode.
+    webmacs_updater_rollback: str = ""
+    #: Docker mode: the directory holding docker-compose.prod.yml and .env (the spec's /opt/webmacs).
+    webmacs_updater_compose_dir: Path = Path("/opt/webmacs")
+    #: "exec": GET the health URL from inside the `backend` container (the spec's check); "http": GET it from
+    #: here. Empty: exec in Docker mode, http in command mode. Only `"status": "ok"` counts as healthy.
+    webmacs_updater_health_check: Literal["", "exec", "http"] = ""
+    webmacs_updater_health_url: str = "http://localhost:8000/health"
+    #: The health check asks this many times, this far apart, before the update counts as failed (spec: 10 × 5 s).
+    webmacs_updater_health_tries: int = Field(default=10, ge=1)
+    webmacs_updater_health_interval_s: float = Field(default=5.0, ge=0)
+    #: Deadline of each external command (docker load of large images takes a while).
+    webmacs_updater_command_timeout_s: float = Field(default=900.0, gt=0)
+    #: A failed database backup stops the update (the reference only warned and went on).
+    webmacs_updater_require_backup: bool = True
+    #: Public key (minisign, or base64 Ed25519) that bundles must be signed with; empty = signatures not required.
+    webmacs_updater_public_key: str = ""
+    #: Caps on what one bundle may unpack to (checked at upload and before extraction): zip bombs stop here.
+    webmacs_updater_max_unpacked_bytes: int = Field(default=8 * 1024**3, ge=1)
+    webmacs_updater_max_members: int = Field(default=10_000, ge=1)
+
     @field_validator(
         "cors_origins",
         "webmacs_webhook_allow_hosts",

@@ -269,7 +269,7 @@ def test_forged_and_malformed_jwts_are_invalid(client: httpx.Client, db: psycopg
     admin_id = db.execute("SELECT id FROM users WHERE email = %s", (ADMIN_EMAIL,)).fetchall()[0][0]
     later = datetime.now(UTC) + timedelta(hours=1)
     good_claims = {"sub": str(admin_id), "exp": later, "role": "admin"}
-    unsigned = jwt.encode(good_claims, None, algorithm="none")
+    unsigned = jwt.encode(good_claims, "", algorithm="none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)  # our key is sized for HS256
         hs512 = signed(good_claims, algorithm="HS512")

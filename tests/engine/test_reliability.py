@@ -4,11 +4,9 @@ acknowledged datapoint. Runs on its own cluster so the restart cannot disturb th
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from tests.conftest import (
     login,
     make_settings,
     start_server,
+    throwaway_cluster,
     unique,
 )
 from webmacs.db.cluster import Cluster
@@ -38,15 +37,8 @@ from webmacs.db.cluster import Cluster
 
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[Cluster]:
-    home = Path(tempfile.mkdtemp(prefix="webmacs-fault-"))
-    home.chmod(0o755)
-    c = Cluster(home, free_port())
-    c.up()
-    try:
+    with throwaway_cluster("webmacs-fault-") as c:
         yield c
-    finally:
-        c.destroy()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def active_event(url: str) -> tuple[int, str]:

@@ -19,5 +19,5 @@ FORGED_TOKENS = [
         "another-key-of-good-length-0123456789ab",
         algorithm="HS256",
     ),
-    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, None, algorithm="none"),
+    jwt.encode({"sub": "1", "exp": datetime.now(UTC) + timedelta(hours=1)}, "", algorithm="none"),
 ]

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import posixpath
 import re
-import tarfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -26,12 +22,14 @@ from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unproces
 from webmacs.services import ssrf
 from webmacs.settings import Settings
 
-SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$"
+# The bundle rules live with the updater that applies them; the API's version pattern is theirs.
+from webmacs.updater.bundle import SEMVER as SEMVER
+from webmacs.updater.bundle import BundleInvalid, Limits, validate_bundle
+from webmacs.updater.bundle import sha256_file as _sha256_file
+
 _SEMVER = re.compile(SEMVER)
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 CHUNK = 64 * 1024
 MAX_REDIRECTS = 5
-MAX_MANIFEST_BYTES = 1024 * 1024
 
 TRANSITIONS: dict[str, set[str]] = {
     "pending": {"downloading", "completed", "failed"},
@@ -71,14 +69,6 @@ def firmware_path(settings: Settings, version: str) -> Path:
     if parse_version(version) is None:
         raise BadRequest(f"Invalid firmware version '{version}'.")
     return settings.webmacs_update_dir / f"firmware-{version}.tar.gz"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def sha256_file(path: Path) -> str | None:
@@ -256,7 +246,7 @@ async def receive_upload(request: Request, settings: Settings) -> tuple[str, int
         if not done or name is None or tmp is None:
             raise _missing_file()
         try:
-            await asyncio.to_thread(validate_bundle, tmp)
+            await asyncio.to_thread(validate_bundle, tmp, Limits.from_settings(settings))
         except BundleInvalid as e:
             raise Unprocessable(f"Invalid update bundle: {e}.") from e
         try:
@@ -278,49 +268,6 @@ async def receive_upload(request: Request, settings: Settings) -> tuple[str, int
 def _size_text(n: int) -> str:
     mib = 1024 * 1024
     return f"{n // mib} MB" if n >= mib and n % mib == 0 else f"{n:,} bytes"
-
-
-class BundleInvalid(Exception):
-    pass
-
-
-def validate_bundle(path: Path) -> dict[str, Any]:
-    """Check an update bundle: a gzip tar with safe member paths and a manifest.json carrying
-    `version` (X.Y.Z) and `images_sha256` (64 hex digits). Returns the manifest."""
-    manifest: Any = None
-    try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            for member in tar:
-                name = member.name
-                norm = posixpath.normpath(name)
-                if name.startswith("/") or "\\" in name or norm == ".." or norm.startswith("../"):
-                    raise BundleInvalid(f"member '{name}' has an unsafe path")
-                if member.issym() or member.islnk():
-                    link = posixpath.normpath(posixpath.join(posixpath.dirname(norm), member.linkname))
-                    if member.linkname.startswith("/") or link == ".." or link.startswith("../"):
-                        raise BundleInvalid(f"link '{name}' points outside the bundle")
-                elif not (member.isfile() or member.isdir()):
-                    raise BundleInvalid(f"member '{name}' is not a regular file or directory")
-                if norm == "manifest.json":
-                    if not member.isfile() or member.size > MAX_MANIFEST_BYTES:
-                        raise BundleInvalid("manifest.json must be a regular file of at most 1 MiB")
-                    f = tar.extractfile(member)
-                    assert f is not None  # a regular file member always has content
-                    try:
-                        manifest = json.loads(f.read())
-                    except ValueError as e:
-                        raise BundleInvalid("manifest.json is not valid JSON") from e
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise BundleInvalid("not a gzip-compressed tar archive") from e
-    if manifest is None:
-        raise BundleInvalid("manifest.json is missing")
-    if not isinstance(manifest, dict):
-        raise BundleInvalid("manifest.json must be a JSON object")
-    if not isinstance(manifest.get("version"), str) or not _SEMVER.match(manifest["version"]):
-        raise BundleInvalid("manifest.json 'version' must be a version X.Y.Z")
-    if not isinstance(manifest.get("images_sha256"), str) or not _SHA256.match(manifest["images_sha256"]):
-        raise BundleInvalid("manifest.json 'images_sha256' must be 64 hexadecimal characters")
-    return manifest
 
 
 # --- GET /ota/check: GitHub ---
