@@ -73,6 +73,15 @@ bench-query: build timescaledb ## analyst benchmark: series and exports vs direc
 
 # Cases over all fuzz targets (split by fixed shares); FUZZ_SEED replays a run, FUZZ_TARGETS=http,jwt.mutated picks.
 FUZZ_CASES ?= 1000000
+.PHONY: soak
+soak: build timescaledb ## ingest at 80 % of the maximum for SOAK_SECONDS (600) with subscribers, exports, webhooks
+	$(PY) benches/soak.py
+
+.PHONY: fuzz-api
+FUZZ_API_EXAMPLES ?= 100
+fuzz-api: build timescaledb ## schemathesis over /openapi.json as admin, operator, viewer, anonymous: no 5xx (FUZZ_API_EXAMPLES=100)
+	FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) $(PY) tests/schema_fuzz.py
+
 .PHONY: fuzz
 fuzz: ## fuzz the frame parser, JWT check, WebSocket request handling, COPY decoder (FUZZ_CASES=1000000)
 	FUZZ_CASES=$(FUZZ_CASES) cargo test -q --profile fuzz -p webmacs-core --test fuzz -- --ignored --exact fuzz --nocapture
