@@ -1,27 +1,25 @@
-"""Ingest benchmark: the engine behind WebSockets vs the binary-COPY limit and a careful pure-Python path.
+"""Ingest benchmark: the engine on the API's own port vs the database's own ceiling and a careful Python path.
 
-Runs on its own throwaway TimescaleDB cluster; `make bench-ingest`. Knobs (env): BENCH_SECONDS (engine phase,
-default 30), BENCH_COPY_ROWS (default 2_000_000), BENCH_PYTHON_ROWS (default 1_000_000),
-BENCH_WINDOW (unacknowledged frames per connection in the engine phase, default 32).
-Phases:
-  copy_limit    pre-encoded binary COPY on one psycopg connection, 20k rows per transaction (the ceiling)
-  python_path   orjson parse + validate + psycopg binary COPY of the same frames, same batching (the baseline)
-  engine        the real server (`webmacs serve`, a subprocess): 4 WS connections of 500-point frames with seq
-                acks, BENCH_WINDOW frames in flight per connection; rows counted from acks (= committed)
-  small_frames  100 WS connections, 1 point per frame, 4 in flight each, driven by the Rust load generator
-                (core-rs/examples/wsload.rs), against the Python endpoint and the engine's native listener
-                (WEBMACS_TELEMETRY_LISTEN) of the same server; once with the engine defaults, once on a second
-                server with SMALL_FRAME_TUNING (2 ms batches, 4 writers). The last line reports the native
-                listener with the tuning (the Python endpoint without a listener; the Python client without cargo)
-  engine_native the engine phase's load (4 connections, 500-point frames) through the native listener
-  latency       4 connections at half the engine's rate; frame sent → ack (sent after commit: the rows are
-                visible by then, so this bounds frame-sent→row-visible from above)
+Runs on its own throwaway TimescaleDB cluster; `make bench-ingest`. Knobs (env): BENCH_SECONDS (each engine phase,
+default 30), BENCH_COPY_ROWS (rows per ceiling configuration, default 2_000_000), BENCH_PYTHON_ROWS (default
+1_000_000), BENCH_WINDOW (unacknowledged 500-point frames per connection at full rate, default 32), BENCH_RULES=0
+skips the rules phase.
+Phases (all WebSocket load comes from the Rust load generator, core-rs/examples/wsload.rs, on the API's port):
+  copy_ceiling  the database's ceiling: pre-encoded binary COPY of the same rows into the same hypertable, 100k
+                rows per transaction, on 1, 2 and 4 connections in parallel; the best is the denominator
+  python_path   orjson parse + validate + psycopg binary COPY of the same frames (a careful pure-Python design)
+  engine        the real server (`webmacs serve`, a subprocess): 4 connections of 500-point frames with `seq`,
+                BENCH_WINDOW in flight each; rows counted from acks (= committed); server and database CPU per row
+  levels        the same load paced at 10 %, 50 % and 90 % of the engine's rate: database and server CPU per row,
+                p50/p99 from frame sent to its ack (sent after the commit, so this bounds sent → visible)
+  small_frames  100 connections, 1 point per frame, 4 in flight each, on the API's port (the default path: uvicorn
+                hands each socket to the engine) and on the engine's own port
+  rules         the engine phase with 100 matching rules and 10 webhook subscribers vs a fresh baseline
 The last line is machine-readable.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import shutil
@@ -30,12 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import psycopg
-from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
 from webmacs.db.cluster import Cluster
@@ -49,10 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EVENTS = 50
 FRAME_POINTS = 500
 BATCH_ROWS = 20_000
+#: Rows per transaction of the ceiling: large, so per-statement and per-commit costs vanish.
+COPY_BATCH = 100_000
 PG_EPOCH_US = 946_684_800_000_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-#: Engine settings of the second small-frames run (see `small_frames`).
-SMALL_FRAME_TUNING = {"WEBMACS_INGEST_MAX_AGE_MS": "2", "WEBMACS_INGEST_WRITERS": "4"}
 RULES = 100
 WEBHOOKS = 10
 COPY_SQL = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)"
@@ -130,24 +129,66 @@ def make_frames(events: list[tuple[int, str]], n: int) -> list[bytes]:
     ]
 
 
-def bench_copy_limit(url: str, events: list[tuple[int, str]], rows: int) -> float:
+def encode_rows(events: list[tuple[int, str]], start: int, n: int, base_us: int) -> bytes:
+    """`n` rows as one binary COPY stream (distinct times per event)."""
     row = struct.Struct(">hiqiiiid")
-    base = int(time.time() * 1e6) - PG_EPOCH_US - rows
-    batches = []
-    for start in range(0, rows, BATCH_ROWS):
-        buf = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
-        for k in range(start, min(start + BATCH_ROWS, rows)):
-            buf += row.pack(4, 8, base + k, 4, events[k % EVENTS][0], -1, 8, float(k % 1000))
-        buf += struct.pack(">h", -1)
-        batches.append(bytes(buf))
-    with psycopg.connect(url) as conn:
-        t0 = time.perf_counter()
-        for b in batches:
-            with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
-                copy.write(b)
-            conn.commit()
-        elapsed = time.perf_counter() - t0
-    return rows / elapsed
+    buf = bytearray(b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0))
+    for k in range(start, start + n):
+        buf += row.pack(4, 8, base_us + k, 4, events[k % EVENTS][0], -1, 8, float(k % 1000))
+    buf += struct.pack(">h", -1)
+    return bytes(buf)
+
+
+def bench_copy_ceiling(
+    url: str, events: list[tuple[int, str]], rows: int, conns: int, cluster: Cluster
+) -> tuple[float, float]:
+    """Pre-encoded binary COPY of `rows` rows on `conns` connections in parallel, COPY_BATCH rows per transaction;
+    returns (rows/s, database CPU µs per row)."""
+    import threading
+
+    base = int(time.time() * 1e6) - PG_EPOCH_US - rows - 10_000_000
+    share = rows // conns
+    streams = [
+        [encode_rows(events, c * share + b, min(COPY_BATCH, share - b), base) for b in range(0, share, COPY_BATCH)]
+        for c in range(conns)
+    ]
+    ready = threading.Barrier(conns + 1)
+
+    def writer(batches: list[bytes]) -> None:
+        with psycopg.connect(url) as conn:
+            ready.wait()
+            for b in batches:
+                with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
+                    copy.write(b)
+                conn.commit()
+
+    threads = [threading.Thread(target=writer, args=(st,)) for st in streams]
+    for t in threads:
+        t.start()
+    ready.wait()
+    db0, t0 = db_cpu_seconds(cluster), time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed, db = time.perf_counter() - t0, db_cpu_seconds(cluster) - db0
+    return share * conns / elapsed, db / (share * conns) * 1e6
+
+
+def db_cpu_seconds(cluster: Cluster) -> float:
+    """CPU time of every process of the cluster (postmaster, backends, WAL writer, checkpointer, …)."""
+    pid_file = cluster.data_dir / "postmaster.pid"
+    postmaster = int(pid_file.read_text().split()[0])
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1] is the parent pid; the postmaster itself counts too.
+        if int(proc.name) == postmaster or int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def bench_python_path(url: str, events: list[tuple[int, str]], frames: list[bytes], rows: int) -> float:
@@ -188,140 +229,81 @@ def bench_python_path(url: str, events: list[tuple[int, str]], frames: list[byte
 
 
 class Server(ServerProcess):
-    """The server subprocess, optionally with the native telemetry listener on a second port."""
+    """The server subprocess, also listening on a port of the engine's own (WEBMACS_TELEMETRY_LISTEN)."""
 
-    def __init__(self, url: str, home: Path, native: bool, settings: dict[str, str] | None = None) -> None:
-        self.native_port = free_port() if native else None
-        listen = f"127.0.0.1:{self.native_port}" if native else ""
-        super().__init__(url, home, {"WEBMACS_TELEMETRY_LISTEN": listen, **(settings or {})})
+    def __init__(self, url: str, home: Path, settings: dict[str, str] | None = None) -> None:
+        self.native_port = free_port()
+        super().__init__(url, home, {"WEBMACS_TELEMETRY_LISTEN": f"127.0.0.1:{self.native_port}", **(settings or {})})
 
-
-async def pump(
-    url: str, frames: list[bytes], seconds: float, window: int, interval: float | None, latencies: list[float] | None
-) -> int:
-    """One connection: frames with seq, at most `window` unacknowledged; returns committed rows."""
-    rows = 0
-    sent_at: dict[int, float] = {}
-    free = asyncio.Semaphore(window)
-    async with connect(url, max_size=None, compression=None) as ws:
-
-        async def acks() -> None:
-            nonlocal rows
-            async for msg in ws:
-                m = orjson.loads(msg)
-                if m.get("type") != "ack":
-                    raise RuntimeError(f"unexpected message {m}")
-                rows += m["accepted"]
-                t = sent_at.pop(m["seq"])
-                if latencies is not None:
-                    latencies.append(time.perf_counter() - t)
-                free.release()
-
-        reader = asyncio.create_task(acks())
-        deadline = time.perf_counter() + seconds
-        seq = 0
-        next_at = time.perf_counter()
-        while time.perf_counter() < deadline:
-            await free.acquire()
-            if interval is not None:
-                next_at += interval
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            seq += 1
-            frame = frames[seq % len(frames)]
-            sent_at[seq] = time.perf_counter()
-            await ws.send(b'{"seq":%d,' % seq + frame[1:])
-        for _ in range(window):
-            await asyncio.wait_for(free.acquire(), 120)
-        reader.cancel()
-    return rows
+    def ws_url(self, native: bool = False) -> str:
+        port = self.native_port if native else self.port
+        return f"ws://127.0.0.1:{port}/ws/controller/telemetry?token={self.token}"
 
 
-async def run_clients(
-    url: str,
-    frames: list[bytes],
-    conns: int,
-    seconds: float,
-    window: int,
-    interval: float | None = None,
-    latencies: list[float] | None = None,
-) -> tuple[int, float]:
-    t0 = time.perf_counter()
-    rows = await asyncio.gather(*(pump(url, frames, seconds, window, interval, latencies) for _ in range(conns)))
-    return sum(rows), time.perf_counter() - t0
-
-
-def build_wsload() -> Path | None:
-    """The Rust load generator (core-rs/examples/wsload.rs), or None without cargo."""
-    if shutil.which("cargo") is None:
-        return None
-    r = subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "wsload"], cwd=ROOT / "core-rs")
-    if r.returncode != 0:
-        return None
+def build_wsload() -> Path:
+    """The Rust load generator (core-rs/examples/wsload.rs)."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "wsload"], cwd=ROOT / "core-rs", check=True)
     meta = subprocess.run(
         ["cargo", "metadata", "--format-version", "1", "--no-deps"],
         cwd=ROOT / "core-rs",
         capture_output=True,
         check=True,
     )
-    path = Path(orjson.loads(meta.stdout)["target_directory"]) / "release" / "examples" / "wsload"
-    return path if path.exists() else None
+    return Path(orjson.loads(meta.stdout)["target_directory"]) / "release" / "examples" / "wsload"
 
 
 def wsload(
-    binary: Path, url: str, events: list[tuple[int, str]], conns: int, seconds: float, window: int, points: int = 1
-) -> float:
-    """Run the Rust client; acknowledged (= committed) frames per second."""
-    out = subprocess.run(
-        [
-            str(binary),
-            url,
-            "--events",
-            ",".join(e[1] for e in events),
-            "--connections",
-            str(conns),
-            "--seconds",
-            str(seconds),
-            "--window",
-            str(window),
-            "--points",
-            str(points),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 180,
-        check=True,
-    ).stdout
-    fields = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])
-    return float(fields["frames_per_s"])
+    binary: Path,
+    url: str,
+    events: list[tuple[int, str]],
+    *,
+    conns: int,
+    seconds: float,
+    window: int,
+    points: int = 1,
+    rate: float = 0.0,
+) -> dict[str, float]:
+    """Run the Rust client; its last line as numbers (frames_per_s, rows_per_s, p50_ms, p99_ms, …)."""
+    cmd = [
+        str(binary),
+        url,
+        "--events",
+        ",".join(e[1] for e in events),
+        "--connections",
+        str(conns),
+        "--seconds",
+        str(seconds),
+        "--window",
+        str(window),
+        "--points",
+        str(points),
+    ]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300, check=True).stdout
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])}
 
 
-def small_frames(server: Server, loader: Path, events: list[tuple[int, str]], seconds: float, setting: str) -> float:
-    """100 connections of 1-point frames, 4 in flight each, Rust client: the Python endpoint, then the native
-    listener; returns the native rate (the Python endpoint's without a listener)."""
-    results: list[float] = []
-    endpoints = [("Python endpoint", server.port)]
-    if server.native_port is not None:
-        endpoints.append(("native listener", server.native_port))
-    for name, port in endpoints:
-        url = f"ws://127.0.0.1:{port}/ws/controller/telemetry?token={server.token}"
-        cpu0 = server.cpu_seconds()
-        fps = wsload(loader, url, events, 100, seconds, 4)
-        cpu = server.cpu_seconds() - cpu0
-        vs = f"; {fps / results[0]:.2f}x the Python endpoint" if results else ""
-        results.append(fps)
-        print(
-            f"small_frames {fps:>12,.0f} frames/s (100 connections, 1 point per frame, Rust client, {name},"
-            f" {setting}; server CPU {cpu / (fps * seconds) * 1e6:.1f} µs/frame{vs})",
-            flush=True,
-        )
-    return results[-1]
+@dataclass
+class Measured:
+    rows_per_s: float
+    server_us_per_row: float
+    db_us_per_row: float
+    p50_ms: float
+    p99_ms: float
 
 
-def percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+def measure(server: Server, cluster: Cluster, run: Callable[[], dict[str, float]]) -> Measured:
+    cpu0, db0 = server.cpu_seconds(), db_cpu_seconds(cluster)
+    r = run()
+    rows = r["rows"]
+    return Measured(
+        r["rows_per_s"],
+        (server.cpu_seconds() - cpu0) / rows * 1e6,
+        (db_cpu_seconds(cluster) - db0) / rows * 1e6,
+        r["p50_ms"],
+        r["p99_ms"],
+    )
 
 
 def main() -> int:
@@ -329,6 +311,7 @@ def main() -> int:
     copy_rows = int(os.environ.get("BENCH_COPY_ROWS", "2000000"))
     python_rows = int(os.environ.get("BENCH_PYTHON_ROWS", "1000000"))
     window = int(os.environ.get("BENCH_WINDOW", "32"))
+    loader = build_wsload()
     home = Path(tempfile.mkdtemp(prefix="webmacs-bench-"))
     home.chmod(0o755)
     cluster = Cluster(home / "db", free_port())
@@ -340,9 +323,18 @@ def main() -> int:
         events = setup_events(url)
         frames = make_frames(events, 64)
 
-        truncate(url)
-        copy_limit = bench_copy_limit(url, events, copy_rows)
-        print(f"copy_limit   {copy_limit:>12,.0f} rows/s  ({copy_rows:,} rows, pre-encoded binary COPY)", flush=True)
+        ceiling = {}
+        for conns in (1, 2, 4):
+            truncate(url)
+            rate, db_us = bench_copy_ceiling(url, events, copy_rows, conns, cluster)
+            ceiling[conns] = rate
+            print(
+                f"copy_ceiling {rate:>12,.0f} rows/s  ({copy_rows:,} pre-encoded rows, {conns} connection(s),"
+                f" {COPY_BATCH:,} rows per transaction; database CPU {db_us:.2f} µs/row)",
+                flush=True,
+            )
+        copy_ceiling = max(ceiling.values())
+        copy_limit = ceiling[1]
         truncate(url)
         python_path = bench_python_path(url, events, frames, python_rows)
         print(
@@ -350,107 +342,100 @@ def main() -> int:
             flush=True,
         )
 
-        from webmacs._core import Engine
-
-        native = hasattr(Engine, "listen")
-        loader = build_wsload()
         truncate(url)
-        server = Server(url, home, native)
+        server = Server(url, home)
         try:
-            ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
-            cpu0 = server.cpu_seconds()
-            rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, window))
-            cpu = server.cpu_seconds() - cpu0
-            engine = rows / elapsed
+            server.reset_peak_rss()
+            full = measure(
+                server,
+                cluster,
+                lambda: wsload(
+                    loader, server.ws_url(), events, conns=4, seconds=seconds, window=window, points=FRAME_POINTS
+                ),
+            )
             stored = count_rows(url)
             print(
-                f"engine       {engine:>12,.0f} rows/s  ({rows:,} acked rows in {elapsed:.1f} s, {stored:,} stored;"
-                f" server CPU {cpu:.1f} s)",
+                f"engine       {full.rows_per_s:>12,.0f} rows/s  (4 connections of {FRAME_POINTS}-point frames,"
+                f" {window} in flight, API port; {stored:,} stored; server CPU {full.server_us_per_row:.2f} µs/row,"
+                f" database CPU {full.db_us_per_row:.2f} µs/row; ratio to the ceiling"
+                f" {full.rows_per_s / copy_ceiling:.2f})",
                 flush=True,
             )
-            cpu_per_million = cpu / (rows / 1e6)
+            levels: dict[int, Measured] = {}
+            for pct in (10, 50, 90):
+                frames_per_s = full.rows_per_s * pct / 100 / FRAME_POINTS
 
-            small = [
-                orjson.dumps({"datapoints": [{"value": 1.5, "event_public_id": events[i % EVENTS][1]}]})
-                for i in range(EVENTS)
-            ]
-            small_s = min(seconds, 15)
-            if loader is None:
-                small_rows, small_elapsed = asyncio.run(run_clients(ws_url, small, 100, small_s, 4))
-                small_fps = small_rows / small_elapsed
-                print(
-                    f"small_frames {small_fps:>12,.0f} frames/s (100 connections, 1 point per frame, Python client)",
-                    flush=True,
-                )
-            else:
-                small_fps = small_frames(server, loader, events, small_s, "engine defaults")
-                if server.native_port is not None:
-                    native_url = f"ws://127.0.0.1:{server.native_port}/ws/controller/telemetry?token={server.token}"
-                    cpu0 = server.cpu_seconds()
-                    native_fps = wsload(loader, native_url, events, 4, small_s, window, FRAME_POINTS)
-                    cpu = server.cpu_seconds() - cpu0
-                    native_rows = native_fps * FRAME_POINTS
-                    print(
-                        f"engine_native {native_rows:>11,.0f} rows/s  (4 connections of {FRAME_POINTS}-point"
-                        f" frames, {window} in flight, Rust client, native listener; server CPU"
-                        f" {cpu / (native_rows * small_s / 1e6):.2f} s per million rows)",
-                        flush=True,
+                def paced(fps: float = frames_per_s) -> dict[str, float]:
+                    return wsload(
+                        loader,
+                        server.ws_url(),
+                        events,
+                        conns=4,
+                        seconds=min(seconds, 20),
+                        window=256,
+                        points=FRAME_POINTS,
+                        rate=fps,
                     )
 
-            latencies: list[float] = []
-            per_conn_fps = engine / 2 / FRAME_POINTS / 4
-            asyncio.run(
-                run_clients(ws_url, frames, 4, min(seconds, 15), 64, interval=1 / per_conn_fps, latencies=latencies)
-            )
-            p50, p99 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
-            print(
-                f"latency      p50 {p50:.1f} ms, p99 {p99:.1f} ms at {engine / 2:,.0f} rows/s (half max),"
-                f" frame sent → ack after commit",
-                flush=True,
-            )
+                m = measure(server, cluster, paced)
+                levels[pct] = m
+                print(
+                    f"level {pct:>3} %  {m.rows_per_s:>11,.0f} rows/s  database CPU {m.db_us_per_row:.2f} µs/row,"
+                    f" server CPU {m.server_us_per_row:.2f} µs/row, frame → ack p50 {m.p50_ms:.1f} ms,"
+                    f" p99 {m.p99_ms:.1f} ms",
+                    flush=True,
+                )
+            small_s = min(seconds, 15)
+            small = {}
+            for native in (False, True):
+                cpu0 = server.cpu_seconds()
+                r = wsload(loader, server.ws_url(native), events, conns=100, seconds=small_s, window=4)
+                small[native] = r["frames_per_s"]
+                print(
+                    f"small_frames {r['frames_per_s']:>12,.0f} frames/s (100 connections, 1 point per frame,"
+                    f" 4 in flight, {'engine port' if native else 'API port'}; server CPU"
+                    f" {(server.cpu_seconds() - cpu0) / r['frames'] * 1e6:.1f} µs/frame, p99 {r['p99_ms']:.1f} ms)",
+                    flush=True,
+                )
             peak_rss = server.peak_rss_mb()
         finally:
             server.stop()
-        if loader is not None:
-            # 400 frames in flight, each acknowledged after its commit: the rate is 400 / (batch age + COPY +
-            # durable commit). Shorter batches and more writer connections shorten that cycle.
-            server = Server(url, home, native, SMALL_FRAME_TUNING)
-            try:
-                small_fps = small_frames(
-                    server, loader, events, small_s, "WEBMACS_INGEST_MAX_AGE_MS=2, WEBMACS_INGEST_WRITERS=4"
-                )
-            finally:
-                server.stop()
+        ratio_with_rules = float("nan")
         if os.environ.get("BENCH_RULES", "1") != "0":
-            # Issue 5: the same engine phase with 100 matching rules and 10 webhook subscribers (deliveries to a
-            # local receiver), both phases starting on an empty table.
-            # The baseline is measured again right before, under the same conditions (the table has seen tens of
-            # millions of rows by now), so the ratio compares like with like.
+            # Issue 5: the engine phase with 100 matching rules and 10 webhook subscribers (deliveries to a local
+            # receiver), against a baseline measured again right before under the same conditions.
             receiver = WebhookReceiver()
             rates = []
             for with_rules in (False, True):
                 truncate(url)
                 if with_rules:
                     add_rules_and_webhooks(url, events, receiver.url)
-                server = Server(url, home, False, {"WEBMACS_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"})
+                server = Server(url, home, {"WEBMACS_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"})
                 try:
-                    ws_url = f"ws://127.0.0.1:{server.port}/ws/controller/telemetry?token={server.token}"
-                    rows, elapsed = asyncio.run(run_clients(ws_url, frames, 4, seconds, window))
-                    rates.append(rows / elapsed)
+                    r = wsload(
+                        loader, server.ws_url(), events, conns=4, seconds=seconds, window=window, points=FRAME_POINTS
+                    )
+                    rates.append(r["rows_per_s"])
                 finally:
                     server.stop()
             receiver.close()
+            ratio_with_rules = rates[1] / rates[0]
             print(
                 f"rules        {rates[1]:>12,.0f} rows/s  ({RULES} matching rules, {WEBHOOKS} webhook subscribers,"
                 f" {receiver.count:,} deliveries received) vs {rates[0]:,.0f} rows/s without;"
-                f" ratio_with_rules={rates[1] / rates[0]:.2f}",
+                f" ratio_with_rules={ratio_with_rules:.2f}",
                 flush=True,
             )
+        engine = full.rows_per_s
         print(
-            f"ingest engine_rows_per_s={engine:.0f} copy_limit_rows_per_s={copy_limit:.0f}"
-            f" python_rows_per_s={python_path:.0f} ratio_vs_copy={engine / copy_limit:.2f}"
-            f" ratio_vs_python={engine / python_path:.2f} small_frames_per_s={small_fps:.0f}"
-            f" p99_visible_ms={p99:.0f} cpu_s_per_million={cpu_per_million:.2f} peak_rss_mb={peak_rss:.0f}"
+            f"ingest engine_rows_per_s={engine:.0f} copy_ceiling_rows_per_s={copy_ceiling:.0f}"
+            f" ratio_vs_ceiling={engine / copy_ceiling:.2f} db_cpu_us_per_row={levels[50].db_us_per_row:.2f}"
+            f" server_cpu_us_per_row={full.server_us_per_row:.2f} default_small_frames_per_s={small[False]:.0f}"
+            f" p99_half_ms={levels[50].p99_ms:.1f} p99_90_ms={levels[90].p99_ms:.1f} peak_rss_mb={peak_rss:.0f}"
+            f" copy_limit_rows_per_s={copy_limit:.0f} python_rows_per_s={python_path:.0f}"
+            f" ratio_vs_copy={engine / copy_limit:.2f} ratio_vs_python={engine / python_path:.2f}"
+            f" small_frames_per_s={max(small.values()):.0f} p99_visible_ms={levels[50].p99_ms:.0f}"
+            f" cpu_s_per_million={full.server_us_per_row:.2f} ratio_with_rules={ratio_with_rules:.2f}"
         )
         return 0
     finally:

@@ -432,7 +432,7 @@ impl Engine {
         let catalog = s.catalog.load();
         let mut resolved: Vec<(usize, &EventEntry, ParsedPoint)> = Vec::with_capacity(points.len());
         for (i, p) in points {
-            match catalog.events.get(p.event_public_id.as_str()) {
+            match catalog.events.get(p.event_public_id.as_ref()) {
                 None => rejects.push((i, Reject::UnknownEvent)),
                 Some(e) if !e.active => rejects.push((i, Reject::InactiveEvent)),
                 Some(e) => resolved.push((i, e, p)),

@@ -1,6 +1,10 @@
 //! Telemetry frame parsing and validation (spec §6, §7.2): bytes in, points and per-entry reject reasons out.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use chrono::{DateTime, NaiveDateTime};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// Max datapoints per frame accepted by WebMACS.
@@ -116,10 +120,11 @@ impl FrameError {
     }
 }
 
-/// One datapoint that passed validation (the catalog has not been consulted yet).
+/// One datapoint that passed validation (the catalog has not been consulted yet). The event id borrows from
+/// the frame's bytes when it has no escapes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ParsedPoint {
-    pub event_public_id: String,
+pub struct ParsedPoint<'a> {
+    pub event_public_id: Cow<'a, str>,
     pub value: f64,
     /// Client timestamp, microseconds since the Unix epoch.
     pub time_us: Option<i64>,
@@ -127,9 +132,9 @@ pub struct ParsedPoint {
 
 /// The result of parsing one frame.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct ParsedFrame {
+pub struct ParsedFrame<'a> {
     /// Valid points with their index in the `datapoints` array.
-    pub points: Vec<(usize, ParsedPoint)>,
+    pub points: Vec<(usize, ParsedPoint<'a>)>,
     /// Invalid entries: index in the array and reason.
     pub rejects: Vec<(usize, Reject)>,
     /// Number of entries in the `datapoints` array (0 when missing).
@@ -140,13 +145,60 @@ pub struct ParsedFrame {
     pub seq: Option<u64>,
 }
 
-fn value_of(v: Option<&Value>) -> Result<f64, Reject> {
+impl ParsedFrame<'_> {
+    /// The same frame owning its event ids (for a frame parsed from a temporary buffer).
+    pub fn into_owned(self) -> ParsedFrame<'static> {
+        ParsedFrame {
+            points: self
+                .points
+                .into_iter()
+                .map(|(i, p)| {
+                    let p = ParsedPoint {
+                        event_public_id: Cow::Owned(p.event_public_id.into_owned()),
+                        value: p.value,
+                        time_us: p.time_us,
+                    };
+                    (i, p)
+                })
+                .collect(),
+            rejects: self.rejects,
+            total: self.total,
+            has_datapoints: self.has_datapoints,
+            seq: self.seq,
+        }
+    }
+}
+
+/// One field of an entry, as far as validation needs it (no JSON tree is built; strings borrow from the frame).
+#[derive(Debug, Clone, PartialEq)]
+enum Field<'a> {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(Cow<'a, str>),
+    /// An array or an object.
+    Other,
+}
+
+impl Field<'_> {
+    fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Field::U64(n) => Some(n as f64),
+            Field::I64(n) => Some(n as f64),
+            Field::F64(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+fn value_of(v: Option<&Field<'_>>) -> Result<f64, Reject> {
     let f = match v {
-        None | Some(Value::Null) => return Err(Reject::MissingValue),
-        Some(Value::Number(n)) => n.as_f64().ok_or(Reject::InvalidValue)?,
-        // Numeric strings are accepted, as WebMACS does (Python's float()).
-        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| Reject::InvalidValue)?,
-        Some(_) => return Err(Reject::InvalidValue),
+        None | Some(Field::Null) => return Err(Reject::MissingValue),
+        Some(Field::Str(s)) => s.trim().parse::<f64>().map_err(|_| Reject::InvalidValue)?,
+        // Numeric strings are accepted, as WebMACS does (Python's float()); numbers are numbers.
+        Some(n) => n.as_f64().ok_or(Reject::InvalidValue)?,
     };
     if f.is_finite() {
         Ok(f)
@@ -155,12 +207,17 @@ fn value_of(v: Option<&Value>) -> Result<f64, Reject> {
     }
 }
 
-fn event_id_of(v: Option<&Value>) -> Result<String, Reject> {
-    // The reference converts the id with str(); numbers and booleans become their Python spelling.
+fn event_id_of<'a>(v: Option<Field<'a>>) -> Result<Cow<'a, str>, Reject> {
+    // The reference converts the id with str(); numbers and booleans become their Python spelling (numbers as
+    // serde_json writes them, which matches Python for integers and most floats).
     match v {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::Bool(b)) => Ok(if *b { "True".into() } else { "False".into() }),
+        Some(Field::Str(s)) => Ok(s),
+        Some(Field::U64(n)) => Ok(Cow::Owned(n.to_string())),
+        Some(Field::I64(n)) => Ok(Cow::Owned(n.to_string())),
+        Some(Field::F64(f)) => Ok(Cow::Owned(
+            serde_json::Number::from_f64(f).map_or_else(|| f.to_string(), |n| n.to_string()),
+        )),
+        Some(Field::Bool(b)) => Ok(Cow::Borrowed(if b { "True" } else { "False" })),
         _ => Err(Reject::MissingEvent),
     }
 }
@@ -196,38 +253,419 @@ pub fn epoch_ms_to_us(ms: f64) -> Result<i64, Reject> {
 /// A client timestamp: RFC 3339 (a naive ISO form counts as UTC) or epoch milliseconds; range-checked
 /// against `now_us` by `check_time`.
 pub fn parse_timestamp(v: &Value, now_us: i64) -> Result<Option<i64>, Reject> {
+    let field = match v {
+        Value::Null => Field::Null,
+        Value::String(s) => Field::Str(Cow::Borrowed(s)),
+        Value::Number(n) => n.as_f64().map_or(Field::Other, Field::F64),
+        _ => Field::Other,
+    };
+    timestamp_of(&field, now_us)
+}
+
+fn timestamp_text_us(s: &str) -> Result<i64, Reject> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_micros());
+    }
+    Ok(NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .map_err(|_| Reject::BadTimestamp)?
+        .and_utc()
+        .timestamp_micros())
+}
+
+fn timestamp_of(v: &Field<'_>, now_us: i64) -> Result<Option<i64>, Reject> {
     let us = match v {
-        Value::Null => return Ok(None),
-        Value::String(s) => {
-            let s = s.trim();
-            if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-                t.timestamp_micros()
-            } else {
-                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-                    .map_err(|_| Reject::BadTimestamp)?
-                    .and_utc()
-                    .timestamp_micros()
-            }
-        }
-        Value::Number(n) => epoch_ms_to_us(n.as_f64().ok_or(Reject::BadTimestamp)?)?,
-        _ => return Err(Reject::BadTimestamp),
+        Field::Null => return Ok(None),
+        Field::Str(s) => timestamp_text_us(s)?,
+        Field::Bool(_) | Field::Other => return Err(Reject::BadTimestamp),
+        n => epoch_ms_to_us(n.as_f64().ok_or(Reject::BadTimestamp)?)?,
     };
     check_time(us, now_us).map(Some)
 }
 
-fn point_of(item: &Value, now_us: i64) -> Result<ParsedPoint, Reject> {
-    let obj = item.as_object().ok_or(Reject::NotObject)?;
-    let value = value_of(obj.get("value"))?;
-    let event_public_id = event_id_of(obj.get("event_public_id"))?;
-    let time_us = match obj.get("timestamp") {
+/// An entry of `datapoints`: the fields validation looks at (the last of duplicate keys wins, as in a JSON
+/// object read into a map), or not an object at all.
+enum Entry<'a> {
+    NotObject,
+    Object {
+        value: Option<Field<'a>>,
+        event: Option<Field<'a>>,
+        timestamp: Option<Field<'a>>,
+    },
+}
+
+fn point_of<'a>(entry: Entry<'a>, now_us: i64) -> Result<ParsedPoint<'a>, Reject> {
+    let Entry::Object {
+        value,
+        event,
+        timestamp,
+    } = entry
+    else {
+        return Err(Reject::NotObject);
+    };
+    let value = value_of(value.as_ref())?;
+    let event_public_id = event_id_of(event)?;
+    let time_us = match &timestamp {
         None => None,
-        Some(t) => parse_timestamp(t, now_us)?,
+        Some(t) => timestamp_of(t, now_us)?,
     };
     Ok(ParsedPoint {
         event_public_id,
         value,
         time_us,
     })
+}
+
+// --- the streaming reader: serde visitors over the frame's bytes, no intermediate JSON tree ---------------
+
+/// A value that is read and dropped. Unlike serde's `Skip` (which serde_json skips without a depth
+/// limit) it goes through `deserialize_any`, so nesting deeper than serde_json's limit (128) is an error here
+/// exactly as it is for a JSON tree.
+struct Skip;
+
+impl<'de> de::Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SkipVisitor;
+        impl<'de> Visitor<'de> for SkipVisitor {
+            type Value = Skip;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_unit<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_none<E>(self) -> Result<Skip, E> {
+                Ok(Skip)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+                while seq.next_element::<Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                while map.next_entry::<Skip, Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+        }
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Bool(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+        Ok(Field::U64(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+        Ok(Field::I64(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+        Ok(Field::F64(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Field<'de>, E> {
+        Ok(Field::Str(Cow::Owned(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_none<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field<'de>, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Field::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field<'de>, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Field::Other)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Field<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+/// A key, compared after unescaping (borrowed when it has no escapes).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct EntryVisitor;
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = Entry<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a datapoint")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entry<'de>, A::Error> {
+        let (mut value, mut event, mut timestamp) = (None, None, None);
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match &*k {
+                "value" => value = Some(map.next_value::<Field<'de>>()?),
+                "event_public_id" => event = Some(map.next_value::<Field<'de>>()?),
+                "timestamp" => timestamp = Some(map.next_value::<Field<'de>>()?),
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Entry::Object {
+            value,
+            event,
+            timestamp,
+        })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Entry<'de>, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Entry::NotObject)
+    }
+    // Scalars: not an object.
+    fn visit_bool<E>(self, _: bool) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+    fn visit_none<E>(self) -> Result<Entry<'de>, E> {
+        Ok(Entry::NotObject)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Entry<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(EntryVisitor)
+    }
+}
+
+/// What one `datapoints` value held: validated entries (the first MAX_FRAME_DATAPOINTS), and how many there were.
+struct Datapoints<'a> {
+    is_array: bool,
+    total: usize,
+    points: Vec<(usize, ParsedPoint<'a>)>,
+    rejects: Vec<(usize, Reject)>,
+}
+
+struct DatapointsSeed {
+    now_us: i64,
+}
+
+impl<'de> DeserializeSeed<'de> for DatapointsSeed {
+    type Value = Datapoints<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Datapoints<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DatapointsSeed {
+    type Value = Datapoints<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("datapoints")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Datapoints<'de>, A::Error> {
+        let mut out = Datapoints {
+            is_array: true,
+            total: 0,
+            points: Vec::with_capacity(seq.size_hint().unwrap_or(16).min(MAX_FRAME_DATAPOINTS)),
+            rejects: Vec::new(),
+        };
+        loop {
+            if out.total < MAX_FRAME_DATAPOINTS {
+                let Some(entry) = seq.next_element::<Entry<'de>>()? else {
+                    break;
+                };
+                match point_of(entry, self.now_us) {
+                    Ok(p) => out.points.push((out.total, p)),
+                    Err(r) => out.rejects.push((out.total, r)),
+                }
+            } else if seq.next_element::<Skip>()?.is_none() {
+                // Past the limit entries are only counted: the frame is refused with their number.
+                break;
+            }
+            out.total += 1;
+        }
+        Ok(out)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Datapoints<'de>, A::Error> {
+        while map.next_entry::<Skip, Skip>()?.is_some() {}
+        Ok(Datapoints::not_array())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_unit<E>(self) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+    fn visit_none<E>(self) -> Result<Datapoints<'de>, E> {
+        Ok(Datapoints::not_array())
+    }
+}
+
+impl Datapoints<'_> {
+    fn not_array() -> Self {
+        Datapoints {
+            is_array: false,
+            total: 0,
+            points: Vec::new(),
+            rejects: Vec::new(),
+        }
+    }
+}
+
+/// The whole frame: its `seq` and the last `datapoints` (a JSON object read into a map keeps the last of
+/// duplicate keys), or not an object at all.
+enum Top<'a> {
+    NotObject,
+    Object {
+        seq: Option<u64>,
+        datapoints: Option<Datapoints<'a>>,
+    },
+}
+
+struct TopSeed {
+    now_us: i64,
+}
+
+impl<'de> DeserializeSeed<'de> for TopSeed {
+    type Value = Top<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Top<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed {
+    type Value = Top<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a telemetry frame")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
+        let (mut seq, mut datapoints) = (None, None);
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match &*k {
+                "datapoints" => {
+                    datapoints = Some(map.next_value_seed(DatapointsSeed {
+                        now_us: self.now_us,
+                    })?)
+                }
+                // `as_u64`: only a non-negative integer is a sequence number; anything else is no seq.
+                "seq" => {
+                    seq = match map.next_value::<Field<'de>>()? {
+                        Field::U64(n) => Some(n),
+                        _ => None,
+                    }
+                }
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Top::Object { seq, datapoints })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Top<'de>, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Top::NotObject)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+    fn visit_none<E>(self) -> Result<Top<'de>, E> {
+        Ok(Top::NotObject)
+    }
+}
+
+fn read_top(bytes: &[u8], now_us: i64) -> Result<Top<'_>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let top = TopSeed { now_us }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(top)
 }
 
 /// Python's `json` (and so the WebMACS controller) writes NaN/Infinity as bare tokens, which strict JSON
@@ -266,50 +704,53 @@ fn quote_non_finite_tokens(bytes: &[u8]) -> Option<Vec<u8>> {
     changed.then_some(out)
 }
 
-fn parse_json(bytes: &[u8]) -> Result<Value, FrameError> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let retry =
-                quote_non_finite_tokens(bytes).and_then(|b| serde_json::from_slice(&b).ok());
-            retry.ok_or_else(|| FrameError::InvalidJson(e.to_string()))
-        }
-    }
-}
-
 /// Parse a telemetry frame `{"datapoints":[{"value", "event_public_id", "timestamp"?}, ...], "seq"?}`.
 ///
-/// `now_us` (Unix microseconds) bounds client timestamps; `max_bytes` bounds the frame.
-pub fn parse_frame(bytes: &[u8], now_us: i64, max_bytes: usize) -> Result<ParsedFrame, FrameError> {
+/// `now_us` (Unix microseconds) bounds client timestamps; `max_bytes` bounds the frame. The frame is read in
+/// one pass without building a JSON tree; event ids borrow from `bytes` when they have no escapes.
+pub fn parse_frame(
+    bytes: &[u8],
+    now_us: i64,
+    max_bytes: usize,
+) -> Result<ParsedFrame<'_>, FrameError> {
     if bytes.len() > max_bytes {
         return Err(FrameError::TooLarge(bytes.len(), max_bytes));
     }
-    let doc = parse_json(bytes)?;
-    let obj = doc.as_object().ok_or(FrameError::NotObject)?;
-    let seq = obj.get("seq").and_then(Value::as_u64);
-    let Some(Value::Array(items)) = obj.get("datapoints") else {
+    let top = match read_top(bytes, now_us) {
+        Ok(top) => top,
+        Err(e) => {
+            // Bare NaN/Infinity tokens (Python's json): quoted, they are entry-level rejects.
+            let retry = quote_non_finite_tokens(bytes)
+                .ok_or_else(|| FrameError::InvalidJson(e.to_string()))?;
+            return match read_top(&retry, now_us) {
+                Ok(top) => frame_of(top).map(ParsedFrame::into_owned),
+                Err(_) => Err(FrameError::InvalidJson(e.to_string())),
+            };
+        }
+    };
+    frame_of(top)
+}
+
+fn frame_of(top: Top<'_>) -> Result<ParsedFrame<'_>, FrameError> {
+    let Top::Object { seq, datapoints } = top else {
+        return Err(FrameError::NotObject);
+    };
+    let Some(dp) = datapoints.filter(|d| d.is_array) else {
         return Ok(ParsedFrame {
             seq,
             ..Default::default()
         });
     };
-    if items.len() > MAX_FRAME_DATAPOINTS {
-        return Err(FrameError::TooMany(items.len()));
+    if dp.total > MAX_FRAME_DATAPOINTS {
+        return Err(FrameError::TooMany(dp.total));
     }
-    let mut out = ParsedFrame {
-        total: items.len(),
+    Ok(ParsedFrame {
+        points: dp.points,
+        rejects: dp.rejects,
+        total: dp.total,
         has_datapoints: true,
         seq,
-        points: Vec::with_capacity(items.len()),
-        rejects: Vec::new(),
-    };
-    for (i, item) in items.iter().enumerate() {
-        match point_of(item, now_us) {
-            Ok(p) => out.points.push((i, p)),
-            Err(r) => out.rejects.push((i, r)),
-        }
-    }
-    Ok(out)
+    })
 }
 
 #[cfg(test)]

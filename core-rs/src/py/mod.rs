@@ -35,7 +35,7 @@ fn validate_frame(py: Python<'_>, frame: PyBackedBytes) -> PyResult<ValidatedFra
     let points = parsed
         .points
         .into_iter()
-        .map(|(_, p)| (p.event_public_id, p.value, p.time_us))
+        .map(|(_, p)| (p.event_public_id.into_owned(), p.value, p.time_us))
         .collect();
     let rejects = parsed
         .rejects
