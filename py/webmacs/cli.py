@@ -1,4 +1,4 @@
-"""The `webmacs` command: `serve`, `db up|down|status|url|migrate` and `export`."""
+"""The `webmacs` command: `serve`, `db up|down|status|url|migrate`, `export` and `import`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     from webmacs import cli_export
 
     cli_export.add_parser(sub)
+    from webmacs import cli_import
+
+    cli_import.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return cmd_db(args, settings)
         if args.command == "export":
+            return int(args.handler(args, settings))
+        if args.command == "import":
             return int(args.handler(args, settings))
         return cmd_serve(args, settings)
     except Exception as e:  # a clear one-line message instead of a traceback for operational failures
