@@ -11,7 +11,8 @@ CREATE TABLE import_runs (
     started_on              timestamptz  NOT NULL DEFAULT now(),
     updated_on              timestamptz  NOT NULL DEFAULT now(),
     finished_on             timestamptz,
-    -- The last source datapoint committed, in the stream's order ("timestamp", id); µs since the Unix epoch.
+    -- The last source timestamp whose datapoints are all committed (µs since the Unix epoch): a resumed run
+    -- reads those after it. position_id: the greatest source id at that timestamp, for information.
     position_us             bigint,
     position_id             bigint,
     -- The collision rule's state at that point: events whose last written time is at or after position_us.

@@ -3,10 +3,10 @@
 //! its first-write-wins rule.
 //!
 //! WebMACS keeps one row per datapoint, its event and experiment as public id strings. `transfer` runs
-//! `COPY (SELECT timestamp, event_public_id, experiment_public_id, value, id … ORDER BY timestamp, id) TO
-//! STDOUT (FORMAT binary)` on the old database, converts each tuple here (ids looked up, the engine's value
-//! and time checks, the collision rule) and writes batches in the engine's binary COPY encoding
-//! (`writer::encode`): no Python object per row. Reading and converting overlap with writing (a bounded
+//! `COPY (SELECT timestamp, event_public_id, experiment_public_id, value, id … ORDER BY timestamp) TO STDOUT
+//! (FORMAT binary)` on the old database, converts each tuple here (rows of one timestamp in id order, ids
+//! looked up, the engine's value and time checks, the collision rule) and writes batches in the engine's
+//! binary COPY encoding (`writer::encode`): no Python object per row. Reading and converting overlap with writing (a bounded
 //! channel of `PIPELINE` batches), so memory stays bounded by the batch size whatever the table's.
 //!
 //! Exactly once: a batch's rows and the run's checkpoint (the last source row read, the collision rule's
@@ -274,9 +274,9 @@ pub struct EventTarget {
 ///
 /// Collision rule: WebMACS gives every row of a batch the same server timestamp, so a batch with two values
 /// of one event has two rows at one time, which our unique key `(event_id, time)` cannot hold. As the
-/// engine does for server timestamps, times are made strictly increasing per event in the stream's order
-/// (`timestamp`, then `id`, i.e. insertion order): a row at or before its event's last written time is moved
-/// to 1 µs after it. Nothing is lost, the order of the values is kept, and the later row stays the latest
+/// engine does for server timestamps, times are made strictly increasing per event in the order rows are
+/// converted (`timestamp`, then `id`, i.e. insertion order): a row at or before its event's last written
+/// time is moved to 1 µs after it. Nothing is lost, the order of the values is kept, and the later row stays the latest
 /// (WebMACS's `/datapoints/latest` breaks ties by the greater id).
 pub struct Converter {
     events: HashMap<Vec<u8>, EventTarget>,
@@ -349,8 +349,8 @@ impl Converter {
     }
 
     /// The collision state a resumed run needs: the events whose last written time is at or after
-    /// `position_us` (the source time of the last row read), in event order. Every later source row is at
-    /// or after that time, so the other events cannot collide with what was written before.
+    /// `position_us` (the last source timestamp converted), in event order. Every later source row is after
+    /// that time, so the other events cannot collide with what was written before.
     pub fn carry(&self, position_us: i64) -> Vec<(i32, i64)> {
         let mut carry: Vec<(i32, i64)> = self
             .last
@@ -366,7 +366,8 @@ impl Converter {
 // ---------------------------------------------------------------------------------------------------------
 // Writing batches.
 
-/// The checkpoint a batch moves: the run, the last source row of the batch and the collision state.
+/// The checkpoint a batch moves: the run, the last source timestamp of the batch (every row of it written;
+/// `position_id` is the greatest id among them, for information) and the collision state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub run_id: i32,
@@ -491,7 +492,8 @@ pub struct Transfer {
     pub source_dsn: String,
     pub target_dsn: String,
     /// `COPY (SELECT "timestamp", event_public_id::text, experiment_public_id::text, value::float8, id::int8
-    /// FROM datapoints WHERE … ORDER BY "timestamp", id) TO STDOUT (FORMAT binary)`, parameters bound.
+    /// FROM datapoints WHERE "timestamp" > <checkpoint> ORDER BY "timestamp") TO STDOUT (FORMAT binary)`,
+    /// parameters bound.
     pub statement: String,
     pub run_id: i32,
     pub batch_rows: usize,
@@ -540,11 +542,129 @@ struct Batch {
     checkpoint: Checkpoint,
 }
 
+/// The source's COPY messages to batches. The source is read in "timestamp" order only (an index scan: no
+/// sort in PostgreSQL); the rows of one timestamp are held until the timestamp changes and then converted
+/// in id (insertion) order, so the collision rule sees WebMACS's order. A batch closes only between two
+/// timestamps: the checkpoint is a timestamp all of whose rows are written, and a resumed run reads the
+/// rows after it. Memory: a batch, or the rows of one timestamp if there are more.
+struct SourceBatcher {
+    converter: Converter,
+    run_id: i32,
+    batch_rows: usize,
+    with_header: bool,
+    ended: bool,
+    /// Time of the rows held, and the rows (id, their message, the tuple's offset in it).
+    group_time: Option<i64>,
+    group: Vec<(i64, Bytes, usize)>,
+    rows: Vec<Row>,
+    counts: Counts,
+    /// (time, last id) of the last timestamp converted.
+    position: Option<(i64, i64)>,
+}
+
+impl SourceBatcher {
+    fn new(converter: Converter, run_id: i32, batch_rows: usize) -> Self {
+        SourceBatcher {
+            converter,
+            run_id,
+            batch_rows,
+            with_header: true,
+            ended: false,
+            group_time: None,
+            group: Vec::new(),
+            rows: Vec::with_capacity(batch_rows),
+            counts: Counts::default(),
+            position: None,
+        }
+    }
+
+    /// Take one COPY message (normally one tuple; the first also carries the header, the last may be the
+    /// trailer); returns the batch it completed, if any.
+    fn message(&mut self, message: &Bytes) -> Result<Option<Batch>> {
+        let mut c = Cursor {
+            data: message,
+            at: 0,
+        };
+        if std::mem::take(&mut self.with_header) {
+            skip_header(&mut c)?;
+        }
+        let mut batch = None;
+        while !c.done() && !self.ended {
+            let at = c.at;
+            let Some(fields) = tuple::<SOURCE_FIELDS>(&mut c)? else {
+                self.ended = true;
+                break;
+            };
+            let row = source_row(fields)?;
+            if self.group_time != Some(row.time_us) {
+                self.convert_group()?;
+                if batch.is_none() && self.counts.read as usize >= self.batch_rows {
+                    batch = self.batch();
+                }
+                self.group_time = Some(row.time_us);
+            }
+            self.group.push((row.id, message.clone(), at));
+        }
+        Ok(batch)
+    }
+
+    /// The last batch, once the stream has ended.
+    fn finish(&mut self) -> Result<Option<Batch>> {
+        self.convert_group()?;
+        Ok(self.batch())
+    }
+
+    fn convert_group(&mut self) -> Result<()> {
+        let Some(time) = self.group_time.take() else {
+            return Ok(());
+        };
+        self.group.sort_unstable_by_key(|r| r.0);
+        let mut last_id = i64::MIN;
+        for (id, message, at) in self.group.drain(..) {
+            let mut c = Cursor { data: &message, at };
+            // It was read as a tuple when it arrived.
+            let fields = tuple::<SOURCE_FIELDS>(&mut c)?
+                .ok_or_else(|| ImportError::Stream("a held row is the trailer".into()))?;
+            if let Some(r) = self
+                .converter
+                .convert(&source_row(fields)?, &mut self.counts)
+            {
+                self.rows.push(r);
+            }
+            last_id = id;
+        }
+        self.position = Some((time, last_id));
+        Ok(())
+    }
+
+    fn batch(&mut self) -> Option<Batch> {
+        if self.counts.read == 0 {
+            return None;
+        }
+        // A batch holds at least one converted timestamp, so there is a position.
+        let (position_us, position_id) =
+            self.position.expect("rows read, so a timestamp converted");
+        let batch = Batch {
+            data: encode(&self.rows),
+            rows: self.rows.len() as u64,
+            counts: std::mem::take(&mut self.counts),
+            checkpoint: Checkpoint {
+                run_id: self.run_id,
+                position_us,
+                position_id,
+                carry: self.converter.carry(position_us),
+            },
+        };
+        self.rows.clear();
+        Some(batch)
+    }
+}
+
 /// Read the source statement and convert it into batches, sent to the writer; ends at the stream's end or
 /// when the writer stops listening.
 async fn read_source(
     transfer: Transfer,
-    mut converter: Converter,
+    converter: Converter,
     batches: tokio::sync::mpsc::Sender<Result<Batch>>,
 ) {
     let result = async {
@@ -555,12 +675,8 @@ async fn read_source(
             .await?;
         let stream = source.copy_out(transfer.statement.as_str()).await?;
         let mut stream = pin!(stream);
-        let mut with_header = true;
-        let mut rows: Vec<Row> = Vec::with_capacity(transfer.batch_rows);
-        let mut counts = Counts::default();
-        let mut position = (0i64, 0i64);
-        let mut ended = false;
-        while !ended {
+        let mut batcher = SourceBatcher::new(converter, transfer.run_id, transfer.batch_rows);
+        loop {
             let message = match tokio::time::timeout(SOURCE_IDLE_TIMEOUT, stream.next()).await {
                 Err(_) => {
                     return Err(ImportError::Database(format!(
@@ -571,37 +687,13 @@ async fn read_source(
                 Ok(None) => break,
                 Ok(Some(message)) => message?,
             };
-            let mut c = Cursor {
-                data: &message,
-                at: 0,
-            };
-            if std::mem::take(&mut with_header) {
-                skip_header(&mut c)?;
-            }
-            while !c.done() {
-                let Some(fields) = tuple::<SOURCE_FIELDS>(&mut c)? else {
-                    ended = true;
-                    break;
-                };
-                let row = source_row(fields)?;
-                position = (row.time_us, row.id);
-                if let Some(r) = converter.convert(&row, &mut counts) {
-                    rows.push(r);
-                }
-                if counts.read as usize >= transfer.batch_rows {
-                    let batch = make_batch(&transfer, &converter, &mut rows, &mut counts, position);
-                    if batches.send(Ok(batch)).await.is_err() {
-                        return Ok(());
-                    }
+            if let Some(batch) = batcher.message(&message)? {
+                if batches.send(Ok(batch)).await.is_err() {
+                    return Ok(());
                 }
             }
         }
-        // What follows the trailer is the statement's completion (or its error).
-        while let Some(message) = stream.next().await {
-            message?;
-        }
-        if counts.read > 0 {
-            let batch = make_batch(&transfer, &converter, &mut rows, &mut counts, position);
+        if let Some(batch) = batcher.finish()? {
             let _ = batches.send(Ok(batch)).await;
         }
         Ok(())
@@ -610,28 +702,6 @@ async fn read_source(
     if let Err(e) = result {
         let _ = batches.send(Err(e)).await;
     }
-}
-
-fn make_batch(
-    transfer: &Transfer,
-    converter: &Converter,
-    rows: &mut Vec<Row>,
-    counts: &mut Counts,
-    (position_us, position_id): (i64, i64),
-) -> Batch {
-    let batch = Batch {
-        data: encode(rows),
-        rows: rows.len() as u64,
-        counts: std::mem::take(counts),
-        checkpoint: Checkpoint {
-            run_id: transfer.run_id,
-            position_us,
-            position_id,
-            carry: converter.carry(position_us),
-        },
-    };
-    rows.clear();
-    batch
 }
 
 /// Stream the source's datapoints into the target, one checkpointed transaction per batch, until the
@@ -978,36 +1048,102 @@ mod tests {
         assert_eq!(n.shifted, 3);
     }
 
+    /// One COPY message per tuple, the header in the first and the trailer last, as PostgreSQL sends them.
+    fn messages(rows: &[(i64, &str, f64, i64)]) -> Vec<Bytes> {
+        let mut out: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|&(t, ev, v, id)| source_tuple(t, Some(ev), None, Some(v), id))
+            .collect();
+        out.push((-1i16).to_be_bytes().to_vec());
+        out[0].splice(0..0, header());
+        out.into_iter().map(Bytes::from).collect()
+    }
+
+    /// Rows of a batch (the writer's COPY: time, event_id, experiment_id, value) as (event, time, value).
+    fn batch_rows(batch: &Batch) -> Vec<(i32, i64, f64)> {
+        let mut c = Cursor {
+            data: &batch.data,
+            at: 0,
+        };
+        skip_header(&mut c).unwrap();
+        let mut out = vec![];
+        while let Some([t, e, _, v]) = tuple::<4>(&mut c).unwrap() {
+            let t = i64::from_be_bytes(t.unwrap().try_into().unwrap()) + PG_EPOCH_US;
+            let e = i32::from_be_bytes(e.unwrap().try_into().unwrap());
+            out.push((e, t, f64::from_be_bytes(v.unwrap().try_into().unwrap())));
+        }
+        out
+    }
+
+    fn run_batcher(messages: &[Bytes], carry: &[(i32, i64)], batch_rows: usize) -> Vec<Batch> {
+        let mut b = SourceBatcher::new(converter(carry), 1, batch_rows);
+        let mut out: Vec<Batch> = messages
+            .iter()
+            .filter_map(|m| b.message(m).unwrap())
+            .collect();
+        out.extend(b.finish().unwrap());
+        out
+    }
+
     #[test]
-    fn resuming_with_the_carry_converts_exactly_as_one_run() {
-        // Any cut of a stream full of collisions, resumed with the carry saved at the cut, gives the same
-        // rows as converting it in one go.
-        let source: Vec<SourceRow<'static>> = (0..40)
+    fn batches_close_between_timestamps_and_ties_convert_in_id_order() {
+        // Index order puts the ties of one timestamp in any order; ids 1, 2, 3 were inserted in that order.
+        let source = [
+            (100, "ev-a", 3.0, 3),
+            (100, "ev-b", 2.0, 2),
+            (100, "ev-a", 1.0, 1),
+            (101, "ev-a", 4.0, 4),
+            (102, "ev-b", 5.0, 5),
+        ];
+        let batches = run_batcher(&messages(&source), &[], 2);
+        assert_eq!(batches.len(), 2);
+        // The first batch holds the whole first timestamp, though it is over the batch size.
+        assert_eq!(
+            batch_rows(&batches[0]),
+            vec![(1, 100, 1.0), (2, 100, 2.0), (1, 101, 3.0)]
+        );
+        assert_eq!(
+            (
+                batches[0].checkpoint.position_us,
+                batches[0].checkpoint.position_id
+            ),
+            (100, 3)
+        );
+        assert_eq!(batches[0].checkpoint.carry, vec![(1, 101), (2, 100)]);
+        assert_eq!((batches[0].counts.read, batches[0].counts.shifted), (3, 1));
+        // The collision moved ev-a's value 3 to 101: its own row at 101 goes to 102.
+        assert_eq!(batch_rows(&batches[1]), vec![(1, 102, 4.0), (2, 102, 5.0)]);
+        assert_eq!(batches[1].checkpoint.position_us, 102);
+    }
+
+    #[test]
+    fn resuming_after_any_checkpoint_converts_exactly_as_one_run() {
+        // A stream full of collisions; a run resumed after any batch's checkpoint (reading the rows after
+        // its timestamp, with its carry) writes what the uninterrupted run wrote after that batch.
+        let source: Vec<(i64, &str, f64, i64)> = (0..60)
             .map(|i| {
                 let ev = if i % 3 == 0 { "ev-b" } else { "ev-a" };
-                row(100 + i / 4, Some(ev), None, i as f64, i)
+                (100 + i / 4, ev, i as f64, 60 - i)
             })
             .collect();
-        let mut whole = converter(&[]);
-        let mut n = Counts::default();
-        let expected: Vec<Row> = source
-            .iter()
-            .filter_map(|r| whole.convert(r, &mut n))
-            .collect();
-        for cut in 1..source.len() {
-            let mut first = converter(&[]);
-            let mut got: Vec<Row> = source[..cut]
-                .iter()
-                .filter_map(|r| first.convert(r, &mut n))
-                .collect();
-            let carry = first.carry(source[cut - 1].time_us);
-            let mut second = converter(&carry);
-            got.extend(
-                source[cut..]
+        for batch_size in [1, 3, 7] {
+            let whole = run_batcher(&messages(&source), &[], batch_size);
+            let all: Vec<_> = whole.iter().flat_map(batch_rows).collect();
+            assert_eq!(all.len(), source.len());
+            for (k, cut) in whole.iter().enumerate() {
+                let after: Vec<_> = source
                     .iter()
-                    .filter_map(|r| second.convert(r, &mut n)),
-            );
-            assert_eq!(got, expected, "cut at {cut}");
+                    .copied()
+                    .filter(|r| r.0 > cut.checkpoint.position_us)
+                    .collect();
+                let resumed = run_batcher(&messages(&after), &cut.checkpoint.carry, batch_size);
+                let got: Vec<_> = resumed.iter().flat_map(batch_rows).collect();
+                let expected: Vec<_> = whole[k + 1..].iter().flat_map(batch_rows).collect();
+                assert_eq!(
+                    got, expected,
+                    "batch size {batch_size}, resumed after batch {k}"
+                );
+            }
         }
     }
 

@@ -41,9 +41,8 @@ def stream(
     """Stream the source's datapoints after the run's checkpoint into the target; returns this run's counts.
     Ctrl-C stops after the batch being written (the checkpoint is then where the next run resumes)."""
     events, experiments = events_and_experiments(source, conn, run.redirects)
-    after = None if run.position_us is None or run.position_id is None else (run.position_us, run.position_id)
     with source.snapshot():
-        statement = source.datapoint_copy(after)
+        statement = source.datapoint_copy(run.position_us)
         first, last = source.datapoint_span()
     transfer = _core.WebmacsTransfer(
         source.url,

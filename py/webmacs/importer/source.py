@@ -152,10 +152,11 @@ class Source:
 
     # --- datapoints ---------------------------------------------------------------------------------------
 
-    def datapoint_copy(self, after: tuple[int, int] | None) -> str:
-        """The COPY the transfer streams: every datapoint with a timestamp after `after` = (µs since the Unix
-        epoch, id) in the order ("timestamp", id), as (timestamp, event_public_id, experiment_public_id,
-        value, id), parameters bound (COPY takes none)."""
+    def datapoint_copy(self, after: int | None) -> str:
+        """The COPY the transfer streams: every datapoint with a timestamp after `after` (µs since the Unix
+        epoch: the checkpoint, a timestamp all of whose rows were written) in "timestamp" order, as
+        (timestamp, event_public_id, experiment_public_id, value, id), parameters bound (COPY takes none).
+        Only "timestamp" orders the rows (an index scan, no sort): the transfer puts ties in id order."""
         x = (
             sql.SQL("d.experiment_public_id::text")
             if self.has("datapoints", "experiment_public_id")
@@ -167,10 +168,9 @@ class Source:
         ).format(x=x)
         params: dict[str, Any] = {}
         if after is not None:
-            # The row comparison alone serves as the index condition on "timestamp" (PostgreSQL derives it).
-            query += sql.SQL(' AND (d."timestamp", d.id) > (%(time)s, %(id)s)')
-            params = {"time": from_micros(after[0]), "id": after[1]}
-        query += sql.SQL(' ORDER BY d."timestamp", d.id')
+            query += sql.SQL(' AND d."timestamp" > %(time)s')
+            params = {"time": from_micros(after)}
+        query += sql.SQL(' ORDER BY d."timestamp"')
         copy = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
         return ClientCursor(self.conn).mogrify(copy, params)
 
