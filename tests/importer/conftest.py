@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.conftest import Server, make_settings, start_server, unique
+from tests.conftest import SECRET, Server, make_settings, start_server, unique
 from tests.importer import webmacs_fixture
 from tests.importer.webmacs_fixture import Fixture
 from webmacs import cli
@@ -51,7 +51,8 @@ def webmacs_source(db_url: str, _databases: list[str]) -> Fixture:
     """The WebMACS database with about a million datapoints (built once per session, only ever read)."""
     name = unique("webmacs_src").replace("-", "_")
     _databases.append(name)
-    return webmacs_fixture.build(admin_url(db_url), name)
+    # WebMACS ran with the SECRET_KEY the test servers use: its JWTs can be presented to them.
+    return webmacs_fixture.build(admin_url(db_url), name, secret=SECRET)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import Server, bearer, login
-from tests.importer.webmacs_fixture import Fixture
+from tests.conftest import SECRET, Server, bearer, login
+from tests.importer.webmacs_fixture import Fixture, webmacs_jwt
 from webmacs.repositories.datapoints import datapoint_public_id
 
 
@@ -75,10 +75,18 @@ def test_old_passwords_log_in_as_the_same_users(api: httpx.Client, webmacs_sourc
     assert r.status_code == 401
 
 
-def test_api_tokens_keep_working(api: httpx.Client, webmacs_source: Fixture) -> None:
+def test_api_tokens_and_webmacs_jwts_keep_working(api: httpx.Client, webmacs_source: Fixture) -> None:
     assert api.get("/api/v1/events", headers=bearer(webmacs_source.api_token)).status_code == 200
     r = api.get("/api/v1/events", headers=bearer(webmacs_source.expired_api_token))
     assert (r.status_code, r.json()) == (401, {"detail": "API token has expired."})
+    # Under the same SECRET_KEY a JWT WebMACS issued still names the same user (users kept their ids) …
+    viewer = webmacs_source.users[2]
+    issued = webmacs_jwt(viewer.id, viewer.role, SECRET, at=datetime.now(UTC))
+    me = api.get("/api/v1/auth/me", headers=bearer(issued))
+    assert (me.status_code, me.json()["public_id"]) == (200, viewer.public_id)
+    # … and one that was logged out of in WebMACS stays revoked.
+    r = api.get("/api/v1/auth/me", headers=bearer(webmacs_source.blacklisted_jwt))
+    assert (r.status_code, r.json()) == (401, {"detail": "Token has been revoked."})
 
 
 def test_lists_are_the_same(api: httpx.Client, admin: dict[str, str], webmacs_source: Fixture) -> None:

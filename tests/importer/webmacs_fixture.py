@@ -61,7 +61,7 @@ class Fixture:
     name: str
     built_at: datetime
     users: list[User]
-    #: Plaintext API tokens: a valid one (the admin's) and an expired one.
+    #: Plaintext API tokens: a valid one (the admin's) and an expired one; a JWT of olga's that she revoked.
     api_token: str
     expired_api_token: str
     blacklisted_jwt: str
@@ -99,8 +99,24 @@ def schema_parts() -> tuple[str, str]:
     return before, after.split("\n", 1)[1]
 
 
-def build(admin_url: str, name: str, *, batches: int = 100_000, seed: int = 16) -> Fixture:
-    """Create and fill database `name`; `batches` of ten datapoints each (plus the colliding extras)."""
+def webmacs_jwt(user_id: int, role: str, secret: str, *, at: datetime) -> str:
+    """A JWT as WebMACS issues it (spec §3.3: HS256, sub = users.id, exp, iat, role; no jti)."""
+    import jwt
+
+    iat = int(at.timestamp())
+    return jwt.encode({"sub": str(user_id), "exp": iat + 86400, "iat": iat, "role": role}, secret, "HS256")
+
+
+def build(
+    admin_url: str,
+    name: str,
+    *,
+    batches: int = 100_000,
+    seed: int = 16,
+    secret: str = "webmacs-secret",  # noqa: S107 - a throwaway database's signing key
+) -> Fixture:
+    """Create and fill database `name`; `batches` of ten datapoints each (plus the colliding extras). `secret`:
+    WebMACS's SECRET_KEY, which signed the logged-out JWT in blacklist_tokens."""
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not secrets
     dsn = create_database(admin_url, name)
     before, after = schema_parts()
@@ -289,7 +305,7 @@ def build(admin_url: str, name: str, *, batches: int = 100_000, seed: int = 16) 
             )
 
         hooks = []
-        for url, secret, subscribed, enabled in [
+        for url, hook_secret, subscribed, enabled in [
             (
                 "https://hooks.lab.example/webmacs",
                 "s3cr3t-hmac-key",
@@ -301,7 +317,7 @@ def build(admin_url: str, name: str, *, batches: int = 100_000, seed: int = 16) 
             row = db.execute(
                 "INSERT INTO webhooks (public_id, url, secret, events, enabled, created_on, user_public_id)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (_uuid(rng), url, secret, subscribed, enabled, start, admin),
+                (_uuid(rng), url, hook_secret, subscribed, enabled, start, admin),
             ).fetchone()
             assert row is not None
             hooks.append(row[0])
@@ -425,8 +441,9 @@ def build(admin_url: str, name: str, *, batches: int = 100_000, seed: int = 16) 
                     start,
                 ),
             )
-        jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxIn0.logged-out-signature"
-        db.execute("INSERT INTO blacklist_tokens (token, blacklisted_on) VALUES (%s, %s)", (jwt, end))
+        # Olga logged out of a session an hour ago.
+        revoked = webmacs_jwt(2, "operator", secret, at=built_at - timedelta(hours=1))
+        db.execute("INSERT INTO blacklist_tokens (token, blacklisted_on) VALUES (%s, %s)", (revoked, end))
         db.execute(
             "INSERT INTO plugin_packages (public_id, package_name, version, source, file_path, file_hash_sha256,"
             " file_size_bytes, plugin_ids, installed_on, user_public_id)"
@@ -464,7 +481,7 @@ def build(admin_url: str, name: str, *, batches: int = 100_000, seed: int = 16) 
         users=users,
         api_token=api_token,
         expired_api_token=expired,
-        blacklisted_jwt=jwt,
+        blacklisted_jwt=revoked,
         event_ids=[e[0] for e in fed],
         experiment_ids=experiments,
         running_experiment=experiments[-1],
