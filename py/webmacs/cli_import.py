@@ -119,6 +119,9 @@ def _target(settings: Settings) -> str:
 
 
 def run_webmacs(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from webmacs._core import CoreException
     from webmacs.db.cluster import Cluster
     from webmacs.importer import datapoints, run
     from webmacs.importer.source import NotWebmacs
@@ -150,6 +153,10 @@ def run_webmacs(args: argparse.Namespace, settings: Settings) -> int:
             report.notes.append(f"{rows:,} datapoints in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
     except NotWebmacs as e:
         sys.stderr.write(f"webmacs import: {e}\n")
+        return 1
+    except (psycopg.Error, CoreException) as e:
+        what = "" if args.dry_run else "; run the same command again to resume after the last batch written"
+        sys.stderr.write(f"\nwebmacs import: {e}{what}\n")
         return 1
     except run.ImportRefused as e:
         if e.report is not None:

@@ -136,3 +136,12 @@ def test_dry_run_against_a_target_with_colliding_rows(
     assert status == 1 and "nothing was written" in err
     with psycopg.connect(target) as c:
         assert c.execute("SELECT count(*) FROM users").fetchone() == (0,)
+
+
+def test_unusable_sources_are_one_line_errors(new_database: NewDatabase, run_cli: Any) -> None:
+    target = new_database()
+    status, _, err = run_cli(target, "import", "webmacs", "--from", target)
+    assert status == 1
+    assert "does not hold WebMACS's tables (missing: users, events, experiments, datapoints)" in err
+    status, _, err = run_cli(target, "import", "webmacs", "--from", "postgresql://nobody@127.0.0.1:1/webmacs")
+    assert status == 1 and err.strip().startswith("webmacs import: connection") and "resume" in err

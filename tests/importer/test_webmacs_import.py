@@ -116,6 +116,7 @@ def test_running_it_again_changes_nothing(webmacs_source: Fixture, imported: tup
     again = import_webmacs(webmacs_source.dsn, target)
     assert any("imported already" in n for n in again.notes)
     assert again.datapoints == imported[1].datapoints
+    assert again.tables == imported[1].tables and list(again.tables) == list(TABLES)  # the stored report
     assert rows(target, "SELECT count(*), sum(value::numeric) FROM datapoints") == before
     assert rows(target, "SELECT count(*) FROM users") == [(len(webmacs_source.users),)]
 

@@ -113,7 +113,7 @@ def build(
     *,
     batches: int = 100_000,
     seed: int = 16,
-    secret: str = "webmacs-secret",  # noqa: S107 - a throwaway database's signing key
+    secret: str = "webmacs-fixture-secret-key-32-bytes-or-more",  # noqa: S107 - a throwaway database's key
 ) -> Fixture:
     """Create and fill database `name`; `batches` of ten datapoints each (plus the colliding extras). `secret`:
     WebMACS's SECRET_KEY, which signed the logged-out JWT in blacklist_tokens."""

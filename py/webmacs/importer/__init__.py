@@ -2,6 +2,7 @@
 
 One module per job: `source` reads a WebMACS database (its schema, its datapoints' problems, the COPY that
 streams them), `relational` maps its users, events, experiments … onto our tables keeping every public id,
-`datapoints` streams the datapoints into the hypertable with a resumable checkpoint, `files` reads CSV and
-Parquet, `report` says what happened. `webmacs.cli_import` is the command line.
+`datapoints` streams the datapoints into the hypertable with a resumable checkpoint, `run` puts the phases
+together (lock, resume, dry run), `files` reads CSV and Parquet, `report` says what happened.
+`webmacs.cli_import` is the command line.
 """

@@ -75,8 +75,9 @@ class Report:
         return any(p.blocking for p in self.problems)
 
     def to_json(self) -> dict[str, Any]:
+        # Tables as a list: their order survives a jsonb column (an object's keys would not).
         return {
-            "tables": {k: asdict(v) for k, v in self.tables.items()},
+            "tables": [{"table": k, **asdict(v)} for k, v in self.tables.items()],
             "problems": [asdict(p) for p in self.problems],
             "datapoints": self.datapoints,
             "notes": self.notes,
@@ -85,7 +86,7 @@ class Report:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
         return cls(
-            tables={k: TableCount(**v) for k, v in data.get("tables", {}).items()},
+            tables={t["table"]: TableCount(**{k: v for k, v in t.items() if k != "table"}) for t in data["tables"]},
             problems=[Problem(**p) for p in data.get("problems", [])],
             datapoints=dict(data.get("datapoints", {})),
             notes=list(data.get("notes", [])),

@@ -13,6 +13,8 @@ import psycopg
 from psycopg import ClientCursor, sql
 from psycopg.rows import dict_row
 
+from webmacs.importer.report import Report
+
 #: Tables and columns without which a database is not a WebMACS database.
 REQUIRED = {
     "users": {"id", "public_id", "email", "username", "password_hash"},
@@ -179,12 +181,9 @@ class Source:
         row = self.conn.execute('SELECT min("timestamp"), max("timestamp") FROM datapoints').fetchone()
         return (row[0], row[1]) if row else (None, None)
 
-    def datapoint_problems(self, report: Any, *, now: datetime) -> int:
+    def datapoint_problems(self, report: Report, *, now: datetime) -> int:
         """Count the datapoints and add to `report` what the import would skip, shift or flag. One pass for
         the per-row checks, one per join. Returns the number of datapoints."""
-        from webmacs.importer.report import Report
-
-        assert isinstance(report, Report)
         x = self.has("datapoints", "experiment_public_id")
         row = self.conn.execute(
             'SELECT count(*), count(*) FILTER (WHERE "timestamp" IS NULL),'
