@@ -93,23 +93,31 @@ class Progress:
         self.started = time.monotonic()
         self.drawn = 0.0
         self.first_rows: int | None = None
+        self.rows = 0
 
     def __call__(self, fraction: float, rows: int, *, final: bool = False) -> None:
         now = time.monotonic()
         if self.first_rows is None:
-            self.first_rows = rows  # the first call says where a resumed run starts: the rate counts from there
+            # The first call comes as the datapoints start (after a resumed run's rows): the rate counts from here.
+            self.first_rows, self.started = rows, now
+        self.rows = rows
         if not final and now - self.drawn < 0.2:
             return
         self.drawn = now
         fraction = max(0.0, min(1.0, fraction))
         filled = round(self.WIDTH * fraction)
-        rate = (rows - self.first_rows) / max(now - self.started, 1e-9)
+        rate = self.streamed / max(now - self.started, 1e-9)
         sys.stderr.write(
             f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {fraction:4.0%} {rows:,} rows {rate:,.0f} rows/s"
         )
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+    @property
+    def streamed(self) -> int:
+        """Rows this run streamed."""
+        return 0 if self.first_rows is None else self.rows - self.first_rows
 
 
 def _target(settings: Settings) -> str:
@@ -134,7 +142,6 @@ def run_webmacs(args: argparse.Namespace, settings: Settings) -> int:
             report = run.dry_run(args.source, target, merge=args.merge)
         else:
             progress = Progress()
-            started = time.monotonic()
             try:
                 report = run.import_webmacs(
                     args.source,
@@ -147,10 +154,11 @@ def run_webmacs(args: argparse.Namespace, settings: Settings) -> int:
             except KeyboardInterrupt:
                 sys.stderr.write("\ninterrupted: run the same command again to resume after the last batch written\n")
                 return INTERRUPTED
-            progress(1.0, report.datapoints.get("read", 0), final=True)
-            seconds = time.monotonic() - started
-            rows = report.datapoints.get("read", 0) - (progress.first_rows or 0)
-            report.notes.append(f"{rows:,} datapoints in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
+            if progress.first_rows is not None:  # datapoints were streamed (not a finished import run again)
+                progress(1.0, report.datapoints.get("read", 0), final=True)
+                seconds = time.monotonic() - progress.started
+                rows = progress.streamed
+                report.notes.append(f"{rows:,} datapoints streamed in {seconds:.1f} s ({rows / seconds:,.0f} rows/s)")
     except NotWebmacs as e:
         sys.stderr.write(f"webmacs import: {e}\n")
         return 1

@@ -101,4 +101,4 @@ def test_sigkill_at_random_points_then_rerun(
         # The counters commit with the rows: exact across the kills too.
         assert t.execute(counters).fetchall() == r.execute(counters).fetchall(), (seed, kills)
         assert t.execute(counters).fetchone() == ("complete", total, total, 0, webmacs_source.collisions)
-    assert b"datapoints in" in out
+    assert b"datapoints streamed in" in out

@@ -16,6 +16,7 @@ DATAPOINT_COUNTERS = {
     "unknown_event": "skipped: no event, or an event that does not exist",
     "invalid_value": "skipped: value NULL, NaN or infinite",
     "bad_time": "skipped: time before 1970 or more than 5 minutes ahead",
+    "no_timestamp": "skipped: no timestamp (never streamed)",
 }
 
 
