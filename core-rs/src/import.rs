@@ -660,13 +660,13 @@ impl SourceBatcher {
     }
 }
 
+/// What the reader hands the writer: a batch, the end of the source (`Ok(None)`), or why it stopped. A
+/// channel that closes without the end (the reader died) is an error, never a finished import.
+type Batches = tokio::sync::mpsc::Sender<Result<Option<Batch>>>;
+
 /// Read the source statement and convert it into batches, sent to the writer; ends at the stream's end or
 /// when the writer stops listening.
-async fn read_source(
-    transfer: Transfer,
-    converter: Converter,
-    batches: tokio::sync::mpsc::Sender<Result<Batch>>,
-) {
+async fn read_source(transfer: Transfer, converter: Converter, batches: Batches) {
     let result = async {
         let source = pg::connect(&transfer.source_dsn, "webmacs-import-source").await?;
         // The old database is only ever read.
@@ -688,14 +688,17 @@ async fn read_source(
                 Ok(Some(message)) => message?,
             };
             if let Some(batch) = batcher.message(&message)? {
-                if batches.send(Ok(batch)).await.is_err() {
+                if batches.send(Ok(Some(batch))).await.is_err() {
                     return Ok(());
                 }
             }
         }
         if let Some(batch) = batcher.finish()? {
-            let _ = batches.send(Ok(batch)).await;
+            if batches.send(Ok(Some(batch))).await.is_err() {
+                return Ok(());
+            }
         }
+        let _ = batches.send(Ok(None)).await;
         Ok(())
     }
     .await;
@@ -721,10 +724,16 @@ pub async fn transfer(
         if progress.cancelled() {
             break false;
         }
-        let Some(batch) = rx.recv().await else {
-            break true;
+        let batch = match rx.recv().await {
+            Some(Ok(Some(batch))) => batch,
+            Some(Ok(None)) => break true,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(ImportError::Stream(
+                    "the source reader stopped before the end of the stream".into(),
+                ))
+            }
         };
-        let batch = batch?;
         let (inserted, duplicates) = write_batch(
             &mut target,
             &batch.data,

@@ -88,5 +88,8 @@ def stream(
         raise
     if failure:
         raise failure[0]
+    if not outcome.get("completed"):
+        # Only Ctrl-C cancels (handled above); never mark a run complete that did not read to the end.
+        raise RuntimeError("the datapoint transfer stopped before the end of the source")
     report()
     return outcome
