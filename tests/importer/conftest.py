@@ -26,7 +26,7 @@ def admin_url(db_url: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def _databases(db_url: str) -> Iterator[list[str]]:
+def created_databases(db_url: str) -> Iterator[list[str]]:
     created: list[str] = []
     yield created
     with psycopg.connect(admin_url(db_url), autocommit=True) as c:
@@ -35,31 +35,31 @@ def _databases(db_url: str) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="session")
-def new_database(db_url: str, _databases: list[str]) -> NewDatabase:
+def new_database(db_url: str, created_databases: list[str]) -> NewDatabase:
     """Factory: an empty database on the test cluster (dropped at the end of the session); returns its URL."""
 
     def create() -> str:
         name = unique("imp").replace("-", "_")
-        _databases.append(name)
+        created_databases.append(name)
         return webmacs_fixture.create_database(admin_url(db_url), name)
 
     return create
 
 
 @pytest.fixture(scope="session")
-def webmacs_source(db_url: str, _databases: list[str]) -> Fixture:
+def webmacs_source(db_url: str, created_databases: list[str]) -> Fixture:
     """The WebMACS database with about a million datapoints (built once per session, only ever read)."""
     name = unique("webmacs_src").replace("-", "_")
-    _databases.append(name)
+    created_databases.append(name)
     # WebMACS ran with the SECRET_KEY the test servers use: its JWTs can be presented to them.
     return webmacs_fixture.build(admin_url(db_url), name, secret=SECRET)
 
 
 @pytest.fixture(scope="session")
-def small_source(db_url: str, _databases: list[str]) -> Fixture:
+def small_source(db_url: str, created_databases: list[str]) -> Fixture:
     """The same kind of WebMACS database with 20,000 datapoints, for the tests that import it many times."""
     name = unique("webmacs_small").replace("-", "_")
-    _databases.append(name)
+    created_databases.append(name)
     return webmacs_fixture.build(admin_url(db_url), name, batches=2_000)
 
 

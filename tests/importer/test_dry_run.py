@@ -17,11 +17,11 @@ from webmacs.importer.run import dry_run, import_webmacs
 
 
 @pytest.fixture(scope="module")
-def dirty(db_url: str, _databases: list[str]) -> Fixture:
+def dirty(db_url: str, created_databases: list[str]) -> Fixture:
     """A small WebMACS database that lost its foreign keys (as one restored from a dump of SQLite might) and
     holds every kind of problem."""
     name = unique("webmacs_dirty").replace("-", "_")
-    _databases.append(name)
+    created_databases.append(name)
     f = build(admin_url(db_url), name, batches=300)
     ev, ev2 = f.event_ids[0], f.event_ids[1]
     with psycopg.connect(f.dsn, autocommit=True) as c:
@@ -145,3 +145,24 @@ def test_unusable_sources_are_one_line_errors(new_database: NewDatabase, run_cli
     assert "does not hold WebMACS's tables (missing: users, events, experiments, datapoints)" in err
     status, _, err = run_cli(target, "import", "webmacs", "--from", "postgresql://nobody@127.0.0.1:1/webmacs")
     assert status == 1 and err.strip().startswith("webmacs import: connection") and "resume" in err
+
+
+def test_a_webmacs_from_before_roles_and_tokens(
+    db_url: str, created_databases: list[str], new_database: NewDatabase
+) -> None:
+    """WebMACS before alembic 004 had an `admin` flag instead of roles, and no API tokens or plugin tables."""
+    name = unique("webmacs_old").replace("-", "_")
+    created_databases.append(name)
+    old = build(admin_url(db_url), name, batches=50)
+    with psycopg.connect(old.dsn, autocommit=True) as c:
+        c.execute("ALTER TABLE users ADD COLUMN admin boolean NOT NULL DEFAULT false")
+        c.execute("UPDATE users SET admin = (role = 'admin')")
+        c.execute("ALTER TABLE users DROP COLUMN role, DROP COLUMN sso_provider, DROP COLUMN sso_subject_id")
+        c.execute("DROP TABLE api_tokens, channel_mappings, plugin_instances, plugin_packages")
+    target = new_database()
+    report = import_webmacs(old.dsn, target)
+    assert report.tables["api_tokens"].source == report.tables["plugin_instances"].source == 0
+    assert report.datapoints["inserted"] == old.datapoints
+    with psycopg.connect(target) as c:
+        roles = c.execute("SELECT username, role FROM users ORDER BY id").fetchall()
+    assert roles == [("admin", "admin"), ("olga", "viewer"), ("victor", "viewer"), ("sso_user", "viewer")]
