@@ -11,18 +11,25 @@ Each round, on fresh target databases with our migrations applied beforehand:
   copy_limit  the same converted rows (read back from the first import as one binary COPY stream, held in
               memory) written by psycopg with one `COPY datapoints … FROM STDIN (FORMAT binary)` in one
               transaction: what writing these rows costs when nothing is read, converted or checkpointed
-The best round of each is reported (the rounds alternate, so load from elsewhere falls on both alike).
+The best round of each is reported (the rounds alternate, so load from elsewhere falls on both alike), with
+the CPU seconds per million rows of the processes involved (PostgreSQL backends read from /proc): on a 2-core
+machine the import's reading and converting compete with the target's COPY for the cores.
 The last line is machine-readable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -43,6 +50,41 @@ COPY_IN = "COPY datapoints (time, event_id, experiment_id, value) FROM STDIN (FO
 PIECE = 1 << 20
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(admin: str, apps: tuple[str, ...], work: Callable[[], Any]) -> tuple[float, dict[str, float]]:
+    """Seconds `work` takes, and the CPU seconds of this process and of the backends whose application_name
+    starts with one of `apps` (sampled until they end)."""
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(admin, autocommit=True) as c:
+            while not done.is_set():
+                for pid, app in c.execute(
+                    "SELECT pid, application_name FROM pg_stat_activity WHERE application_name = ANY(%s)",
+                    (list(apps),),
+                ):
+                    with contextlib.suppress(OSError):  # it ended between the query and the read
+                        seen[app] = cpu_seconds(pid)
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    before = os.times()
+    started = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - started
+    after = os.times()
+    done.set()
+    watcher.join()
+    seen["this process"] = after.user - before.user + after.system - before.system
+    return seconds, seen
+
+
 def fresh_target(admin: str, name: str) -> str:
     url = webmacs_fixture.create_database(admin, name)
     migrate.apply(url, "1 day")
@@ -54,15 +96,17 @@ def read_back(url: str) -> bytes:
         return b"".join(bytes(piece) for piece in copy)
 
 
-def plain_copy(url: str, data: bytes) -> float:
-    """Seconds to write `data` with one binary COPY in one transaction."""
-    with psycopg.connect(url) as db:
-        started = time.perf_counter()
+def plain_copy(url: str, data: bytes) -> None:
+    """Write `data` with one binary COPY in one transaction."""
+    with psycopg.connect(url, application_name="bench-copy") as db:
         with db.cursor() as cur, cur.copy(COPY_IN) as copy:
             for at in range(0, len(data), PIECE):
                 copy.write(data[at : at + PIECE])
         db.commit()
-        return time.perf_counter() - started
+
+
+def per_million(cpu: dict[str, float], rows: int) -> str:
+    return ", ".join(f"{name} {seconds * 1e6 / rows:.2f}" for name, seconds in cpu.items())
 
 
 def main() -> int:
@@ -88,17 +132,31 @@ def main() -> int:
         data = b""
         for r in range(rounds):
             target = fresh_target(admin, f"import_{r}")
-            started = time.perf_counter()
-            report = import_webmacs(source.dsn, target, batch_rows=batch_rows)
-            imports.append(time.perf_counter() - started)
-            if report.datapoints["inserted"] != rows:
-                raise RuntimeError(f"the import wrote {report.datapoints['inserted']:,} of {rows:,} rows")
-            print(f"import       {rows / imports[-1]:>12,.0f} rows/s (round {r + 1}, {imports[-1]:.2f} s)", flush=True)
+            outcome: dict[str, Any] = {}
+
+            def run_import(target: str = target, outcome: dict[str, Any] = outcome) -> None:
+                outcome["report"] = import_webmacs(source.dsn, target, batch_rows=batch_rows)
+
+            seconds, cpu = with_cpu(admin, ("webmacs-import", "webmacs-import-source"), run_import)
+            imports.append(seconds)
+            inserted = outcome["report"].datapoints["inserted"]
+            if inserted != rows:
+                raise RuntimeError(f"the import wrote {inserted:,} of {rows:,} rows")
+            print(
+                f"import       {rows / seconds:>12,.0f} rows/s (round {r + 1}, {seconds:.2f} s; CPU s per million"
+                f" rows: {per_million(cpu, rows)})",
+                flush=True,
+            )
             if not data:
                 data = read_back(target)
             baseline = fresh_target(admin, f"copy_{r}")
-            copies.append(plain_copy(baseline, data))
-            print(f"copy_limit   {rows / copies[-1]:>12,.0f} rows/s (round {r + 1}, {copies[-1]:.2f} s)", flush=True)
+            seconds, cpu = with_cpu(admin, ("bench-copy",), functools.partial(plain_copy, baseline, data))
+            copies.append(seconds)
+            print(
+                f"copy_limit   {rows / seconds:>12,.0f} rows/s (round {r + 1}, {seconds:.2f} s; CPU s per million"
+                f" rows: {per_million(cpu, rows)})",
+                flush=True,
+            )
             with psycopg.connect(admin, autocommit=True) as c:
                 for name in (f"import_{r}", f"copy_{r}"):
                     c.execute(psycopg.sql.SQL("DROP DATABASE {}").format(psycopg.sql.Identifier(name)))
