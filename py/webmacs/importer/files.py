@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 FileFormat = Literal["csv", "parquet"]
+#: Columns of datapoints on their way in: times (int64 µs), event ids, values, experiment ids.
+Part = tuple["pa.Array", "pa.Array", "pa.Array", "pa.Array"]
 #: Rows per batch read from the file and written in one transaction.
 BATCH_ROWS = 50_000
 TIME_COLUMNS = ("time", "timestamp")
@@ -142,9 +144,11 @@ def _times(column: pa.Array, tz: str | None) -> pa.Array:
 
     utc = pa.timestamp("us", tz="UTC")
     if pa.types.is_timestamp(column.type):
+        # Nanoseconds (pandas' unit) are cut to our microseconds.
         if column.type.tz is None:
-            column = pc.assume_timezone(column.cast(pa.timestamp("us")), tz or "UTC", ambiguous="earliest")
-        return column.cast(utc).cast(pa.int64())
+            naive = pc.cast(column, pa.timestamp("us"), safe=False)
+            column = pc.assume_timezone(naive, tz or "UTC", ambiguous="earliest")
+        return pc.cast(column, utc, safe=False).cast(pa.int64())
     if pa.types.is_date(column.type):
         return pc.assume_timezone(column.cast(pa.timestamp("us")), tz or "UTC").cast(pa.int64())
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
@@ -256,7 +260,7 @@ def import_file(
                 n = batch.num_rows
                 times = _times(batch.column(layout.time), tz)
                 tags = pa.array([tag] * n, pa.int32()) if tag is not None else pa.nulls(n, pa.int32())
-                parts: list[tuple[pa.Array, pa.Array, pa.Array, pa.Array]] = []
+                parts: list[Part] = []
                 if layout.event_column and layout.value_column:
                     events = _ids(batch.column(layout.event_column).cast(pa.string()), lookup.events)
                     if tag is None and layout.experiment_column:
@@ -282,15 +286,8 @@ def import_file(
                                 tags.filter(present),
                             )
                         )
-                for t, e, v, x in parts:
-                    t, v, x = (a.filter(pc.is_valid(e)) for a in (t, v, x))
-                    e = e.filter(pc.is_valid(e))
-                    counts["bad_time"] += t.null_count
-                    timed = pc.is_valid(t)
-                    t, e, v, x = (a.filter(timed) for a in (t, e, v, x))
-                    counts["invalid_value"] += v.null_count
-                    valued = pc.is_valid(v)
-                    t, e, v, x = (a.filter(valued) for a in (t, e, v, x))
+                for part in parts:
+                    t, e, v, x = _usable(part, counts)
                     if not len(t):
                         continue
                     if writer is None:
@@ -312,6 +309,22 @@ def import_file(
                 writer.close()
     report.datapoints = counts
     return report
+
+
+def _usable(part: Part, counts: dict[str, int]) -> Part:
+    """(times, events, values, experiments) without the rows that cannot be written, each counted once: no
+    known event (already counted), no time, no value."""
+    import pyarrow.compute as pc
+
+    t, e, v, x = part
+    known = pc.is_valid(e)
+    t, e, v, x = (a.filter(known) for a in (t, e, v, x))
+    counts["bad_time"] += t.null_count
+    timed = pc.is_valid(t)
+    t, e, v, x = (a.filter(timed) for a in (t, e, v, x))
+    counts["invalid_value"] += v.null_count
+    valued = pc.is_valid(v)
+    return t.filter(valued), e.filter(valued), v.filter(valued), x.filter(valued)
 
 
 def _extend(seen: dict[str, Any], key: str, value: Any, pick: Any) -> None:
