@@ -101,4 +101,5 @@ def test_sigkill_at_random_points_then_rerun(
         # The counters commit with the rows: exact across the kills too.
         assert t.execute(counters).fetchall() == r.execute(counters).fetchall(), (seed, kills)
         assert t.execute(counters).fetchone() == ("complete", total, total, 0, webmacs_source.collisions)
-    assert b"datapoints streamed in" in out
+    # (The last kill may have come after a run had finished: the final run then has nothing left to do.)
+    assert b"datapoints streamed in" in out or b"imported already" in out
