@@ -761,7 +761,7 @@ mod tests {
     const NOW: i64 = 1_764_000_000_000_000; // 2025-11-24
     const MAX: usize = DEFAULT_MAX_FRAME_BYTES;
 
-    fn parse(b: &[u8]) -> Result<ParsedFrame, FrameError> {
+    fn parse(b: &[u8]) -> Result<ParsedFrame<'_>, FrameError> {
         parse_frame(b, NOW, MAX)
     }
 

@@ -9,6 +9,7 @@ pub mod downsample;
 pub mod engine;
 pub mod error;
 pub mod frame;
+pub mod import;
 pub mod pg;
 pub mod pgcopy;
 pub mod rules;

@@ -9,12 +9,14 @@ __all__ = [
     "CopyReader",
     "CoreException",
     "DatabaseError",
+    "DatapointWriter",
     "Engine",
     "EngineClosedError",
     "FrameTooLargeError",
     "InvalidFrameError",
     "QueueFullError",
     "Receipt",
+    "WebmacsTransfer",
     "__version__",
     "decode_datapoints",
     "downsample_avg",
@@ -143,4 +145,39 @@ class CopyReader:
         self, statement: str, max_rows: int, ties_by_event: bool = False, prefetch: str | None = None
     ) -> None: ...
     def next_frame(self) -> _Columns | None: ...
+    def close(self) -> None: ...
+
+# History import (`core-rs/src/py/import.rs`): WebMACS's datapoints streamed into the hypertable with a checkpoint
+# per batch, and datapoints from files as native-endian column buffers (Arrow layout).
+@final
+class WebmacsTransfer:
+    def __new__(
+        cls,
+        source_dsn: str,
+        target_dsn: str,
+        statement: str,
+        *,
+        run_id: int,
+        events: dict[str, tuple[int, float, float]],
+        experiments: dict[str, int],
+        carry: list[tuple[int, int]],
+        batch_rows: int = 50000,
+        now_us: int | None = None,
+    ) -> WebmacsTransfer: ...
+    def run(self) -> dict[str, int]: ...
+    def progress(self) -> tuple[int, int, int | None]: ...
+    def cancel(self) -> None: ...
+
+@final
+class DatapointWriter:
+    def __new__(cls, dsn: str) -> DatapointWriter: ...
+    def write(
+        self,
+        time_us: bytes,
+        event_id: bytes,
+        value: bytes,
+        experiment_id: bytes,
+        experiment_validity: bytes | None = None,
+        now_us: int | None = None,
+    ) -> tuple[int, int, dict[str, int]]: ...
     def close(self) -> None: ...

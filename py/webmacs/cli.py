@@ -1,4 +1,4 @@
-"""The `webmacs` command: `serve`, `db up|down|status|url|migrate|backup|restore`, `export` and `updater`."""
+"""The `webmacs` command: `serve`, `db up|down|status|url|migrate|backup|restore`, `export`, `import` and `updater`."""
 
 from __future__ import annotations
 
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     from webmacs import cli_export
 
     cli_export.add_parser(sub)
+    from webmacs import cli_import
+
+    cli_import.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.handler(args, settings))
         if args.command == "updater":
             return cmd_updater(args, settings)
+        if args.command == "import":
+            return int(args.handler(args, settings))
         return cmd_serve(args, settings)
     except Exception as e:  # a clear one-line message instead of a traceback for operational failures
         from webmacs.db.backup import BackupError

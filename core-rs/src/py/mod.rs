@@ -3,6 +3,7 @@
 mod downsample;
 mod engine;
 mod errors;
+mod import;
 mod pgcopy;
 
 use pyo3::prelude::*;
@@ -74,5 +75,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     engine::register(m)?;
     downsample::register(m)?;
     pgcopy::register(m)?;
+    import::register(m)?;
     Ok(())
 }
