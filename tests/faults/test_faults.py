@@ -194,7 +194,8 @@ def reconcile(url: str, event_id: int, load: Load) -> dict[str, int]:
         counts[v] = counts.get(v, 0) + 1
     lost = [v for v in load.acked if v not in counts]
     duplicated = [v for v, n in counts.items() if n > 1]
-    unknown = [v for v in counts if v not in set(load.sent)]
+    sent = set(load.sent)
+    unknown = [v for v in counts if v not in sent]
     assert not lost, f"{len(lost)} acknowledged rows lost, e.g. {lost[:5]}"
     assert not duplicated, f"{len(duplicated)} rows stored twice, e.g. {duplicated[:5]}"
     assert not unknown
