@@ -153,6 +153,10 @@ def bench_copy_ceiling(
         for c in range(conns)
     ]
     ready = threading.Barrier(conns + 1)
+    # The backends' CPU time is read while they still exist (a closed connection's process is gone).
+    done = threading.Barrier(conns + 1)
+    measured = threading.Event()
+    finished: list[float] = []
 
     def writer(batches: list[bytes]) -> None:
         with psycopg.connect(url) as conn:
@@ -161,15 +165,21 @@ def bench_copy_ceiling(
                 with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:
                     copy.write(b)
                 conn.commit()
+            finished.append(time.perf_counter())
+            done.wait()
+            measured.wait()
 
     threads = [threading.Thread(target=writer, args=(st,)) for st in streams]
     for t in threads:
         t.start()
     ready.wait()
     db0, t0 = db_cpu_seconds(cluster), time.perf_counter()
+    done.wait()
+    db = db_cpu_seconds(cluster) - db0
+    elapsed = max(finished) - t0
+    measured.set()
     for t in threads:
         t.join()
-    elapsed, db = time.perf_counter() - t0, db_cpu_seconds(cluster) - db0
     return share * conns / elapsed, db / (share * conns) * 1e6
 
 

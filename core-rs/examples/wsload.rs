@@ -105,7 +105,14 @@ async fn connection(
         while let Some(msg) = source.next().await {
             let text = match msg {
                 Ok(Message::Text(t)) => t,
-                Ok(Message::Close(c)) => return Err(format!("closed by the server: {c:?}")),
+                Ok(Message::Close(c)) => {
+                    // The answer to our own close at the end, or the server ending the session: either way
+                    // hand over what was measured.
+                    if let Ok(mut all) = reader_totals.latencies.lock() {
+                        all.append(&mut latencies);
+                    }
+                    return Err(format!("closed by the server: {c:?}"));
+                }
                 Ok(_) => continue,
                 Err(e) => return Err(e.to_string()),
             };

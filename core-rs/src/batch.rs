@@ -12,9 +12,83 @@ use crate::writer::{row_bytes, Row};
 pub struct BatchPolicy {
     pub max_rows: usize,
     pub max_bytes: usize,
-    /// How long the first row of a batch may wait for company before the batch is written anyway, when a
-    /// writer is free. While every writer is busy rows accumulate regardless, so batches grow with the load.
+    /// How long the first row of a batch may wait for company (see `should_close`).
     pub max_age: Duration,
+}
+
+/// How much longer than `max_age` rows wait before a second writer starts a transaction beside a busy one:
+/// parallel transactions are for a load one writer cannot keep up with, not for latency.
+const PARALLEL_AFTER: u32 = 4;
+/// Below this many rows a batch is not worth waiting for: per-transaction costs are irrelevant at a rate that
+/// low, latency is not.
+const WORTH_WAITING_ROWS: f64 = 64.0;
+
+/// Whether the batch being filled closes now. A batch always closes when full. While another writer is inside
+/// a transaction, rows keep accumulating (batches grow with the load) until PARALLEL_AFTER × max_age. With no
+/// writer busy, the batch closes when it holds what arrives in max_age at the current rate, or its first row
+/// has waited max_age: an idle engine (a rate too low to fill a worthwhile batch) writes each row at once, a
+/// busy one writes fewer, larger transactions, which is what costs the database least per row.
+pub fn should_close(
+    size: &BatchSize,
+    policy: &BatchPolicy,
+    now: Instant,
+    others_writing: bool,
+    rate_rows_per_s: f64,
+) -> bool {
+    let Some(opened) = size.opened_at else {
+        return false;
+    };
+    let age = now.saturating_duration_since(opened);
+    if others_writing {
+        return age >= policy.max_age * PARALLEL_AFTER;
+    }
+    let expected = rate_rows_per_s * policy.max_age.as_secs_f64();
+    expected < WORTH_WAITING_ROWS
+        || size.rows as f64 >= expected.min(policy.max_rows as f64)
+        || age >= policy.max_age
+}
+
+/// When `should_close` turns true by age alone (None while empty).
+pub fn close_due(size: &BatchSize, policy: &BatchPolicy, others_writing: bool) -> Option<Instant> {
+    let factor = if others_writing { PARALLEL_AFTER } else { 1 };
+    size.opened_at.map(|t| t + policy.max_age * factor)
+}
+
+/// The rate rows arrive at, over the last `window` (updated by the writer filling the next batch).
+#[derive(Debug)]
+pub struct RateMeter {
+    window: Duration,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RateMeter {
+    pub fn new(window: Duration) -> Self {
+        RateMeter {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Record the count of rows queued so far at `now`; returns rows per second over the window.
+    pub fn observe(&mut self, now: Instant, total_rows: u64) -> f64 {
+        self.samples.push_back((now, total_rows));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|s| now.saturating_duration_since(s.0) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+        let Some(&(t0, n0)) = self.samples.front() else {
+            return 0.0;
+        };
+        let dt = now.saturating_duration_since(t0).as_secs_f64();
+        if dt <= 0.0 {
+            return 0.0;
+        }
+        total_rows.saturating_sub(n0) as f64 / dt
+    }
 }
 
 impl Default for BatchPolicy {
@@ -153,6 +227,8 @@ pub struct Full {
 pub struct Queue {
     frames: VecDeque<QueuedFrame>,
     depth: usize,
+    /// Rows ever queued (for the arrival rate).
+    pushed: u64,
     by_source: HashMap<u64, usize>,
     capacity: usize,
     source_capacity: usize,
@@ -170,6 +246,7 @@ impl Queue {
         Ok(Queue {
             frames: VecDeque::new(),
             depth: 0,
+            pushed: 0,
             by_source: HashMap::new(),
             capacity,
             source_capacity,
@@ -179,6 +256,11 @@ impl Queue {
     /// Rows waiting for a writer.
     pub fn depth(&self) -> usize {
         self.depth
+    }
+
+    /// Rows ever queued.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 
     pub fn is_empty(&self) -> bool {
@@ -212,6 +294,7 @@ impl Queue {
             return;
         }
         self.depth += rows.len();
+        self.pushed += rows.len() as u64;
         *self.by_source.entry(meta.source).or_default() += rows.len();
         self.frames.push_back(QueuedFrame {
             meta,
@@ -442,6 +525,74 @@ mod tests {
         assert_eq!(s.due_at(&p), Some(t0 + Duration::from_millis(10)));
         assert!(!s.is_due(&p, t0 + Duration::from_millis(9)));
         assert!(s.is_due(&p, t0 + Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn batches_close_at_once_when_idle_and_grow_under_load() {
+        let p = BatchPolicy::new(20_000, 1 << 30, Duration::from_millis(10)).unwrap();
+        let t0 = Instant::now();
+        let mut s = BatchSize::default();
+        assert!(!should_close(&s, &p, t0, false, 0.0), "nothing to write");
+        s.add(42, t0);
+        // Idle (a few frames a second): the row goes out at once.
+        assert!(should_close(&s, &p, t0, false, 100.0));
+        // 200k rows/s: worth waiting for the ~2,000 rows 10 ms bring, unless they are there or 10 ms passed.
+        assert!(!should_close(&s, &p, t0, false, 200_000.0));
+        for _ in 0..1_999 {
+            s.add(42, t0);
+        }
+        assert!(should_close(&s, &p, t0, false, 200_000.0));
+        let mut one = BatchSize::default();
+        one.add(42, t0);
+        assert!(should_close(
+            &one,
+            &p,
+            t0 + Duration::from_millis(10),
+            false,
+            200_000.0
+        ));
+        assert_eq!(
+            close_due(&one, &p, false),
+            Some(t0 + Duration::from_millis(10))
+        );
+        // Beside a busy writer: only after 4 × max_age (a full batch closes anyway, before this is asked).
+        assert!(!should_close(
+            &one,
+            &p,
+            t0 + Duration::from_millis(39),
+            true,
+            1.0
+        ));
+        assert!(should_close(
+            &one,
+            &p,
+            t0 + Duration::from_millis(40),
+            true,
+            1.0
+        ));
+        assert_eq!(
+            close_due(&one, &p, true),
+            Some(t0 + Duration::from_millis(40))
+        );
+        // A rate beyond max_rows per max_age waits for max_rows, not more.
+        let mut full = BatchSize::default();
+        for _ in 0..20_000 {
+            full.add(42, t0);
+        }
+        assert!(should_close(&full, &p, t0, false, 1e9));
+    }
+
+    #[test]
+    fn rate_meter_measures_over_its_window() {
+        let mut m = RateMeter::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        assert_eq!(m.observe(t0, 0), 0.0);
+        let r = m.observe(t0 + Duration::from_millis(50), 5_000);
+        assert!((r - 100_000.0).abs() < 1.0, "{r}");
+        m.observe(t0 + Duration::from_millis(150), 10_000);
+        // The old samples leave the window: the rate is the recent one.
+        let r = m.observe(t0 + Duration::from_millis(300), 10_000);
+        assert!(r < 40_000.0, "{r}");
     }
 
     #[test]

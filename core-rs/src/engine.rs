@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::batch::{Batch, BatchPolicy, CommitOrder, FrameMeta, Outcome, Queue};
+use crate::batch::{self, Batch, BatchPolicy, CommitOrder, FrameMeta, Outcome, Queue, RateMeter};
 use crate::catalog::{Catalog, EventEntry};
 use crate::error::CoreError;
 use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
@@ -717,9 +717,8 @@ fn push_bounded<T>(buf: &mut VecDeque<T>, cap: usize, stats: &Stats, item: T) {
 /// One writer: take the right to fill, fill the next batch from the queue in order, hand the right on, write
 /// the batch in one transaction, then release the tickets it completed (in batch order, see `CommitOrder`).
 ///
-/// Batches close adaptively: a free writer writes what has queued at once when no other writer is inside a
-/// transaction (an idle engine adds no delay); while one is, rows keep accumulating until the batch is full
-/// or its oldest row has waited `max_age`, so under load batches grow and each commit carries more rows.
+/// Batches close adaptively (`batch::should_close`): at once when the engine is idle, larger as the load grows,
+/// and a second writer joins only when one cannot keep up.
 async fn run_writer(shared: Arc<Shared>) {
     let policy = shared.config.policy;
     let mut writer = Writer::new(
@@ -728,6 +727,8 @@ async fn run_writer(shared: Arc<Shared>) {
         shared.writer_status.clone(),
     );
     let (mut retries, mut reconnects) = (0, 0);
+    // Shared by whichever writer fills next would be better; per writer it converges within its window.
+    let mut meter = RateMeter::new(Duration::from_millis(200));
     loop {
         let mut batch = Batch::default();
         let fill = shared.fill.lock().await;
@@ -736,15 +737,17 @@ async fn run_writer(shared: Arc<Shared>) {
             let freed = shared.writer_free.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let full = {
+            let (full, pushed) = {
                 let mut st = shared.state();
                 let full = st.queue.fill(&mut batch, &policy);
                 shared
                     .stats
                     .queue_depth
                     .store(st.queue.depth() as u64, Ordering::Relaxed);
-                full
+                (full, st.queue.pushed())
             };
+            let now = Instant::now();
+            let rate = meter.observe(now, pushed);
             let closing = shared.closing.load(Ordering::Acquire);
             if batch.rows.is_empty() {
                 if closing {
@@ -756,10 +759,10 @@ async fn run_writer(shared: Arc<Shared>) {
                 continue;
             }
             let busy = shared.writing.load(Ordering::Acquire) > 0;
-            if full || closing || !busy || batch.size.is_due(&policy, Instant::now()) {
+            if full || closing || batch::should_close(&batch.size, &policy, now, busy, rate) {
                 break;
             }
-            let due = batch.size.due_at(&policy).unwrap_or_else(Instant::now);
+            let due = batch::close_due(&batch.size, &policy, busy).unwrap_or(now);
             tokio::select! {
                 _ = shared.writer_wake.notified() => {}
                 _ = &mut freed => {}
