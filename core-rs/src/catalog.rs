@@ -51,48 +51,48 @@ impl Catalog {
 
         let mut cat = Catalog::default();
         for row in events {
-            let public_id: Arc<str> = Arc::from(row.get::<_, &str>(1));
-            let id: i32 = row.get(0);
+            let public_id: Arc<str> = Arc::from(row.try_get::<_, &str>(1)?);
+            let id: i32 = row.try_get(0)?;
             cat.event_public_ids.insert(id, public_id.clone());
             cat.events.insert(
                 public_id.clone(),
                 EventEntry {
                     id,
                     public_id,
-                    active: row.get(2),
+                    active: row.try_get(2)?,
                     rules: Vec::new(),
                 },
             );
         }
         for row in experiments {
-            let id: i32 = row.get(0);
+            let id: i32 = row.try_get(0)?;
             cat.experiment_public_ids
-                .insert(id, Arc::from(row.get::<_, &str>(1)));
-            if row.get::<_, bool>(2) && cat.running_experiment.is_none_or(|r| id < r) {
+                .insert(id, Arc::from(row.try_get::<_, &str>(1)?));
+            if row.try_get::<_, bool>(2)? && cat.running_experiment.is_none_or(|r| id < r) {
                 cat.running_experiment = Some(id);
             }
         }
         for row in rules {
-            let event: &str = row.get(2);
+            let event: &str = row.try_get(2)?;
             let Some(entry) = cat.events.get_mut(event) else {
                 continue;
             };
             // A CHECK constraint limits operators; an unknown one would mean a newer schema: skip the rule.
-            let Ok(op) = Op::parse(row.get(3)) else {
+            let Ok(op) = Op::parse(row.try_get(3)?) else {
                 continue;
             };
-            let cooldown: i32 = row.get(8);
+            let cooldown: i32 = row.try_get(8)?;
             entry.rules.push(Arc::new(Rule {
-                id: row.get(0),
-                name: row.get(1),
+                id: row.try_get(0)?,
+                name: row.try_get(1)?,
                 op,
-                threshold: row.get(4),
-                threshold_high: row.get(5),
-                action_type: row.get(6),
-                webhook_event_type: row.get(7),
+                threshold: row.try_get(4)?,
+                threshold_high: row.try_get(5)?,
+                action_type: row.try_get(6)?,
+                webhook_event_type: row.try_get(7)?,
                 cooldown: Duration::from_secs(cooldown.max(0) as u64),
-                clear_threshold: row.get(9),
-                rearm_on_clear: row.get(10),
+                clear_threshold: row.try_get(9)?,
+                rearm_on_clear: row.try_get(10)?,
             }));
         }
         Ok(cat)
