@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod downsample;
 pub mod engine;
 pub mod error;
+pub mod fanout;
 pub mod frame;
 pub mod import;
 pub mod pg;

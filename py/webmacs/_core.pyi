@@ -96,6 +96,9 @@ class Engine:
         writers: int = 2,
         source_share: float = 0.25,
         write_timeout_s: float = 30.0,
+        fanout: str = "postgres",
+        nats_url: str | None = None,
+        nats_prefix: str = "webmacs",
     ) -> Engine: ...
     def submit(self, frame: bytes, strict: bool = False, source: int = 0) -> Receipt: ...
     def serve_websockets(

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     #: No request waits longer for its response to start (a stalled database): it is cancelled and answered 503.
     #: Longer than the REST ingest ack timeout.
     webmacs_request_timeout_s: float = Field(default=60.0, gt=0)
+    #: How live datapoints and "latest" values reach the other server processes on the same database:
+    #: PostgreSQL LISTEN/NOTIFY (no extra service), NATS (`webmacs_nats_url`), or off (one process).
+    webmacs_fanout: Literal["postgres", "nats", "off"] = "postgres"
+    #: A NATS server (`nats://host:4222`); when set, the fan-out uses it unless WEBMACS_FANOUT says otherwise.
+    webmacs_nats_url: str = ""
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.

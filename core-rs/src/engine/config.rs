@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::batch::BatchPolicy;
+use crate::fanout::Transport;
 use crate::frame;
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct EngineConfig {
     /// Deadline of one write transaction (and of a reconnect); past it the connection is dropped and the
     /// batch retried, so a database that stops answering cannot hold a writer forever.
     pub write_timeout: Duration,
+    /// How live points and "latest" reach the other server processes sharing the database.
+    pub fanout: Transport,
 }
 
 impl EngineConfig {
@@ -41,6 +44,7 @@ impl EngineConfig {
             writers: 2,
             source_share: 0.25,
             write_timeout: Duration::from_secs(30),
+            fanout: Transport::Postgres,
         }
     }
 }

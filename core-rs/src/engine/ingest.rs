@@ -207,14 +207,20 @@ impl IngestState {
             time_us,
             experiment_id: ctx.experiment_id,
         };
+        let mut changed = true;
         self.latest
             .entry(e.id)
             .and_modify(|l| {
                 if time_us >= l.time_us {
                     *l = latest
+                } else {
+                    changed = false;
                 }
             })
             .or_insert(latest);
+        if changed {
+            self.dirty_latest.insert(e.id);
+        }
         Row {
             time_us,
             event_id: e.id,

@@ -6,6 +6,7 @@
 mod config;
 mod ingest;
 mod listen;
+mod live;
 mod state;
 mod writing;
 
@@ -139,6 +140,7 @@ impl Engine {
                 reading_at: HashMap::new(),
                 broadcast_at: HashMap::new(),
                 latest: HashMap::new(),
+                dirty_latest: Default::default(),
                 firings: VecDeque::new(),
                 live: VecDeque::new(),
             }),
@@ -156,6 +158,8 @@ impl Engine {
             commit_signal: signal,
             commit_notify: Notify::new(),
             catalog_client: tokio::sync::Mutex::new(None),
+            live_tx: tokio::sync::broadcast::channel(1024).0,
+            fanout: Mutex::new(None),
         });
         runtime.block_on(async {
             shared.reload_catalog().await?;
@@ -165,6 +169,10 @@ impl Engine {
             .map(|_| runtime.spawn(writing::run_writer(shared.clone())))
             .collect();
         runtime.spawn(listen::run_listener(shared.clone()));
+        {
+            let _entered = runtime.enter();
+            live::start(shared.clone());
+        }
         Ok(Engine {
             handle: runtime.handle().clone(),
             shared,
@@ -278,6 +286,20 @@ impl Engine {
                 .filter_map(|p| catalog.events.get(p.as_str()).map(|e| e.id))
                 .collect::<Vec<i32>>()
         });
+        if let Some(f) = self
+            .shared
+            .fanout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            // The other processes' caches hold the deleted values too.
+            f.publish(crate::fanout::Message {
+                origin: f.origin,
+                reload: Some(ids.clone().unwrap_or_default()),
+                ..Default::default()
+            });
+        }
         self.handle.block_on(self.shared.load_latest(ids))
     }
 
@@ -285,8 +307,10 @@ impl Engine {
         self.shared.state().firings.drain(..).collect()
     }
 
-    pub fn drain_live(&self) -> Vec<LivePoint> {
-        self.shared.state().live.drain(..).collect()
+    /// Live points after each commit: this process's (throttled per event) and, with fan-out, the other
+    /// processes'. A receiver that falls behind misses batches (`Lagged`), never holds up the engine.
+    pub fn live_receiver(&self) -> tokio::sync::broadcast::Receiver<Arc<Vec<LivePoint>>> {
+        self.shared.live_tx.subscribe()
     }
 
     pub fn stats(&self) -> StatsSnapshot {

@@ -35,6 +35,8 @@ pub(crate) struct IngestState {
     pub(crate) reading_at: HashMap<i32, Instant>,
     pub(crate) broadcast_at: HashMap<i32, Instant>,
     pub(crate) latest: HashMap<i32, Latest>,
+    /// Events whose latest value changed here since the last fan-out.
+    pub(crate) dirty_latest: std::collections::HashSet<i32>,
     pub(crate) firings: VecDeque<Firing>,
     pub(crate) live: VecDeque<LivePoint>,
 }
@@ -63,6 +65,10 @@ pub(crate) struct Shared {
     /// One connection for catalog loads; the lock also serialises loads so a slow stale read never
     /// overwrites a newer snapshot.
     pub(crate) catalog_client: tokio::sync::Mutex<Option<PgClient>>,
+    /// Live points for this process's stream subscribers (its own and other processes'), after commits.
+    pub(crate) live_tx: tokio::sync::broadcast::Sender<Arc<Vec<LivePoint>>>,
+    /// The transport to the other server processes (None: alone, or fan-out off).
+    pub(crate) fanout: Mutex<Option<crate::fanout::Fanout>>,
 }
 
 impl Shared {

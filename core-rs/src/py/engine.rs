@@ -10,6 +10,7 @@ use pyo3::types::PyDict;
 use super::detached;
 use crate::batch::BatchPolicy;
 use crate::engine::{self, EngineConfig, Firing};
+use crate::fanout::Transport;
 use crate::error::CoreError;
 use crate::frame::Reject;
 use crate::ws::{Listener, WsConfig, WsServer};
@@ -137,7 +138,7 @@ impl Engine {
     #[new]
     #[pyo3(signature = (dsn, *, max_rows=20_000, max_bytes=4_194_304, max_age_ms=5, queue_capacity=200_000,
         max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2, writers=2, source_share=0.25,
-        write_timeout_s=30.0))]
+        write_timeout_s=30.0, fanout="postgres", nats_url=None, nats_prefix="webmacs"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -152,6 +153,9 @@ impl Engine {
         writers: usize,
         source_share: f64,
         write_timeout_s: f64,
+        fanout: &str,
+        nats_url: Option<String>,
+        nats_prefix: &str,
     ) -> PyResult<Self> {
         let secs = |s: f64| {
             Duration::try_from_secs_f64(s)
@@ -166,6 +170,20 @@ impl Engine {
         config.writers = writers;
         config.source_share = source_share;
         config.write_timeout = secs(write_timeout_s)?;
+        config.fanout = match (fanout, nats_url) {
+            ("off", _) => Transport::Off,
+            ("postgres", _) => Transport::Postgres,
+            ("nats", Some(url)) => Transport::Nats {
+                url,
+                prefix: nats_prefix.to_owned(),
+            },
+            (other, _) => {
+                return Err(CoreError::Config(format!(
+                    "fanout {other:?}: expected \"postgres\", \"nats\" (with nats_url) or \"off\""
+                ))
+                .into())
+            }
+        };
         let inner = detached(py, || engine::Engine::start(config))?;
         Ok(Engine {
             inner: Arc::new(inner),

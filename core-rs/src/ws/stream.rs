@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -101,15 +100,24 @@ pub fn batch_message(points: &[LivePoint]) -> String {
     serde_json::json!({"type": "datapoints_batch", "datapoints": datapoints}).to_string()
 }
 
-/// After each commit, send what passed the broadcast throttle to every subscriber.
+/// Send every batch of live points (this process's after its commits, and the other processes' through the
+/// fan-out) to every subscriber.
 pub(super) async fn broadcaster(inner: Arc<Inner>) {
     let mut stop = inner.stop.subscribe();
+    let mut live = inner.engine.live_receiver();
     loop {
-        tokio::select! {
-            _ = inner.engine.next_commit(Duration::from_millis(250)) => {}
+        let points = tokio::select! {
+            p = live.recv() => match p {
+                Ok(points) => points,
+                // This task fell behind the engine (a burst of commits): those batches are skipped, counted.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    inner.hub.dropped.fetch_add(n, Ordering::Relaxed);
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
             _ = stop.changed() => return,
-        }
-        let points = inner.engine.drain_live();
+        };
         if points.is_empty() || inner.hub.is_empty() {
             continue;
         }

@@ -251,6 +251,13 @@ class Ingest:
         await logs_repo.create(conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed[0])
 
 
+def fanout_options(settings: Any) -> dict[str, Any]:
+    """The engine's fan-out transport: NATS when a URL is configured (unless WEBMACS_FANOUT says otherwise)."""
+    if settings.webmacs_nats_url and settings.webmacs_fanout != "off":
+        return {"fanout": "nats", "nats_url": settings.webmacs_nats_url}
+    return {"fanout": "off" if settings.webmacs_fanout == "nats" else settings.webmacs_fanout}
+
+
 def engine_of(app: FastAPI) -> Ingest:
     return cast(Ingest, app.state.ingest)  # app.state is untyped (Starlette's State); set by install()'s start
 
@@ -269,6 +276,7 @@ def install(app: FastAPI) -> None:
             "source_share": settings.webmacs_ingest_source_share,
             "write_timeout_s": settings.webmacs_ingest_write_timeout_s,
             "max_frame_bytes": settings.webmacs_ingest_max_frame_bytes,
+            **fanout_options(settings),
         }
         options.update(getattr(app.state, "ingest_options", {}))
         ws_options: dict[str, Any] = {"recheck_s": settings.webmacs_ws_recheck_s}
