@@ -152,13 +152,15 @@ def test_production_accepts_a_long_secret() -> None:
     assert not s.weak_secret and s.secret_key_effective == "x" * 32
 
 
-def test_development_tolerates_an_empty_secret_with_a_random_signing_key() -> None:
-    a = Settings(_env_file=None, env="development", secret_key="")
-    b = Settings(_env_file=None, env="development", secret_key="")
+def test_development_tolerates_an_empty_secret_with_a_generated_key_shared_by_its_home(tmp_path: Path) -> None:
+    a = Settings(_env_file=None, env="development", secret_key="", webmacs_home=tmp_path / "a")
+    b = Settings(_env_file=None, env="development", secret_key="", webmacs_home=tmp_path / "a")
+    other = Settings(_env_file=None, env="development", secret_key="", webmacs_home=tmp_path / "b")
     assert a.weak_secret
-    # Never sign with "": each process gets its own random key, stable for its lifetime.
-    assert len(a.secret_key_effective) >= 32 and a.secret_key_effective == a.secret_key_effective
-    assert a.secret_key_effective != b.secret_key_effective
+    # Never sign with "": a random key generated once per home, shared by every process (worker) of it.
+    assert len(a.secret_key_effective) >= 32 and a.secret_key_effective == b.secret_key_effective
+    assert a.secret_key_effective != other.secret_key_effective
+    assert ((tmp_path / "a" / "secret-key").stat().st_mode & 0o777) == 0o600
 
 
 @pytest.mark.parametrize(

@@ -439,6 +439,7 @@ mod tests {
             event_id: 1,
             experiment_id: None,
             value: v,
+            server_time: true,
         }
     }
 

@@ -345,6 +345,7 @@ impl Converter {
             event_id: event.id,
             experiment_id,
             value,
+            server_time: false,
         })
     }
 
@@ -841,6 +842,7 @@ pub fn rows_from_columns(
             event_id,
             experiment_id: valid.then_some(experiment),
             value,
+            server_time: false,
         });
     }
     let mut rejected: Vec<(Reject, u64)> = rejected.into_iter().collect();
@@ -1000,7 +1002,8 @@ mod tests {
                 time_us: NOW,
                 event_id: 1,
                 experiment_id: Some(7),
-                value: 1.0
+                value: 1.0,
+                server_time: false,
             })
         );
         assert_eq!(
@@ -1009,7 +1012,8 @@ mod tests {
                 time_us: NOW,
                 event_id: 2,
                 experiment_id: None,
-                value: 11.0
+                value: 11.0,
+                server_time: false,
             })
         );
         assert_eq!(out.iter().filter(|r| r.is_some()).count(), 2);
@@ -1191,7 +1195,8 @@ mod tests {
                 time_us: NOW,
                 event_id: 1,
                 experiment_id: Some(9),
-                value: 1.0
+                value: 1.0,
+                server_time: false,
             }]
         );
         assert_eq!(

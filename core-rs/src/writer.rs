@@ -22,6 +22,9 @@ pub struct Row {
     pub event_id: i32,
     pub experiment_id: Option<i32>,
     pub value: f64,
+    /// The engine chose the time (no client timestamp). Such a row meeting another row of its event at the same
+    /// time is not a duplicate but a collision with another server process: it moves to a free microsecond.
+    pub server_time: bool,
 }
 
 /// The hypertable's columns and their types, in COPY order. Binary COPY performs no casts, so these must
@@ -41,6 +44,18 @@ const STAGING_COPY_SQL: &str =
     "COPY datapoints_staging (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)";
 const STAGING_INSERT_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, value)
     SELECT time, event_id, experiment_id, value FROM datapoints_staging ON CONFLICT DO NOTHING";
+/// Staged rows the unique key kept out although they are not what is stored: same event and time, another
+/// value. Only server-timed rows qualify (a client's timestamp is its identity: first write wins).
+const COLLISIONS_SQL: &str =
+    "SELECT s.time, s.event_id, s.experiment_id, s.value FROM datapoints_staging s
+    WHERE s.time = ANY($1::timestamptz[]) AND EXISTS (SELECT 1 FROM datapoints d
+        WHERE d.event_id = s.event_id AND d.time = s.time AND d.value IS DISTINCT FROM s.value)";
+/// Insert one moved row at the first free microsecond at or after `$1` (tried in steps inside the statement).
+const MOVE_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, value)
+    SELECT t, $2, $3, $4 FROM generate_series($1::timestamptz, $1::timestamptz + interval '1 second',
+        interval '1 microsecond') AS t
+    WHERE NOT EXISTS (SELECT 1 FROM datapoints d WHERE d.event_id = $2 AND d.time = t)
+    LIMIT 1 ON CONFLICT DO NOTHING";
 
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
 pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -102,18 +117,50 @@ async fn copy(client: &mut PgClient, data: Bytes, rows: u64) -> Result<u64, toki
     Ok(n.min(rows))
 }
 
-/// The unique key refused the batch (a retry after a lost commit, or a client resending timestamps):
-/// stage it and insert what is new; the rest counts as duplicates.
-async fn copy_dedup(client: &mut PgClient, data: Bytes) -> Result<u64, tokio_postgres::Error> {
+/// The unique key refused the batch (a retry after a lost commit, a client resending timestamps, or another
+/// server process that chose the same microsecond for the same event): stage it, insert what is new, and move
+/// server-timed rows that collided with a different value to a free microsecond. What is left is duplicates.
+async fn copy_dedup(
+    client: &mut PgClient,
+    data: Bytes,
+    server_times: &[std::time::SystemTime],
+) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(STAGING_SQL).await?;
     let sink = tx.copy_in(STAGING_COPY_SQL).await?;
     let mut sink = pin!(sink);
     sink.send(data).await?;
     sink.finish().await?;
-    let n = tx.execute(STAGING_INSERT_SQL, &[]).await?;
+    let mut n = tx.execute(STAGING_INSERT_SQL, &[]).await?;
+    if !server_times.is_empty() {
+        for r in tx.query(COLLISIONS_SQL, &[&server_times]).await? {
+            let time: std::time::SystemTime = r.try_get(0)?;
+            let (event, experiment, value): (i32, Option<i32>, f64) =
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            // Another process may take the free microsecond first: look again (rarely more than once).
+            for _ in 0..5 {
+                let moved = tx
+                    .execute(MOVE_SQL, &[&time, &event, &experiment, &value])
+                    .await?;
+                if moved > 0 {
+                    n += moved;
+                    break;
+                }
+            }
+        }
+    }
     tx.commit().await?;
     Ok(n)
+}
+
+/// A row's time as the driver binds a timestamptz.
+fn system_time(time_us: i64) -> std::time::SystemTime {
+    let offset = Duration::from_micros(time_us.unsigned_abs());
+    if time_us >= 0 {
+        std::time::UNIX_EPOCH + offset
+    } else {
+        std::time::UNIX_EPOCH - offset
+    }
 }
 
 /// What the writers report for `/health` and the stats: since when writing fails, and the last fault.
@@ -210,9 +257,10 @@ impl Writer {
                 out.bisections += 1;
             }
             first = false;
-            let data = encode(&rows[range.clone()]);
+            let slice = &rows[range.clone()];
+            let data = encode(slice);
             let n = range.len() as u64;
-            match self.attempt(data, n, &give_up).await? {
+            match self.attempt(data, slice, &give_up).await? {
                 Attempt::Done(inserted) => {
                     out.inserted += inserted;
                     out.duplicates += n - inserted;
@@ -236,14 +284,14 @@ impl Writer {
     async fn attempt(
         &mut self,
         data: Bytes,
-        rows: u64,
+        slice: &[Row],
         give_up: &impl Fn() -> bool,
     ) -> Result<Attempt, CoreError> {
         let mut backoff = Duration::from_millis(50);
         let mut dedup = false;
         let mut failing = false;
         let result = loop {
-            let fault = match self.try_once(data.clone(), rows, dedup).await {
+            let fault = match self.try_once(data.clone(), slice, dedup).await {
                 Ok(n) => break Ok(Attempt::Done(n)),
                 Err(Failure::Duplicate) if !dedup => {
                     dedup = true;
@@ -272,7 +320,8 @@ impl Writer {
         result
     }
 
-    async fn try_once(&mut self, data: Bytes, rows: u64, dedup: bool) -> Result<u64, Failure> {
+    async fn try_once(&mut self, data: Bytes, slice: &[Row], dedup: bool) -> Result<u64, Failure> {
+        let rows = slice.len() as u64;
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             let c = pg::connect(&self.dsn, "webmacs-ingest-writer")
@@ -288,7 +337,12 @@ impl Writer {
         let client = self.client.as_mut().expect("connected above");
         let run = async {
             if dedup {
-                copy_dedup(client, data).await
+                let server_times: Vec<std::time::SystemTime> = slice
+                    .iter()
+                    .filter(|r| r.server_time)
+                    .map(|r| system_time(r.time_us))
+                    .collect();
+                copy_dedup(client, data, &server_times).await
             } else {
                 copy(client, data, rows).await
             }
@@ -333,12 +387,14 @@ mod tests {
                 event_id: 7,
                 experiment_id: None,
                 value: 1.5,
+                server_time: false,
             },
             Row {
                 time_us: PG_EPOCH_US,
                 event_id: 8,
                 experiment_id: Some(3),
                 value: -2.0,
+                server_time: false,
             },
         ];
         let b = encode(&rows);
@@ -359,6 +415,7 @@ mod tests {
             event_id: 1,
             experiment_id: None,
             value: 0.0,
+            server_time: false,
         }]);
         assert_eq!(&b[25..33], &i64::MIN.to_be_bytes());
     }

@@ -30,7 +30,7 @@ from webmacs.middleware import (
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
-from webmacs.server import ENGINE_STATE_KEY
+from webmacs.server import ENGINE_STATE_KEY, install_log_redaction
 from webmacs.services.export import ExportSlots
 from webmacs.services.plugins import MAX_WHEEL_BYTES
 from webmacs.settings import DEFAULT_ADMIN_PASSWORD, DEV_SECRET_WARNING, Settings
@@ -109,6 +109,8 @@ def _modules(names: list[str]) -> list[ModuleType]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # In every process that serves the app (worker processes configure their logging themselves).
+    install_log_redaction()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

@@ -106,16 +106,31 @@ def cmd_updater(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
     from webmacs.app import create_app, database_url
-    from webmacs.server import serve
+    from webmacs.server import serve, serve_workers
 
     if not settings.database_url:
         # Bring the cluster up before uvicorn so its start-up (and the URL) is visible first.
         settings = settings.model_copy(update={"database_url": database_url(settings)})
     host = args.host or settings.webmacs_host
     port = args.port or settings.webmacs_port
-    print(f"WebMACS-TS listening on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
-    serve(create_app(settings), host=host, port=port, log_level=args.log_level)
+    workers = args.workers or settings.webmacs_workers
+    print(
+        f"WebMACS-TS listening on http://{host}:{port} (docs: http://{host}:{port}/docs)"
+        + (f" with {workers} worker processes" if workers > 1 else ""),
+        flush=True,
+    )
+    if workers > 1:
+        # Every worker builds its settings from the environment: hand them the database this process resolved
+        # (the local cluster), and the development key every worker must share is kept in WEBMACS_HOME.
+        os.environ["DATABASE_URL"] = settings.database_url or ""
+        if not settings.secret_key:
+            settings.secret_key_effective  # noqa: B018 - creates the shared key file before the workers start
+        serve_workers(workers=workers, host=host, port=port, log_level=args.log_level)
+    else:
+        serve(create_app(settings), host=host, port=port, log_level=args.log_level)
     return 0
 
 
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (default WEBMACS_WORKERS, 1)")
     db = sub.add_parser("db", help="manage the local TimescaleDB cluster")
     db.add_argument("action", choices=["up", "down", "status", "url", "migrate", "backup", "restore"])
     db.add_argument("file", nargs="?", help="backup: file or directory to write (default: here); restore: the dump")

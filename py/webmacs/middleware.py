@@ -7,7 +7,6 @@ import asyncio
 import ipaddress
 import time
 import uuid
-from collections import deque
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -81,13 +80,14 @@ def client_address(request: Request) -> str:
 
 
 class RateLimitMiddleware:
-    """Sliding 60 s window of accepted requests per client key (spec §15.3), in memory, per process."""
+    """Sliding 60 s window of accepted requests per client key (spec §15.3), counted in the database so that
+    every server process counts the same requests (WebMACS counts per process). A database that does not
+    answer lets requests through: the limit protects the API, it must not take it down."""
 
     def __init__(self, app: ASGIApp, limit_per_minute: int, proxies: TrustedProxies) -> None:
         self.app = app
         self.limit = limit_per_minute
         self.window = 60.0
-        self.hits: dict[str, deque[float]] = {}
         self.proxies = proxies
         self._last_prune = time.monotonic()
 
@@ -102,43 +102,42 @@ class RateLimitMiddleware:
             return True
         return key.startswith(_PRIVATE_PREFIXES)
 
-    def _prune(self, now: float) -> None:
-        cutoff = now - self.window
-        for key in [k for k, q in self.hits.items() if not q or q[-1] < cutoff]:
-            del self.hits[key]
-        self._last_prune = now
+    async def _accepted(self, scope: Scope, key: str) -> bool:
+        from webmacs.repositories import rate_limit as rate_limit_repo
+
+        pool = getattr(scope["app"].state, "pool", None)
+        if pool is None:
+            return True
+        try:
+            async with asyncio.timeout(2.0), pool.connection(timeout=2.0) as conn:
+                now = time.monotonic()
+                if now - self._last_prune > self.window:
+                    self._last_prune = now
+                    await rate_limit_repo.prune(conn, window_s=self.window)
+                return await rate_limit_repo.hit(conn, client=key, limit=self.limit, window_s=self.window)
+        except Exception:  # fail open: the database being away is reported elsewhere, not by refusing requests
+            return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         key = self.client_key(scope)
-        if self.exempt(scope, key):
+        if self.exempt(scope, key) or await self._accepted(scope, key):
             await self.app(scope, receive, send)
             return
-        now = time.monotonic()
-        if now - self._last_prune > self.window:
-            self._prune(now)
-        q = self.hits.setdefault(key, deque())
-        cutoff = now - self.window
-        while q and q[0] < cutoff:
-            q.popleft()
-        if len(q) >= self.limit:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 429,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"retry-after", b"60"),
-                        (b"content-length", str(len(_TOO_MANY)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": _TOO_MANY})
-            return
-        q.append(now)
-        await self.app(scope, receive, send)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"retry-after", b"60"),
+                    (b"content-length", str(len(_TOO_MANY)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": _TOO_MANY})
 
 
 class BodyTooLarge(HTTPException):

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.supervisors import Multiprocess
 
 log = logging.getLogger("webmacs.server")
 
@@ -103,8 +104,11 @@ def install_log_redaction() -> None:
             logger.addFilter(RedactSecrets())
 
 
-def uvicorn_config(app: FastAPI, *, host: str, port: int, log_level: str = "info", **kwargs: Any) -> uvicorn.Config:
-    """The uvicorn configuration every way of serving the app uses (CLI, tests, benchmarks)."""
+def uvicorn_config(
+    app: FastAPI | str, *, host: str, port: int, log_level: str = "info", **kwargs: Any
+) -> uvicorn.Config:
+    """The uvicorn configuration every way of serving the app uses (CLI, tests, benchmarks). `app` is the app,
+    or the import string of its factory (several worker processes each build their own)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -128,3 +132,17 @@ def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info") -> Non
     server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
+
+
+def serve_workers(*, workers: int, host: str, port: int, log_level: str = "info") -> None:
+    """`workers` server processes on one port: uvicorn binds the socket once and every worker accepts from it
+    (the kernel spreads connections). Each worker builds the app from the environment (`create_app`) and runs
+    its own engine; WebSocket connections are handed to the engine of the worker that accepted them. What must
+    be the same everywhere lives in the database (migrations under an advisory lock, rate limits, login
+    failures, SSO codes) or travels through the fan-out (live datapoints, latest values, catalog changes)."""
+    config = uvicorn_config(
+        "webmacs.app:create_app", host=host, port=port, log_level=log_level, factory=True, workers=workers
+    )
+    sock = config.bind_socket()
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[sock]).run()

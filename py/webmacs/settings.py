@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     webmacs_fanout: Literal["postgres", "nats", "off"] = "postgres"
     #: A NATS server (`nats://host:4222`); when set, the fan-out uses it unless WEBMACS_FANOUT says otherwise.
     webmacs_nats_url: str = ""
+    #: Server processes `webmacs serve` starts on one port (`--workers`); each runs its own engine.
+    webmacs_workers: int = Field(default=1, ge=1, le=64)
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
     #: Bind address/port of `webmacs serve`.
@@ -262,10 +264,28 @@ class Settings(BaseSettings):
 
     @cached_property
     def secret_key_effective(self) -> str:
-        """The JWT signing key. An empty development key is replaced by a random per-process key rather
-        than signing with "" (tokens then do not survive a restart, which is what development wants)."""
+        """The JWT signing key. An empty development key is replaced by a random key generated once and kept
+        in `<WEBMACS_HOME>/secret-key` (mode 0600): every worker process of this home signs with the same key
+        (a token one process issued is valid at the others), and never with "". Where the home cannot be
+        written, a random key for this process alone."""
         if self.secret_key:
             return self.secret_key
+        import os
         import secrets
 
-        return secrets.token_urlsafe(48)
+        path = self.webmacs_home / "secret-key"
+        try:
+            self.webmacs_home.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                key = path.read_text(encoding="utf-8").strip()
+                if len(key) >= 32:
+                    return key
+                raise OSError("incomplete key file") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                key = secrets.token_urlsafe(48)
+                f.write(key)
+            return key
+        except OSError:
+            return secrets.token_urlsafe(48)

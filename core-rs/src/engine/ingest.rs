@@ -23,6 +23,8 @@ struct PointContext<'a> {
     experiment_public_id: Option<Arc<str>>,
     config: &'a super::EngineConfig,
     stats: &'a Stats,
+    /// This engine's lane of server time.
+    lane: i64,
 }
 
 impl Shared {
@@ -75,6 +77,7 @@ impl Shared {
             experiment_public_id: catalog.experiment_public_id(catalog.running_experiment),
             config: &self.config,
             stats: &self.stats,
+            lane: self.lane,
         };
         // Row i of the frame's queued rows came from entry indices[i] (None: rows are entries 0, 1, 2, …).
         let identity = resolved.iter().enumerate().all(|(n, r)| r.0 == n);
@@ -153,7 +156,8 @@ impl IngestState {
     ) -> Row {
         let (now, cap) = (ctx.now, ctx.config.buffer_capacity);
         let time_us = p.time_us.unwrap_or_else(|| {
-            next_server_time(
+            next_server_time_in_lane(
+                ctx.lane,
                 self.last_server_us.entry(e.id).or_insert(i64::MIN),
                 ctx.now_us,
             )
@@ -226,15 +230,29 @@ impl IngestState {
             event_id: e.id,
             experiment_id: ctx.experiment_id,
             value: p.value,
+            server_time: p.time_us.is_none(),
         }
     }
 }
+
+/// Lanes of server time: engine k of a database assigns only microseconds ≡ k (mod LANES), so up to LANES
+/// server processes never choose the same time for the same event (more share lanes; the writer then moves a
+/// colliding row, see `writer::copy_dedup`).
+pub const LANES: i64 = 16;
 
 /// Server time for one event: the clock, but strictly after the event's previous server time, so two values
 /// of one event in one batch (or a clock step back) never collide on the unique key.
 pub fn next_server_time(prev: &mut i64, now_us: i64) -> i64 {
     *prev = now_us.max(prev.saturating_add(1));
     *prev
+}
+
+/// `next_server_time` within this engine's lane (`lane` in 0..LANES).
+pub fn next_server_time_in_lane(lane: i64, prev: &mut i64, now_us: i64) -> i64 {
+    let t = now_us.max(prev.saturating_add(1));
+    let t = t.saturating_add((lane - t.rem_euclid(LANES)).rem_euclid(LANES));
+    *prev = t;
+    t
 }
 
 pub(crate) fn push_bounded<T>(buf: &mut VecDeque<T>, cap: usize, stats: &Stats, item: T) {
@@ -259,5 +277,25 @@ mod tests {
         // The clock stepping back does not reuse a timestamp; a later clock wins again.
         assert_eq!(next_server_time(&mut prev, t - 50), t + 3);
         assert_eq!(next_server_time(&mut prev, t + 100), t + 100);
+    }
+
+    #[test]
+    fn lanes_keep_engines_apart() {
+        // Two engines of two lanes at the same clock never pick the same microsecond.
+        let (mut a, mut b) = (i64::MIN, i64::MIN);
+        let mut seen = std::collections::HashSet::new();
+        for now in [1_000_000, 1_000_000, 1_000_003, 999_000, 1_000_020] {
+            let ta = next_server_time_in_lane(3, &mut a, now);
+            let tb = next_server_time_in_lane(12, &mut b, now);
+            assert_eq!((ta.rem_euclid(LANES), tb.rem_euclid(LANES)), (3, 12));
+            assert!(ta >= now && tb >= now);
+            assert!(seen.insert(ta) && seen.insert(tb));
+        }
+        // Strictly increasing per engine; near i64::MAX it saturates instead of wrapping.
+        let mut c = i64::MIN;
+        let t1 = next_server_time_in_lane(0, &mut c, 5);
+        assert!(next_server_time_in_lane(0, &mut c, 5) > t1);
+        let mut d = i64::MAX - 3;
+        let _ = next_server_time_in_lane(7, &mut d, 0);
     }
 }

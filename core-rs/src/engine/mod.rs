@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use config::EngineConfig;
-pub use ingest::next_server_time;
+pub use ingest::{next_server_time, next_server_time_in_lane, LANES};
 pub use listen::CATALOG_CHANNEL;
 use state::{IngestState, Shared};
 
@@ -129,6 +129,7 @@ impl Engine {
             return Err(CoreError::Config("write_timeout must be positive".into()));
         }
         let queue = Queue::new(config.queue_capacity, config.source_share)?;
+        let config_dsn = config.dsn.clone();
         let shared = Arc::new(Shared {
             config,
             catalog: ArcSwap::from_pointee(Catalog::default()),
@@ -160,6 +161,7 @@ impl Engine {
             catalog_client: tokio::sync::Mutex::new(None),
             live_tx: tokio::sync::broadcast::channel(1024).0,
             fanout: Mutex::new(None),
+            lane: runtime.block_on(lane_of(&config_dsn)),
         });
         runtime.block_on(async {
             shared.reload_catalog().await?;
@@ -373,6 +375,29 @@ impl Engine {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
         left
+    }
+}
+
+/// This engine's lane of server time: the next value of a database sequence (sql/0025), so concurrently
+/// running engines get different lanes; 0 when the sequence is not there (a database without migrations).
+async fn lane_of(dsn: &str) -> i64 {
+    let Ok(client) = crate::pg::connect(dsn, "webmacs-ingest-lane").await else {
+        return 0;
+    };
+    let row = crate::pg::deadline(
+        crate::pg::QUERY_TIMEOUT,
+        "lane",
+        client.query_opt(
+            "SELECT nextval('webmacs_engine_lane') WHERE to_regclass('webmacs_engine_lane') IS NOT NULL",
+            &[],
+        ),
+    )
+    .await;
+    match row {
+        Ok(Some(r)) => r
+            .try_get::<_, i64>(0)
+            .map_or(0, |n| n.rem_euclid(ingest::LANES)),
+        _ => 0,
     }
 }
 

@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) live_tx: tokio::sync::broadcast::Sender<Arc<Vec<LivePoint>>>,
     /// The transport to the other server processes (None: alone, or fan-out off).
     pub(crate) fanout: Mutex<Option<crate::fanout::Fanout>>,
+    /// This engine's lane of server time (`ingest::LANES`), from a database sequence at start.
+    pub(crate) lane: i64,
 }
 
 impl Shared {

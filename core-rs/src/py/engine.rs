@@ -10,8 +10,8 @@ use pyo3::types::PyDict;
 use super::detached;
 use crate::batch::BatchPolicy;
 use crate::engine::{self, EngineConfig, Firing};
-use crate::fanout::Transport;
 use crate::error::CoreError;
+use crate::fanout::Transport;
 use crate::frame::Reject;
 use crate::ws::{Listener, WsConfig, WsServer};
 

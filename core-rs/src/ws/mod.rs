@@ -152,7 +152,7 @@ impl WsServer {
     pub fn listen(&self, address: &str) -> Result<Listener, CoreError> {
         let cannot =
             |e: std::io::Error| CoreError::Config(format!("cannot listen on {address}: {e}"));
-        let std_listener = std::net::TcpListener::bind(address).map_err(cannot)?;
+        let std_listener = bind_shared(address).map_err(cannot)?;
         std_listener.set_nonblocking(true).map_err(cannot)?;
         let local_addr = std_listener.local_addr().map_err(cannot)?;
         let handle = self.inner.engine.handle().clone();
@@ -215,6 +215,26 @@ impl Drop for WsServer {
             t.abort();
         }
     }
+}
+
+/// Bind with SO_REUSEPORT: every worker process of `webmacs serve --workers N` listens on the same port and
+/// the kernel spreads new connections over them (each worker's engine serves its own).
+fn bind_shared(address: &str) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = address
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Counts an open connection for as long as it lives; None when the server is at its connection limit.

@@ -51,3 +51,27 @@ async def create(
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row
     return row
+
+
+# --- one-time codes (shared by every server process) ---
+
+
+async def store_code(conn: AsyncConnection, *, code_hash: str, user_id: int, role: str, ttl_s: float) -> None:
+    await conn.execute("DELETE FROM sso_codes WHERE expires_at <= now()")
+    await conn.execute(
+        "INSERT INTO sso_codes (code_hash, user_id, role, expires_at)"
+        " VALUES (%(h)s, %(u)s, %(r)s, now() + make_interval(secs => %(t)s))",
+        {"h": code_hash, "u": user_id, "r": role, "t": ttl_s},
+    )
+
+
+async def take_code(conn: AsyncConnection, *, code_hash: str) -> tuple[int, str] | None:
+    """(user id, role) of a live code, which is used up (at most once, whichever process asks)."""
+    cur = await conn.execute(
+        "DELETE FROM sso_codes WHERE code_hash = %(h)s RETURNING user_id, role, expires_at > now()",
+        {"h": code_hash},
+    )
+    row = await cur.fetchone()
+    if row is None or not row[2]:
+        return None
+    return int(row[0]), str(row[1])

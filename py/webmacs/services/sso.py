@@ -50,31 +50,24 @@ USERINFO_FAILED = "Failed to fetch user information from identity provider."
 
 @dataclass
 class SsoState:
-    """Per-process SSO state: the discovery cache and the one-time codes handed to the frontend.
-
-    In memory (as in WebMACS): a code issued by one worker process can only be redeemed at the same process."""
+    """SSO state: the per-process discovery cache; the one-time codes handed to the frontend live in the
+    database (any process redeems what another issued)."""
 
     code_ttl_s: float = CODE_TTL_S
     discovery_ttl_s: float = DISCOVERY_TTL_S
     #: issuer URL → (fetched at, monotonic; discovery document)
     discovery: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
-    #: sha256(code) → (user id, role, expires at, monotonic); only the hash is kept, like API tokens.
-    codes: dict[str, tuple[int, str, float]] = field(default_factory=dict)
 
-    def issue_code(self, user_id: int, role: str) -> str:
-        now = time.monotonic()
-        for key in [k for k, (_, _, exp) in self.codes.items() if exp <= now]:
-            del self.codes[key]
+    async def issue_code(self, conn: AsyncConnection, user_id: int, role: str) -> str:
+        """A one-time code for the frontend to exchange for a token; only its hash is stored, in the database,
+        so any server process can redeem it."""
         code = secrets.token_urlsafe(48)
-        self.codes[_digest(code)] = (user_id, role, now + self.code_ttl_s)
+        await sso_repo.store_code(conn, code_hash=_digest(code), user_id=user_id, role=role, ttl_s=self.code_ttl_s)
         return code
 
-    def redeem_code(self, code: str) -> tuple[int, str] | None:
+    async def redeem_code(self, conn: AsyncConnection, code: str) -> tuple[int, str] | None:
         """(user id, role) for a live code, which is used up; None for an unknown, used or expired code."""
-        entry = self.codes.pop(_digest(code), None)
-        if entry is None or entry[2] <= time.monotonic():
-            return None
-        return entry[0], entry[1]
+        return await sso_repo.take_code(conn, code_hash=_digest(code))
 
 
 def _digest(code: str) -> str:
@@ -365,5 +358,5 @@ async def complete_login(
         logging_type="info",
         user_public_id=user["public_id"],
     )
-    one_time = state.issue_code(user["id"], user["role"])
+    one_time = await state.issue_code(conn, user["id"], user["role"])
     return f"{frontend_url(settings)}/sso-callback?{urlencode({'code': one_time})}"

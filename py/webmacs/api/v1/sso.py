@@ -65,8 +65,8 @@ async def callback(
 
 
 @router.post("/exchange", response_model=ExchangeResponse)
-async def exchange(body: ExchangeRequest, settings: SettingsDep, state: SsoStateDep) -> ExchangeResponse:
-    redeemed = state.redeem_code(body.code)
+async def exchange(body: ExchangeRequest, settings: SettingsDep, state: SsoStateDep, conn: Conn) -> ExchangeResponse:
+    redeemed = await state.redeem_code(conn, body.code)
     if redeemed is None:
         raise BadRequest("Invalid or expired SSO authorization code.")
     user_id, role = redeemed
