@@ -19,6 +19,7 @@ import webmacs
 from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
+from webmacs.db.replicas import ReadRouter
 from webmacs.errors import install_handlers
 from webmacs.middleware import (
     BodyLimitMiddleware,
@@ -130,6 +131,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await pool.open(wait=True, timeout=30)
         app.state.pool = pool
         app.state.database_url = url
+        reads = ReadRouter.build(
+            pool,
+            url,
+            settings.webmacs_read_database_url,
+            settings.webmacs_read_max_staleness_s,
+            settings.webmacs_pool_size,
+        )
+        await reads.open()
+        app.state.reads = reads
         app.state.loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -145,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await hook(app)
             for t in tasks:
                 t.cancel()
+            await reads.close()
             await pool.close()
 
     app = FastAPI(

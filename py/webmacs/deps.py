@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from webmacs.db.replicas import ReadRouter, ReadTarget
 from webmacs.repositories import users as users_repo
 from webmacs.security import API_TOKEN_PREFIX, MAX_TOKEN_CHARS, hash_api_token, inspect_access_token
 from webmacs.settings import Settings
@@ -172,22 +173,54 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     return user
 
 
-async def ingest_user(request: Request, settings: SettingsDep) -> User:
-    """An operator for the ingest routes, authenticated on a connection that goes back to the pool at once:
-    a request waiting for its datapoints to be written holds no pooled connection, so a stalled write can
-    never starve login and CRUD of connections."""
+async def _authenticated_briefly(request: Request, settings: Settings) -> User:
+    """The caller, authenticated on a primary connection that goes back to the pool at once."""
     token = _bearer(request)
     try:
         async with get_pool(request).connection(timeout=10) as conn:
-            user = await authenticate(conn, settings, token)
+            return await authenticate(conn, settings, token)
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
+
+
+async def ingest_user(request: Request, settings: SettingsDep) -> User:
+    """An operator for the ingest routes: a request waiting for its datapoints to be written holds no pooled
+    connection, so a stalled write can never starve login and CRUD of connections."""
+    user = await _authenticated_briefly(request, settings)
     if not user.at_least("operator"):
         raise HTTPException(403, "Operator privileges required.")
     return user
 
 
+async def reader_user(request: Request, settings: SettingsDep) -> User:
+    """Any signed-in user, for the analyst reads: they hold a read connection (a replica's when one is fresh
+    enough), not a primary one as well."""
+    return await _authenticated_briefly(request, settings)
+
+
+def get_reads(request: Request) -> ReadRouter:
+    return cast(ReadRouter, request.app.state.reads)
+
+
+async def _read_conn(request: Request) -> AsyncIterator[AsyncConnection]:
+    reads = get_reads(request)
+    async with reads.connection(reads.choose()) as (conn, target):
+        # COPYs of an export run on connections of their own: to the same place (see read_dsn).
+        request.state.read_target = target
+        yield conn
+
+
+def read_dsn(request: Request) -> str:
+    """Where this request's own COPY connections read: the place its ReadConn reads, else the primary."""
+    target = cast(ReadTarget | None, getattr(request.state, "read_target", None))
+    return target.url if target is not None else cast(str, request.app.state.database_url)
+
+
 CurrentUser = Annotated[User, Depends(current_user)]
+ReaderUser = Annotated[User, Depends(reader_user)]
+#: A connection for analyst reads (series, exports, datapoint lists): a replica within the staleness bound, else
+#: the primary. Nothing that writes, or must read its own writes, uses it.
+ReadConn = Annotated[AsyncConnection, Depends(_read_conn, scope="function")]
 IngestUser = Annotated[User, Depends(ingest_user)]
 OperatorUser = Annotated[User, Depends(operator_user)]
 AdminUser = Annotated[User, Depends(admin_user)]

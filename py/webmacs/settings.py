@@ -15,6 +15,15 @@ DEFAULT_ADMIN_PASSWORD = "admin123"  # noqa: S105 - the documented development d
 DEV_SECRET_WARNING = "SECRET_KEY is empty or shorter than 32 characters; acceptable only in development."  # noqa: S105 - a message
 
 
+def libpq_url(v: str) -> str:
+    """WebMACS deployments carry SQLAlchemy URLs; psycopg and the engine want the plain libpq form."""
+    v = v.strip()
+    for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
+        if v.startswith(prefix):
+            return "postgresql://" + v[len(prefix) :]
+    return v
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", case_sensitive=False, extra="ignore")
 
@@ -105,6 +114,12 @@ class Settings(BaseSettings):
     #: No request waits longer for its response to start (a stalled database): it is cancelled and answered 503.
     #: Longer than the REST ingest ack timeout.
     webmacs_request_timeout_s: float = Field(default=60.0, gt=0)
+    #: PostgreSQL streaming replicas for analyst reads (series, exports, datapoint lists), comma-separated URLs.
+    #: Writes and everything that must read its own writes stay on the primary (DATABASE_URL).
+    webmacs_read_database_url: Annotated[list[str], NoDecode] = []
+    #: A replica serves reads only while it is known to hold everything the primary had committed this many seconds
+    #: ago (measured every second against the primary's WAL position); otherwise reads go to the primary.
+    webmacs_read_max_staleness_s: float = Field(default=5.0, gt=0)
     #: How live datapoints and "latest" values reach the other server processes on the same database:
     #: PostgreSQL LISTEN/NOTIFY (no extra service), NATS (`webmacs_nats_url`), or off (one process).
     webmacs_fanout: Literal["postgres", "nats", "off"] = "postgres"
@@ -193,6 +208,7 @@ class Settings(BaseSettings):
         "webmacs_webhook_allow_hosts",
         "webmacs_webhook_retry_delays_s",
         "webmacs_trusted_proxies",
+        "webmacs_read_database_url",
         mode="before",
     )
     @classmethod
@@ -224,15 +240,14 @@ class Settings(BaseSettings):
     @field_validator("database_url", mode="before")
     @classmethod
     def _normalise_url(cls, v: Any) -> Any:
-        # WebMACS deployments carry SQLAlchemy URLs; psycopg wants the plain libpq form.
         if isinstance(v, str):
-            v = v.strip()
-            if not v:
-                return None
-            for prefix in ("postgresql+asyncpg://", "postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
-                if v.startswith(prefix):
-                    return "postgresql://" + v[len(prefix) :]
+            return libpq_url(v) or None
         return v
+
+    @field_validator("webmacs_read_database_url", mode="after")
+    @classmethod
+    def _normalise_read_urls(cls, v: list[str]) -> list[str]:
+        return [u for u in (libpq_url(x) for x in v) if u]
 
     @field_validator("env", mode="after")
     @classmethod

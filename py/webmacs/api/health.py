@@ -34,6 +34,14 @@ class IngestHealth(BaseModel):
     batches_in_flight: int
 
 
+class ReplicaHealth(BaseModel):
+    replica: str
+    #: Provably within WEBMACS_READ_MAX_STALENESS_S of the primary: analyst reads go there.
+    usable: bool
+    staleness_s: float | None
+    error: str | None
+
+
 class HealthResponse(BaseModel):
     status: str
     version: str
@@ -41,6 +49,8 @@ class HealthResponse(BaseModel):
     last_datapoint: datetime | None
     uptime_seconds: float
     ingest: IngestHealth | None = None
+    #: Only with WEBMACS_READ_DATABASE_URL. A stale replica does not degrade the status: reads use the primary.
+    read_replicas: list[ReplicaHealth] | None = None
 
 
 def _ingest_health(request: Request) -> IngestHealth | None:
@@ -82,6 +92,7 @@ async def _probe(request: Request) -> HealthResponse:
         last_datapoint=last,
         uptime_seconds=round(time.monotonic() - state.started_at, 1),
         ingest=ingest,
+        read_replicas=[ReplicaHealth(**r) for r in state.reads.status()] if state.reads.replicas else None,
     )
 
 

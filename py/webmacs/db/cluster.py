@@ -270,6 +270,38 @@ class Cluster:
         state = "running" if self.running() else "stopped"
         return f"{state} on 127.0.0.1:{self.port} (data directory {self.data_dir})"
 
+    def init_replica_of(self, primary: Cluster) -> None:
+        """Make this cluster a streaming replica of `primary` (`pg_basebackup -R`: it follows the primary's WAL
+        from then on). Start it with `up()`. The primary's default pg_hba lets local replication in."""
+        data = self.data_dir
+        if self.initialised():
+            raise ClusterError(f"{data} already holds a cluster")
+        data.mkdir(parents=True, exist_ok=True)
+        if _as_root():
+            pw = pwd.getpwnam("postgres")
+            os.chown(data, pw.pw_uid, pw.pw_gid)
+        data.chmod(0o700)
+        self._run(
+            [
+                str(_pg_bindir() / "pg_basebackup"),
+                "-D",
+                str(data),
+                "-d",
+                primary.url("postgres"),
+                "-X",
+                "stream",
+                "-R",
+                "-c",
+                "fast",
+            ]
+        )
+        # The copied configuration names the primary's port and socket directory; later lines win.
+        conf = data / "postgresql.conf"
+        self._write_as_owner(
+            conf,
+            conf.read_text(encoding="utf-8") + f"port = {self.port}\nunix_socket_directories = '{data}'\n",
+        )
+
     def destroy(self) -> None:
         self.down()
         shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from webmacs.deps import Conn, CurrentUser, OperatorUser, datapoints_deleted
+from webmacs.deps import Conn, OperatorUser, ReadConn, ReaderUser, datapoints_deleted
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import datapoints as datapoints_repo
 
@@ -35,13 +35,13 @@ def to_response(row: dict[str, Any]) -> DatapointResponse:
 
 
 @router.get("", response_model=Page[DatapointResponse])
-async def list_datapoints(_: CurrentUser, conn: Conn, paging: Paging) -> Page[DatapointResponse]:
+async def list_datapoints(_: ReaderUser, conn: ReadConn, paging: Paging) -> Page[DatapointResponse]:
     total, rows = await datapoints_repo.page(conn, limit=paging.limit, offset=paging.offset)
     return Page.of(paging, total, [to_response(r) for r in rows])
 
 
 @router.get("/{public_id}", response_model=DatapointResponse)
-async def get_datapoint(public_id: str, _: CurrentUser, conn: Conn) -> DatapointResponse:
+async def get_datapoint(public_id: str, _: ReaderUser, conn: ReadConn) -> DatapointResponse:
     return to_response(await datapoints_repo.by_public_id(conn, public_id=public_id))
 
 

@@ -10,7 +10,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, StringConstraints
 
-from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed, datapoints_deleted
+from webmacs.deps import (
+    Conn,
+    CurrentUser,
+    OperatorUser,
+    ReadConn,
+    ReaderUser,
+    catalog_changed,
+    datapoints_deleted,
+    read_dsn,
+)
 from webmacs.errors import Unavailable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import experiments as experiments_repo
@@ -99,13 +108,13 @@ async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, reques
     response_class=StreamingResponse,
     responses={200: {"content": {"text/csv": {}}, "description": "The experiment's datapoints as CSV."}},
 )
-async def export_csv(public_id: str, _: CurrentUser, conn: Conn, request: Request) -> StreamingResponse:
+async def export_csv(public_id: str, _: ReaderUser, conn: ReadConn, request: Request) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
     slots = request.app.state.export_slots
     if not slots.try_acquire():
         raise Unavailable("Too many exports are running; retry later.", retry_after=5)
     body = csv_export.experiment_csv(
-        request.app.state.database_url,
+        read_dsn(request),
         experiment_id=experiment["id"],
         guard=request.app.state.settings.webmacs_csv_formula_guard,
     )

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection, errors
 from pydantic import BaseModel, Field
 
 from webmacs.api.v1.datapoints import DatapointResponse
-from webmacs.deps import AdminUser, Conn, CurrentUser
+from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, read_dsn
 from webmacs.errors import NotFound, Unavailable, Unprocessable
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories.datapoints import datapoint_public_id
@@ -66,7 +66,7 @@ class SeriesRequest(BaseModel):
 
 
 @router.post("/datapoints/series", response_model=dict[str, list[DatapointResponse]])
-async def datapoint_series(body: SeriesRequest, _: CurrentUser, conn: Conn) -> Response:
+async def datapoint_series(body: SeriesRequest, _: ReaderUser, conn: ReadConn) -> Response:
     events = await _events(conn, body.event_public_ids)
     picked: dict[str, list[Point]] = {}
     for public_id in body.event_public_ids:
@@ -130,8 +130,8 @@ def _aware(moment: datetime, tz: tzinfo) -> datetime:
 
 @router.get("/series", response_model=SeriesResponse)
 async def series(
-    _: CurrentUser,
-    conn: Conn,
+    _: ReaderUser,
+    conn: ReadConn,
     events: Annotated[list[str], Query(min_length=1, max_length=20)],
     start: datetime,
     end: datetime,
@@ -266,7 +266,7 @@ def _export_response(
     if not slots.try_acquire():
         raise Unavailable("Too many exports are running; retry later.", retry_after=5)
     body = export_service.stream(
-        request.app.state.database_url,
+        read_dsn(request),
         sel,
         fmt,
         tz=tz,
@@ -287,8 +287,8 @@ def _export_response(
 )
 async def export_events(
     request: Request,
-    _: CurrentUser,
-    conn: Conn,
+    _: ReaderUser,
+    conn: ReadConn,
     events: Annotated[list[str], Query(min_length=1, max_length=1000)],
     start: datetime | None = None,
     end: datetime | None = None,
@@ -318,7 +318,9 @@ async def export_events(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/vnd.apache.parquet": {}}}},
 )
-async def export_experiment_parquet(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
+async def export_experiment_parquet(
+    public_id: str, request: Request, _: ReaderUser, conn: ReadConn
+) -> StreamingResponse:
     """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event. Rows are
     selected by their experiment tag, as in the CSV export: also those with a time outside the experiment's span."""
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
