@@ -64,12 +64,14 @@ db-down: ## stop the local cluster
 db-status: ## show the local cluster's state
 	$(VENV)/bin/webmacs db status
 
-.PHONY: bench bench-ingest bench-query bench-import
+.PHONY: bench bench-ingest bench-query bench-import bench-scaleout
 bench: bench-ingest bench-query bench-import ## run all benchmarks (results: BENCHMARKS.md)
 bench-ingest: build timescaledb ## ingest benchmark: engine vs COPY limit vs pure Python
 	$(PY) benches/ingest.py
 bench-query: build timescaledb ## analyst benchmark: series and exports vs direct SQL/COPY
 	$(PY) benches/query.py
+bench-scaleout: build timescaledb ## 1 vs 2 server workers side by side, and the capacity model (BENCHMARKS.md)
+	$(PY) benches/scaleout.py
 bench-import: build timescaledb ## WebMACS import benchmark: rows/s vs a plain COPY of the same rows
 	$(PY) benches/import_bench.py
 

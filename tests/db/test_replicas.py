@@ -82,12 +82,11 @@ def _event(primary: Cluster) -> tuple[int, str]:
 
 
 def _insert(primary: Cluster, event_id: int, values: list[float], start: datetime) -> None:
-    with psycopg.connect(primary.url(), autocommit=True) as c:
-        with c.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO datapoints (time, event_id, value) VALUES (%s, %s, %s)",
-                [(start + timedelta(seconds=i), event_id, v) for i, v in enumerate(values)],
-            )
+    with psycopg.connect(primary.url(), autocommit=True) as c, c.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO datapoints (time, event_id, value) VALUES (%s, %s, %s)",
+            [(start + timedelta(seconds=i), event_id, v) for i, v in enumerate(values)],
+        )
 
 
 def _replay(replica: Cluster, *, paused: bool) -> None:
