@@ -8,15 +8,13 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote, urljoin
 
 import httpx
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
 from webmacs.services import ssrf
@@ -175,76 +173,27 @@ class StorageUnavailable(DomainError):
     status_code = 503
 
 
-def _missing_file() -> RequestValidationError:
-    return RequestValidationError(
-        [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
-    )
-
-
-async def receive_upload(request: Request, settings: Settings) -> tuple[str, int]:
-    """Stream the multipart field `file` to a temporary file in the update directory, 64 KiB at a time,
-    enforcing the size cap as it arrives; validate the bundle; then give it its final name (never
-    replacing an existing bundle). Returns (name, size). Nothing is left behind on failure."""
-    kind, params = parse_options_header(request.headers.get("content-type"))
-    boundary = params.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise _missing_file()
+async def store_bundle(filename: str, chunks: AsyncIterator[bytes], settings: Settings) -> tuple[str, int]:
+    """Write an uploaded bundle to a temporary file in the update directory as it arrives, enforcing the size cap;
+    validate it; then give it its final name (never replacing an existing bundle). Returns (name, size). Nothing
+    is left behind on failure."""
+    name = bundle_name(filename)
     directory = settings.webmacs_update_dir
     cap = settings.webmacs_ota_max_bundle_bytes
-    events: list[tuple[str, bytes]] = []
-    header: dict[str, bytes] = {"field": b"", "value": b"", "disposition": b""}
-
-    def on_header_end() -> None:
-        if header["field"].lower() == b"content-disposition":
-            header["disposition"] = header["value"]
-        header["field"] = header["value"] = b""
-
-    def on_headers_finished() -> None:
-        events.append(("headers", header["disposition"]))
-        header["disposition"] = b""
-
-    callbacks: Any = {
-        "on_header_field": lambda d, s, e: header.__setitem__("field", header["field"] + d[s:e]),
-        "on_header_value": lambda d, s, e: header.__setitem__("value", header["value"] + d[s:e]),
-        "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
-        "on_part_data": lambda d, s, e: events.append(("data", bytes(d[s:e]))),
-        "on_part_end": lambda: events.append(("end", b"")),
-    }
-    parser = MultipartParser(boundary, callbacks)
-    name: str | None = None
     tmp: Path | None = None
-    out: IO[bytes] | None = None
     size = 0
-    done = False
     try:
-        async for chunk in request.stream():
-            try:
-                parser.write(chunk)
-            except Exception as e:  # python-multipart raises its own error types on malformed input
-                raise Unprocessable("Invalid multipart body.") from e
-            for kind_, data in events:
-                if kind_ == "headers":
-                    _, opts = parse_options_header(data)
-                    if out is None and not done and opts.get(b"name") == b"file" and b"filename" in opts:
-                        name = bundle_name(opts[b"filename"].decode("utf-8", "replace"))
-                        if (directory / name).exists():
-                            raise Conflict(f"Bundle '{name}' already exists.")
-                        directory.mkdir(parents=True, exist_ok=True)
-                        tmp = directory / f".upload-{uuid.uuid4().hex}.part"
-                        out = await asyncio.to_thread(open, tmp, "xb")
-                elif kind_ == "data" and out is not None:
-                    size += len(data)
-                    if size > cap:
-                        raise TooLarge(f"Bundle exceeds maximum allowed size ({_size_text(cap)}).")
-                    await asyncio.to_thread(out.write, data)
-                elif kind_ == "end" and out is not None:
-                    out.close()
-                    out = None
-                    done = True
-            events.clear()
-        if not done or name is None or tmp is None:
-            raise _missing_file()
+        if (directory / name).exists():
+            raise Conflict(f"Bundle '{name}' already exists.")
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".upload-{uuid.uuid4().hex}.part"
+        out: IO[bytes] = await asyncio.to_thread(open, tmp, "xb")
+        with out:
+            async for data in chunks:
+                size += len(data)
+                if size > cap:
+                    raise TooLarge(f"Bundle exceeds maximum allowed size ({_size_text(cap)}).")
+                await asyncio.to_thread(out.write, data)
         try:
             await asyncio.to_thread(validate_bundle, tmp, Limits.from_settings(settings))
         except BundleInvalid as e:
@@ -259,8 +208,6 @@ async def receive_upload(request: Request, settings: Settings) -> tuple[str, int
     except OSError as e:  # the update directory is missing, not writable or full: a deployment problem
         raise StorageUnavailable(f"Cannot store the bundle in the update directory: {e.strerror or e}.") from e
     finally:
-        if out is not None:
-            out.close()
         if tmp is not None:
             tmp.unlink(missing_ok=True)
 

@@ -15,11 +15,11 @@ import shlex
 import subprocess
 import sys
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from psycopg import AsyncConnection
-from starlette.datastructures import UploadFile
 
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
 from webmacs.plugins import Channel, Direction, PluginDescriptor, builtin
@@ -34,7 +34,6 @@ ENTRY_POINT_GROUP = "webmacs.plugins"
 EVENT_TYPE_BY_DIRECTION: dict[Direction, str] = {"input": "sensor", "output": "actuator", "bidirectional": "range"}
 
 MAX_WHEEL_BYTES = 50 * 1024 * 1024
-UPLOAD_CHUNK = 64 * 1024
 MAX_WHEEL_MEMBERS = 10_000
 MAX_UNPACKED_BYTES = 200 * 1024 * 1024
 MAX_METADATA_BYTES = 1024 * 1024
@@ -218,8 +217,8 @@ def wheel_file_name(filename: str | None) -> str:
     return base
 
 
-async def store_upload(upload: UploadFile, target: Path) -> tuple[str, int]:
-    """Copy the upload to `target` (created exclusively) in 64 KiB chunks; returns (sha256 hex, size)."""
+async def store_upload(chunks: AsyncIterator[bytes], target: Path) -> tuple[str, int]:
+    """Write the upload to `target` (created exclusively) as it arrives; returns (sha256 hex, size)."""
     digest = hashlib.sha256()
     size = 0
     try:
@@ -228,7 +227,7 @@ async def store_upload(upload: UploadFile, target: Path) -> tuple[str, int]:
         raise Conflict(f"Package '{target.name}' already exists.") from e
     try:
         with out:
-            while chunk := await upload.read(UPLOAD_CHUNK):
+            async for chunk in chunks:
                 size += len(chunk)
                 if size > MAX_WHEEL_BYTES:
                     raise TooLarge("Wheel exceeds maximum size (50 MB).")
@@ -339,16 +338,18 @@ def plugin_ids_of(package_name: str) -> list[str]:
     return ids or [d.id for d in discovered]
 
 
-async def upload_package(conn: AsyncConnection, settings: Settings, *, upload: UploadFile, user_public_id: str) -> str:
+async def upload_package(
+    conn: AsyncConnection, settings: Settings, *, filename: str, chunks: AsyncIterator[bytes], user_public_id: str
+) -> str:
     """Spec §12.3: store, validate, install and record an uploaded plugin wheel; returns the status message."""
-    file_name = wheel_file_name(upload.filename)
+    file_name = wheel_file_name(filename)
     plugin_dir = Path(settings.webmacs_plugin_dir)
     try:
         await asyncio.to_thread(plugin_dir.mkdir, parents=True, exist_ok=True)
     except OSError as e:
         raise InstallFailed(f"Plugin directory is not writable: {e.strerror}") from e
     target = plugin_dir / file_name
-    sha256, size = await store_upload(upload, target)
+    sha256, size = await store_upload(chunks, target)
     try:
         name, version = await asyncio.to_thread(inspect_wheel, target)
         if await plugins_repo.package_exists(conn, package_name=name):

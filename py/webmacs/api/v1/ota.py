@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, StringConstraints
 
 import webmacs
+from webmacs.api.uploads import streamed_file
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep
 from webmacs.errors import BadRequest
 from webmacs.pagination import Page, Paging, Status
@@ -130,7 +131,8 @@ async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep, r
 async def upload_bundle(request: Request, _: AdminUser, settings: SettingsDep) -> Status:
     # The body is parsed here, not by FastAPI, so that it streams to disk under the size cap instead of
     # being spooled whole first.
-    name, size = await ota.receive_upload(request, settings)
+    upload = await streamed_file(request)
+    name, size = await ota.store_bundle(upload.filename, upload.chunks, settings)
     return Status.ok(f"Bundle '{name}' uploaded ({size:,} bytes). Update will be applied automatically.")
 
 

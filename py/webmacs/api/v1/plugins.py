@@ -9,10 +9,9 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, StringConstraints
-from starlette.datastructures import UploadFile
 
+from webmacs.api.uploads import streamed_file
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
 from webmacs.errors import NotFound, TooLarge
 from webmacs.pagination import Page, Paging, Status
@@ -201,17 +200,14 @@ _MULTIPART_SLACK = 1024 * 1024
 
 @router.post("/packages/upload", response_model=Status, status_code=201, openapi_extra=_UPLOAD_BODY)
 async def upload_package(request: Request, user: AdminUser, conn: Conn, settings: SettingsDep) -> Status:
-    # The form is parsed here, after authorisation, so an unauthorised client cannot make us spool a body.
+    # The body is read here, after authorisation, and streamed to disk under the size cap.
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > plugins_service.MAX_WHEEL_BYTES + _MULTIPART_SLACK:
         raise TooLarge("Wheel exceeds maximum size (50 MB).")
-    async with request.form(max_files=1, max_fields=10) as form:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise RequestValidationError(
-                [{"type": "missing", "loc": ("body", "file"), "msg": "Field required", "input": None}]
-            )
-        message = await plugins_service.upload_package(conn, settings, upload=upload, user_public_id=user.public_id)
+    upload = await streamed_file(request)
+    message = await plugins_service.upload_package(
+        conn, settings, filename=upload.filename, chunks=upload.chunks, user_public_id=user.public_id
+    )
     return Status.ok(message)
 
 
