@@ -8,6 +8,7 @@ from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
+from webmacs.repositories import assignments
 
 COLUMNS = "id, public_id, name, is_global, created_on, user_public_id"
 WIDGET_COLUMNS = "id, public_id, dashboard_id, widget_type, title, event_public_id, x, y, w, h, config_json"
@@ -20,10 +21,6 @@ class EventNotFound(NotFound):
 
     def __init__(self) -> None:
         super().__init__("Event not found.")
-
-
-def _set_clause(cols: list[str]) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
 
 
 async def visible_page(
@@ -85,12 +82,10 @@ async def create(conn: AsyncConnection, *, name: str, is_global: bool, user_publ
 
 
 async def update(conn: AsyncConnection, *, dashboard_id: int, changes: dict[str, Any]) -> None:
-    # Column names come from a fixed allow-list, never from the request.
-    cols = [c for c in UPDATABLE if c in changes]
-    if cols:
+    a = assignments(changes, UPDATABLE)
+    if a is not None:
         await conn.execute(
-            sql.SQL("UPDATE dashboards SET {} WHERE id = %(id)s").format(_set_clause(cols)),
-            {**{c: changes[c] for c in cols}, "id": dashboard_id},
+            sql.SQL("UPDATE dashboards SET {} WHERE id = %(id)s").format(a.clause), {**a.params, "id": dashboard_id}
         )
 
 
@@ -141,15 +136,14 @@ async def create_widget(conn: AsyncConnection, *, dashboard_id: int, fields: dic
 async def update_widget(conn: AsyncConnection, *, widget_id: int, changes: dict[str, Any]) -> None:
     if "event_public_id" in changes:
         await _check_event(conn, changes["event_public_id"])
-    # Column names come from a fixed allow-list, never from the request.
-    cols = [c for c in WIDGET_UPDATABLE if c in changes]
-    if not cols:
+    a = assignments(changes, WIDGET_UPDATABLE)
+    if a is None:
         return
     try:
         async with conn.transaction():
             await conn.execute(
-                sql.SQL("UPDATE dashboard_widgets SET {} WHERE id = %(id)s").format(_set_clause(cols)),
-                {**{c: changes[c] for c in cols}, "id": widget_id},
+                sql.SQL("UPDATE dashboard_widgets SET {} WHERE id = %(id)s").format(a.clause),
+                {**a.params, "id": widget_id},
             )
     except errors.ForeignKeyViolation as e:
         raise EventNotFound() from e

@@ -8,7 +8,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
-from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import assignments, conflict_on_duplicate
 
 COLUMNS = "id, public_id, name, min_value, max_value, unit, type, user_public_id"
 UPDATABLE = ("name", "min_value", "max_value", "unit", "type")
@@ -96,15 +96,12 @@ async def get_or_create(
 
 async def update(conn: AsyncConnection, *, public_id: str, changes: dict[str, Any]) -> None:
     row = await by_public_id(conn, public_id=public_id)
-    # Column names come from a fixed allow-list, never from the request.
-    cols = [c for c in UPDATABLE if c in changes]
-    if not cols:
+    a = assignments(changes, UPDATABLE)
+    if a is None:
         return
-    stmt = sql.SQL("UPDATE events SET {} WHERE id = %(id)s").format(
-        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
-    )
+    stmt = sql.SQL("UPDATE events SET {} WHERE id = %(id)s").format(a.clause)
     async with conflict_on_duplicate(conn, "Event"):
-        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": row["id"]})
+        await conn.execute(stmt, {**a.params, "id": row["id"]})
 
 
 async def delete_ids(conn: AsyncConnection, *, ids: list[int]) -> None:

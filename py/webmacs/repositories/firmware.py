@@ -8,7 +8,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
-from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import assignments, conflict_on_duplicate
 
 FIRMWARE_COLUMNS = (
     "id, public_id, version, changelog, file_path, file_hash_sha256, file_size_bytes, status, error_message,"
@@ -59,25 +59,11 @@ async def create(conn: AsyncConnection, *, version: str, changelog: str | None, 
 
 async def update(conn: AsyncConnection, *, firmware_id: int, changes: dict[str, Any]) -> None:
     """Set columns; a value of `NOW` (the sentinel below) means the database's now()."""
-    cols = [c for c in WRITABLE if c in changes]
-    if not cols:
+    a = assignments(changes, WRITABLE)
+    if a is None:
         return
-    assignments = [
-        sql.SQL("{} = now()").format(sql.Identifier(c))
-        if changes[c] is NOW
-        else sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c))
-        for c in cols
-    ]
-    stmt = sql.SQL("UPDATE firmware_updates SET {} WHERE id = %(_id)s").format(sql.SQL(", ").join(assignments))
-    await conn.execute(stmt, {**{c: changes[c] for c in cols if changes[c] is not NOW}, "_id": firmware_id})
-
-
-class _Now:
-    def __repr__(self) -> str:
-        return "NOW"
-
-
-NOW: Any = _Now()
+    stmt = sql.SQL("UPDATE firmware_updates SET {} WHERE id = %(_id)s").format(a.clause)
+    await conn.execute(stmt, {**a.params, "_id": firmware_id})
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
+from webmacs.repositories import assignments
 
 COLUMNS = "id, public_id, content, logging_type, status_type, created_on, user_public_id"
 UPDATABLE = ("status_type", "content")
@@ -49,11 +50,8 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
 
 async def update(conn: AsyncConnection, *, public_id: str, changes: dict[str, Any]) -> None:
     row = await by_public_id(conn, public_id=public_id)
-    # Column names come from a fixed allow-list, never from the request.
-    cols = [c for c in UPDATABLE if c in changes]
-    if not cols:
+    a = assignments(changes, UPDATABLE)
+    if a is None:
         return
-    stmt = sql.SQL("UPDATE log_entries SET {} WHERE id = %(id)s").format(
-        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
-    )
-    await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": row["id"]})
+    stmt = sql.SQL("UPDATE log_entries SET {} WHERE id = %(id)s").format(a.clause)
+    await conn.execute(stmt, {**a.params, "id": row["id"]})

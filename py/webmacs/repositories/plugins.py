@@ -8,7 +8,7 @@ from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import Conflict, NotFound
-from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import assignments, conflict_on_duplicate
 from webmacs.repositories import events as events_repo
 
 COLUMNS = (
@@ -31,10 +31,6 @@ class EventNotFound(NotFound):
 
     def __init__(self) -> None:
         super().__init__("Event not found.")
-
-
-def _set_clause(cols: list[str]) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
 
 
 async def _attach_mappings(conn: AsyncConnection, instances: list[dict[str, Any]]) -> None:
@@ -105,13 +101,12 @@ async def create(
 
 
 async def update(conn: AsyncConnection, *, instance_id: int, changes: dict[str, Any]) -> None:
-    # Column names come from a fixed allow-list, never from the request.
-    cols = [c for c in UPDATABLE if c in changes]
-    if not cols:
+    a = assignments(changes, UPDATABLE)
+    if a is None:
         return
-    stmt = sql.SQL("UPDATE plugin_instances SET {}, updated_on = now() WHERE id = %(id)s").format(_set_clause(cols))
+    stmt = sql.SQL("UPDATE plugin_instances SET {}, updated_on = now() WHERE id = %(id)s").format(a.clause)
     async with conflict_on_duplicate(conn, "Plugin instance"):
-        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": instance_id})
+        await conn.execute(stmt, {**a.params, "id": instance_id})
 
 
 async def delete_cascade(conn: AsyncConnection, *, public_id: str) -> None:

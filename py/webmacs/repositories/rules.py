@@ -8,7 +8,7 @@ from psycopg import AsyncConnection, errors, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
-from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import assignments, conflict_on_duplicate
 
 RULE_COLUMNS = (
     "id, public_id, name, event_public_id, operator, threshold, threshold_high, action_type, webhook_event_type,"
@@ -79,15 +79,13 @@ async def create(conn: AsyncConnection, *, values: dict[str, Any], user_public_i
 
 
 async def update(conn: AsyncConnection, *, rule_id: int, changes: dict[str, Any]) -> None:
-    cols = [c for c in WRITABLE if c in changes]
-    if not cols:
+    a = assignments(changes, WRITABLE)
+    if a is None:
         return
-    stmt = sql.SQL("UPDATE rules SET {} WHERE id = %(_id)s").format(
-        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
-    )
+    stmt = sql.SQL("UPDATE rules SET {} WHERE id = %(_id)s").format(a.clause)
     try:
         async with conflict_on_duplicate(conn, "Rule"):
-            await conn.execute(stmt, {**{c: changes[c] for c in cols}, "_id": rule_id})
+            await conn.execute(stmt, {**a.params, "_id": rule_id})
     except errors.ForeignKeyViolation as e:
         raise NotFound(EVENT_NOT_FOUND) from e
 

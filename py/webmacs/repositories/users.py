@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
-from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import assignments, conflict_on_duplicate
 
 USER_COLUMNS = "id, public_id, email, username, password_hash, role, registered_on, sso_provider"
 
@@ -69,17 +69,13 @@ async def create(conn: AsyncConnection, *, email: str, username: str, password_h
 
 async def update(conn: AsyncConnection, *, user_id: int, changes: dict[str, Any]) -> None:
     # Column names come from a fixed allow-list, never from the request.
-    allowed = {"email", "username", "password_hash", "role"}
-    cols = [c for c in changes if c in allowed]
-    if not cols:
+    a = assignments(changes, ("email", "username", "password_hash", "role"))
+    if a is None:
         return
-    from psycopg import sql
-
-    stmt = sql.SQL("UPDATE users SET {} WHERE id = %(id)s").format(
-        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
-    )
     async with conflict_on_duplicate(conn, "User"):
-        await conn.execute(stmt, {**{c: changes[c] for c in cols}, "id": user_id})
+        await conn.execute(
+            sql.SQL("UPDATE users SET {} WHERE id = %(id)s").format(a.clause), {**a.params, "id": user_id}
+        )
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:

@@ -8,6 +8,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
 from webmacs.errors import Conflict, NotFound
+from webmacs.repositories import assignments
 
 WEBHOOK_COLUMNS = "id, public_id, url, events, enabled, created_on, user_public_id"
 DELIVERY_COLUMNS = "public_id, event_type, status, attempts, last_error, response_code, created_on, delivered_on"
@@ -59,13 +60,11 @@ async def create(
 
 
 async def update(conn: AsyncConnection, *, webhook_id: int, changes: dict[str, Any]) -> None:
-    cols = [c for c in WRITABLE if c in changes]
-    if not cols:
+    a = assignments(changes, WRITABLE)
+    if a is None:
         return
-    stmt = sql.SQL("UPDATE webhooks SET {} WHERE id = %(_id)s").format(
-        sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in cols)
-    )
-    await conn.execute(stmt, {**{c: changes[c] for c in cols}, "_id": webhook_id})
+    stmt = sql.SQL("UPDATE webhooks SET {} WHERE id = %(_id)s").format(a.clause)
+    await conn.execute(stmt, {**a.params, "_id": webhook_id})
 
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:

@@ -17,8 +17,8 @@ from webmacs.api.uploads import streamed_file
 from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep
 from webmacs.errors import BadRequest
 from webmacs.pagination import Page, Paging, Status
+from webmacs.repositories import NOW
 from webmacs.repositories import firmware as firmware_repo
-from webmacs.repositories.firmware import NOW
 from webmacs.schemas import NO_NUL
 from webmacs.services import ota
 
