@@ -169,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Services register start/stop hooks here (engine, webhook dispatcher, retention…).
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
-    # Replaced by the ingest engine at start-up: re-reads its catalog snapshot (see deps.catalog_changed).
+    # Replaced by the ingest engine at start-up: re-reads its catalog snapshot (see deps.CatalogWrites).
     app.state.catalog_refresh = _no_catalog
     install_handlers(app)
     app.include_router(health_router)

@@ -45,9 +45,16 @@ async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
             await ingest.datapoints_deleted(request.state.datapoints_deleted_events)
 
 
-def catalog_changed(request: Request) -> None:
-    """Mark this request as having changed events, mappings, plugin instances, experiments or rules."""
-    request.state.catalog_changed = True
+def _catalog_writes(request: Request) -> None:
+    """Every successful write through a route that carries this refreshes the ingest catalog once it has
+    committed (see `_conn`): events, mappings, plugin instances, experiments, rules, and what cascades to them."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        request.state.catalog_changed = True
+
+
+#: The one way a route says that its writes change what the ingest catalog is built from (as a router's or a
+#: route's `dependencies=[CatalogWrites]`).
+CatalogWrites = Depends(_catalog_writes)
 
 
 def datapoints_deleted(request: Request, event_public_ids: list[str] | None = None) -> None:

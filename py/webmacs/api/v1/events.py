@@ -8,12 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, StringConstraints
 
-from webmacs.deps import Conn, CurrentUser, OperatorUser, catalog_changed
+from webmacs.deps import CatalogWrites, Conn, CurrentUser, OperatorUser
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import events as events_repo
 from webmacs.schemas import NO_NUL, Finite
 
-router = APIRouter(prefix="/events", tags=["events"])
+router = APIRouter(prefix="/events", tags=["events"], dependencies=[CatalogWrites])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=NO_NUL)]
@@ -83,7 +83,6 @@ async def create_event(body: EventCreate, user: OperatorUser, conn: Conn, reques
         type=body.type.value,
         user_public_id=user.public_id,
     )
-    catalog_changed(request)
     return Status.ok("Event successfully created.")
 
 
@@ -97,12 +96,10 @@ async def update_event(public_id: str, body: EventUpdate, _: OperatorUser, conn:
     # An explicit null for a NOT NULL column means "leave as is".
     changes = {k: v for k, v in body.model_dump(exclude_unset=True, mode="json").items() if v is not None}
     await events_repo.update(conn, public_id=public_id, changes=changes)
-    catalog_changed(request)
     return Status.ok("Event successfully updated.")
 
 
 @router.delete("/{public_id}", response_model=Status)
 async def delete_event(public_id: str, _: OperatorUser, conn: Conn, request: Request) -> Status:
     await events_repo.delete(conn, public_id=public_id)
-    catalog_changed(request)
     return Status.ok("Event successfully deleted.")

@@ -11,12 +11,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, StringConstraints
 
 from webmacs.deps import (
+    CatalogWrites,
     Conn,
     CurrentUser,
     OperatorUser,
     ReadConn,
     ReaderUser,
-    catalog_changed,
     datapoints_deleted,
     read_dsn,
 )
@@ -27,7 +27,7 @@ from webmacs.repositories import logs as logs_repo
 from webmacs.schemas import NO_NUL
 from webmacs.services import csv_export, webhooks
 
-router = APIRouter(prefix="/experiments", tags=["experiments"])
+router = APIRouter(prefix="/experiments", tags=["experiments"], dependencies=[CatalogWrites])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
 
@@ -71,7 +71,6 @@ async def start_experiment(body: ExperimentCreate, user: OperatorUser, conn: Con
         conn, content=f"Experiment '{body.name}' started.", logging_type="info", user_public_id=user.public_id
     )
     await webhooks.enqueue(conn, event_type="experiment.started", experiment=body.name)
-    catalog_changed(request)
     return Status.ok("Experiment successfully created.")
 
 
@@ -88,7 +87,6 @@ async def rename_experiment(
         await experiments_repo.by_public_id(conn, public_id=public_id)  # still 404 for an unknown id
     else:
         await experiments_repo.rename(conn, public_id=public_id, name=body.name)
-        catalog_changed(request)
     return Status.ok("Experiment successfully updated.")
 
 
@@ -99,7 +97,6 @@ async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, reques
         conn, content=f"Experiment '{experiment['name']}' stopped.", logging_type="info", user_public_id=user.public_id
     )
     await webhooks.enqueue(conn, event_type="experiment.stopped", experiment=experiment["name"])
-    catalog_changed(request)
     return Status.ok("Experiment successfully stopped.")
 
 
@@ -138,6 +135,5 @@ async def export_csv(public_id: str, _: ReaderUser, conn: ReadConn, request: Req
 @router.delete("/{public_id}", response_model=Status)
 async def delete_experiment(public_id: str, _: OperatorUser, conn: Conn, request: Request) -> Status:
     await experiments_repo.delete(conn, public_id=public_id)
-    catalog_changed(request)
     datapoints_deleted(request)  # its datapoints may include any event's latest value
     return Status.ok("Experiment successfully deleted.")

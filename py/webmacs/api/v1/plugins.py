@@ -12,14 +12,14 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, StringConstraints
 
 from webmacs.api.uploads import streamed_file
-from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
+from webmacs.deps import AdminUser, CatalogWrites, Conn, CurrentUser, SettingsDep
 from webmacs.errors import NotFound, TooLarge
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import plugins as plugins_repo
 from webmacs.schemas import NO_NUL
 from webmacs.services import plugins as plugins_service
 
-router = APIRouter(prefix="/plugins", tags=["plugins"])
+router = APIRouter(prefix="/plugins", tags=["plugins"], dependencies=[CatalogWrites])
 
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422 instead of a driver error.
 Id = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_NUL)]  # plugin and channel ids
@@ -234,7 +234,6 @@ async def create_instance(body: PluginInstanceCreate, user: AdminUser, conn: Con
         config_json=body.config_json,
         user_public_id=user.public_id,
     )
-    catalog_changed(request)
     return Status.ok("Plugin instance created.")
 
 
@@ -255,14 +254,12 @@ async def update_instance(
     # Nullable config_json takes an explicit null; NOT NULL columns ignore it.
     changes = {k: v for k, v in changes.items() if v is not None or k == "config_json"}
     await plugins_repo.update(conn, instance_id=instance["id"], changes=changes)
-    catalog_changed(request)
     return Status.ok("Plugin instance successfully updated.")
 
 
 @router.delete("/{public_id}", response_model=Status)
 async def delete_instance(public_id: str, _: AdminUser, conn: Conn, request: Request) -> Status:
     await plugins_repo.delete_cascade(conn, public_id=public_id)
-    catalog_changed(request)
     return Status.ok("Plugin instance successfully deleted.")
 
 
@@ -286,7 +283,6 @@ async def create_channel(
         unit=body.unit,
         event_public_id=body.event_public_id,
     )
-    catalog_changed(request)
     return Status.ok("Channel mapping created.")
 
 
@@ -298,7 +294,6 @@ async def update_channel(
     mapping = await plugins_repo.mapping_of_instance(conn, instance_id=instance["id"], public_id=mapping_id)
     if "event_public_id" in body.model_fields_set:
         await plugins_repo.relink_mapping(conn, mapping_id=mapping["id"], event_public_id=body.event_public_id)
-        catalog_changed(request)
     return Status.ok("Channel mapping successfully updated.")
 
 
@@ -307,5 +302,4 @@ async def delete_channel(public_id: str, mapping_id: str, _: AdminUser, conn: Co
     instance = await plugins_repo.by_public_id(conn, public_id=public_id)
     mapping = await plugins_repo.mapping_of_instance(conn, instance_id=instance["id"], public_id=mapping_id)
     await plugins_repo.delete_mapping(conn, mapping_id=mapping["id"])
-    catalog_changed(request)
     return Status.ok("Channel mapping successfully deleted.")

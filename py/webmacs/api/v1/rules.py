@@ -9,14 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from webmacs.deps import Conn, OperatorUser, catalog_changed
+from webmacs.deps import CatalogWrites, Conn, OperatorUser
 from webmacs.errors import Unprocessable
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import rules as rules_repo
 from webmacs.schemas import NO_NUL, Finite
 from webmacs.services.webhooks import WebhookEventType
 
-router = APIRouter(prefix="/rules", tags=["rules"])
+router = APIRouter(prefix="/rules", tags=["rules"], dependencies=[CatalogWrites])
 
 
 class RuleOperator(StrEnum):
@@ -159,7 +159,6 @@ async def list_rules(_: OperatorUser, conn: Conn, paging: Paging) -> Page[RuleRe
 @router.post("", response_model=Status, status_code=201)
 async def create_rule(body: RuleCreate, user: OperatorUser, conn: Conn, request: Request) -> Status:
     await rules_repo.create(conn, values=body.model_dump(mode="json"), user_public_id=user.public_id)
-    catalog_changed(request)
     return Status.ok("Rule successfully created.")
 
 
@@ -183,12 +182,10 @@ async def update_rule(public_id: str, body: RuleUpdate, _: OperatorUser, conn: C
     if err:
         raise Unprocessable(err)
     await rules_repo.update(conn, rule_id=current["id"], changes=changes)
-    catalog_changed(request)
     return Status.ok("Rule successfully updated.")
 
 
 @router.delete("/{public_id}", response_model=Status)
 async def delete_rule(public_id: str, _: OperatorUser, conn: Conn, request: Request) -> Status:
     await rules_repo.delete(conn, public_id=public_id)
-    catalog_changed(request)
     return Status.ok("Rule successfully deleted.")

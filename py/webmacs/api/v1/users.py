@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, EmailStr, StringConstraints
 
-from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep, catalog_changed
+from webmacs.deps import AdminUser, CatalogWrites, Conn, CurrentUser, SettingsDep
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import users as users_repo
 from webmacs.schemas import NO_NUL, UserResponse, UserRole
@@ -84,9 +84,8 @@ async def update_user(public_id: str, body: UserUpdate, user: CurrentUser, conn:
     return Status.ok("User successfully updated.")
 
 
-@router.delete("/{public_id}", response_model=Status)
+# The user's events, experiments, rules and plugin instances go with them (spec §1 cascades).
+@router.delete("/{public_id}", response_model=Status, dependencies=[CatalogWrites])
 async def delete_user(public_id: str, _: AdminUser, conn: Conn, request: Request) -> Status:
     await users_repo.delete(conn, public_id=public_id)
-    # The user's events, experiments, rules and plugin instances went with them (spec §1 cascades).
-    catalog_changed(request)
     return Status.ok("User successfully deleted.")
