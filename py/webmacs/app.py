@@ -8,8 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from types import ModuleType
-from typing import Any, Protocol, cast
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -32,6 +31,8 @@ from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
 from webmacs.server import ENGINE_STATE_KEY, install_log_redaction
+from webmacs.services import dispatcher, retention
+from webmacs.services import ingest as ingest_service
 from webmacs.services.export import ExportSlots
 from webmacs.services.plugins import MAX_WHEEL_BYTES
 from webmacs.settings import DEFAULT_ADMIN_PASSWORD, DEV_SECRET_WARNING, Settings
@@ -94,18 +95,8 @@ def database_url(settings: Settings) -> str:
     return Cluster(settings.webmacs_home, settings.webmacs_db_port, secure=settings.env == "production").up()
 
 
-# Services that hook into the lifespan: each module has `install(app)` registering start/stop hooks.
-SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "webmacs.services.retention"]
-
-
-class _ServiceModule(Protocol):
-    def install(self, app: FastAPI) -> None: ...
-
-
-def _modules(names: list[str]) -> list[ModuleType]:
-    import importlib
-
-    return [importlib.import_module(n) for n in names]
+# Services that hook into the lifespan: each has `install(app)` registering start/stop hooks, run in this order.
+SERVICES = [ingest_service.install, dispatcher.install, retention.install]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -174,8 +165,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
-    for module in _modules(SERVICE_MODULES):
-        cast(_ServiceModule, module).install(app)
+    for install in SERVICES:
+        install(app)
     app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
     app.state.export_slots = ExportSlots(settings.webmacs_export_concurrency)
     # Outermost first per spec §15: Request-ID → CORS → rate limit → body limit → deadline → app (add_middleware
