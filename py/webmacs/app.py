@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,6 +99,13 @@ def database_url(settings: Settings) -> str:
 SERVICES = [ingest_service.install, dispatcher.install, retention.install]
 
 
+async def _stop_quietly(stop: Callable[[FastAPI], Awaitable[None]], app: FastAPI) -> None:
+    try:
+        await stop(app)
+    except Exception:  # one service failing to stop must not keep the others running
+        log.exception("stopping %s failed", getattr(stop, "__qualname__", stop))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # In every process that serves the app (worker processes configure their logging themselves).
@@ -108,46 +115,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         if settings.weak_secret:
             log.warning(DEV_SECRET_WARNING)
-        url = await asyncio.to_thread(database_url, settings)
-        await asyncio.to_thread(migrate.apply, url, settings.webmacs_chunk_interval)
-        pool = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=settings.webmacs_pool_size,
-            open=False,
-            kwargs={"options": "-c timezone=UTC", "application_name": "webmacs-api"},
-            timeout=settings.webmacs_db_timeout_s,
-            name="webmacs-api",
-        )
-        await pool.open(wait=True, timeout=30)
-        app.state.pool = pool
-        app.state.database_url = url
-        reads = ReadRouter.build(
-            pool,
-            url,
-            settings.webmacs_read_database_url,
-            settings.webmacs_read_max_staleness_s,
-            settings.webmacs_pool_size,
-        )
-        await reads.open()
-        app.state.reads = reads
-        app.state.loop = asyncio.get_running_loop()
-        tasks: list[asyncio.Task[None]] = []
-        try:
+        # Whatever has started is stopped in reverse order, however far start-up got.
+        async with contextlib.AsyncExitStack() as stack:
+            url = await asyncio.to_thread(database_url, settings)
+            await asyncio.to_thread(migrate.apply, url, settings.webmacs_chunk_interval)
+            pool = AsyncConnectionPool(
+                url,
+                min_size=1,
+                max_size=settings.webmacs_pool_size,
+                open=False,
+                kwargs={"options": "-c timezone=UTC", "application_name": "webmacs-api"},
+                timeout=settings.webmacs_db_timeout_s,
+                name="webmacs-api",
+            )
+            await pool.open(wait=True, timeout=30)
+            stack.push_async_callback(pool.close)
+            app.state.pool = pool
+            app.state.database_url = url
+            reads = ReadRouter.build(
+                pool,
+                url,
+                settings.webmacs_read_database_url,
+                settings.webmacs_read_max_staleness_s,
+                settings.webmacs_pool_size,
+            )
+            await reads.open()
+            stack.push_async_callback(reads.close)
+            app.state.reads = reads
+            app.state.loop = asyncio.get_running_loop()
             await _seed(pool, settings)
-            tasks.append(asyncio.create_task(_purge_blacklist(pool, settings)))
-            for hook in app.state.startup_hooks:
-                await hook(app)
+            purge = asyncio.create_task(_purge_blacklist(pool, settings))
+            stack.callback(purge.cancel)
+            for start, stop in app.state.lifecycle:
+                await start(app)
+                stack.push_async_callback(_stop_quietly, stop, app)
             # Lifespan state reaches uvicorn's protocols: the WebSocket hand-over finds the engine here.
             yield {ENGINE_STATE_KEY: app.state.ingest.engine}
-        finally:
-            for hook in reversed(app.state.shutdown_hooks):
-                with contextlib.suppress(Exception):
-                    await hook(app)
-            for t in tasks:
-                t.cancel()
-            await reads.close()
-            await pool.close()
 
     app = FastAPI(
         title="WebMACS-TS",
@@ -157,9 +160,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.started_at = time.monotonic()
-    # Services register start/stop hooks here (engine, webhook dispatcher, retention…).
-    app.state.startup_hooks = []
-    app.state.shutdown_hooks = []
+    # Services register (start, stop) pairs here (engine, webhook dispatcher, retention…).
+    app.state.lifecycle = []
     # Replaced by the ingest engine at start-up: re-reads its catalog snapshot (see deps.CatalogWrites).
     app.state.catalog_refresh = _no_catalog
     install_handlers(app)

@@ -291,5 +291,4 @@ def install(app: FastAPI) -> None:
         if dispatcher is not None:
             await dispatcher.stop()
 
-    app.state.startup_hooks.append(start)
-    app.state.shutdown_hooks.append(stop)
+    app.state.lifecycle.append((start, stop))

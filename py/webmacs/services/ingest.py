@@ -308,5 +308,4 @@ def install(app: FastAPI) -> None:
         if ingest is not None:
             await ingest.close(app.state.settings.webmacs_shutdown_timeout_s)
 
-    app.state.startup_hooks.append(start)
-    app.state.shutdown_hooks.append(stop)
+    app.state.lifecycle.append((start, stop))

@@ -144,8 +144,7 @@ def install(app: FastAPI) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app.state.startup_hooks.append(start)
-    app.state.shutdown_hooks.append(stop)
+    app.state.lifecycle.append((start, stop))
 
 
 class StorageJob(BaseModel):
