@@ -97,3 +97,95 @@ async def deliveries_page(
     )
     r = await c.fetchone()
     return (int(r[0]) if r else 0), []
+
+
+# --- the delivery outbox (written by services.webhooks.enqueue, worked by services.dispatcher) ---
+
+
+async def enqueue_deliveries(conn: AsyncConnection, *, event_type: str, payload: str) -> int:
+    """One pending delivery per enabled webhook subscribed to `event_type`, in the caller's transaction."""
+    cur = await conn.execute(
+        "INSERT INTO webhook_deliveries (webhook_id, event_type, payload)"
+        " SELECT id, %(t)s::text, %(b)s::text FROM webhooks"
+        " WHERE enabled AND webmacs_webhook_subscribes(events, %(t)s::text)",
+        {"t": event_type, "b": payload},
+    )
+    return cur.rowcount
+
+
+# Claiming sets next_attempt_at to the lease end and counts the attempt; SKIP LOCKED lets several processes
+# claim side by side without ever taking the same row. `attempts` is the fencing token for the outcome.
+_CLAIM = """
+UPDATE webhook_deliveries d
+   SET attempts = d.attempts + 1,
+       next_attempt_at = now() + make_interval(secs => %(lease)s)
+  FROM webhooks w
+ WHERE w.id = d.webhook_id
+   AND d.id IN (SELECT id FROM webhook_deliveries
+                 WHERE status = 'pending' AND next_attempt_at <= now()
+                 ORDER BY next_attempt_at, id
+                 LIMIT %(n)s
+                 FOR UPDATE SKIP LOCKED)
+RETURNING d.id, d.public_id, d.payload, d.attempts, w.url, w.secret
+"""
+
+_DELIVERED = """
+UPDATE webhook_deliveries
+   SET status = 'delivered', delivered_on = now(), response_code = %(code)s, last_error = NULL,
+       next_attempt_at = NULL
+ WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
+"""
+
+_FAILED = """
+UPDATE webhook_deliveries
+   SET response_code = %(code)s, last_error = %(error)s,
+       status = CASE WHEN %(final)s THEN 'dead_letter' ELSE 'pending' END,
+       next_attempt_at = CASE WHEN %(final)s THEN NULL ELSE now() + make_interval(secs => %(delay)s) END
+ WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
+"""
+
+# A send interrupted by shutdown is due again at once (for whichever process is up); the attempt stays counted
+# because the receiver may have seen it.
+_RELEASE = """
+UPDATE webhook_deliveries SET next_attempt_at = now()
+ WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
+"""
+
+_NEXT_DUE = "SELECT min(next_attempt_at) - now() FROM webhook_deliveries WHERE status = 'pending'"
+
+
+async def claim_due_deliveries(conn: AsyncConnection, *, limit: int, lease_s: float) -> list[dict[str, Any]]:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_CLAIM, {"n": limit, "lease": lease_s})
+    return await cur.fetchall()
+
+
+async def mark_delivered(conn: AsyncConnection, *, delivery_id: int, attempts: int, code: int | None) -> None:
+    await conn.execute(_DELIVERED, {"id": delivery_id, "attempts": attempts, "code": code})
+
+
+async def mark_failed(
+    conn: AsyncConnection,
+    *,
+    delivery_id: int,
+    attempts: int,
+    code: int | None,
+    error: str | None,
+    final: bool,
+    delay_s: float,
+) -> None:
+    """A failed attempt: dead_letter when `final`, else due again after `delay_s`."""
+    await conn.execute(
+        _FAILED,
+        {"id": delivery_id, "attempts": attempts, "code": code, "error": error, "final": final, "delay": delay_s},
+    )
+
+
+async def release_delivery(conn: AsyncConnection, *, delivery_id: int, attempts: int) -> None:
+    await conn.execute(_RELEASE, {"id": delivery_id, "attempts": attempts})
+
+
+async def seconds_to_next_due(conn: AsyncConnection) -> float | None:
+    cur = await conn.execute(_NEXT_DUE)
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0].total_seconds())

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import psycopg
 from fastapi import FastAPI
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from webmacs.repositories import webhooks as webhooks_repo
 from webmacs.services import ssrf
 from webmacs.settings import Settings
 
@@ -26,46 +26,6 @@ CHANNEL = "webhook_outbox"
 # A claimed row is leased for this long beyond the request timeout; a process that dies mid-send leaves the
 # row to be claimed again by anyone once the lease runs out (at-least-once, never lost).
 LEASE_MARGIN_S = 30.0
-
-# Claiming sets next_attempt_at to the lease end and counts the attempt; SKIP LOCKED lets several processes
-# claim side by side without ever taking the same row. `attempts` is the fencing token for the outcome.
-_CLAIM = """
-UPDATE webhook_deliveries d
-   SET attempts = d.attempts + 1,
-       next_attempt_at = now() + make_interval(secs => %(lease)s)
-  FROM webhooks w
- WHERE w.id = d.webhook_id
-   AND d.id IN (SELECT id FROM webhook_deliveries
-                 WHERE status = 'pending' AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at, id
-                 LIMIT %(n)s
-                 FOR UPDATE SKIP LOCKED)
-RETURNING d.id, d.public_id, d.payload, d.attempts, w.url, w.secret
-"""
-
-_DELIVERED = """
-UPDATE webhook_deliveries
-   SET status = 'delivered', delivered_on = now(), response_code = %(code)s, last_error = NULL,
-       next_attempt_at = NULL
- WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
-"""
-
-_FAILED = """
-UPDATE webhook_deliveries
-   SET response_code = %(code)s, last_error = %(error)s,
-       status = CASE WHEN %(final)s THEN 'dead_letter' ELSE 'pending' END,
-       next_attempt_at = CASE WHEN %(final)s THEN NULL ELSE now() + make_interval(secs => %(delay)s) END
- WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
-"""
-
-# A send interrupted by shutdown is due again at once (for whichever process is up); the attempt stays counted
-# because the receiver may have seen it.
-_RELEASE = """
-UPDATE webhook_deliveries SET next_attempt_at = now()
- WHERE id = %(id)s AND attempts = %(attempts)s AND status = 'pending'
-"""
-
-_NEXT_DUE = "SELECT min(next_attempt_at) - now() FROM webhook_deliveries WHERE status = 'pending'"
 
 
 def sign(secret: str, timestamp: str, body: str) -> str:
@@ -121,7 +81,7 @@ class Dispatcher:
                     await task
                 with contextlib.suppress(Exception):
                     async with self.pool.connection() as conn:
-                        await conn.execute(_RELEASE, {"id": row_id, "attempts": attempts})
+                        await webhooks_repo.release_delivery(conn, delivery_id=row_id, attempts=attempts)
         await self.client.aclose()
 
     # --- the outbox loop ---
@@ -174,19 +134,14 @@ class Dispatcher:
     async def _claim(self, n: int) -> list[dict[str, Any]]:
         lease = self.settings.webmacs_webhook_timeout_s + LEASE_MARGIN_S
         async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(_CLAIM, {"n": n, "lease": lease})
-            return await cur.fetchall()
+            return await webhooks_repo.claim_due_deliveries(conn, limit=n, lease_s=lease)
 
     async def _seconds_to_next_due(self, poll: float) -> float:
         if len(self.inflight) >= self.settings.webmacs_webhook_concurrency:
             return poll  # a finishing delivery sets `wake`
         async with self.pool.connection() as conn:
-            cur = await conn.execute(_NEXT_DUE)
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
-            return poll
-        return max(0.0, min(poll, float(row[0].total_seconds())))
+            due = await webhooks_repo.seconds_to_next_due(conn)
+        return poll if due is None else max(0.0, min(poll, due))
 
     def _spawn(self, row: dict[str, Any]) -> None:
         task = asyncio.create_task(self._deliver(row), name=f"webhook-delivery-{row['public_id']}")
@@ -214,18 +169,18 @@ class Dispatcher:
         delay = delays[min(row["attempts"], len(delays)) - 1]
         async with self.pool.connection() as conn:
             if outcome.ok:
-                await conn.execute(_DELIVERED, {"id": row["id"], "attempts": row["attempts"], "code": outcome.code})
+                await webhooks_repo.mark_delivered(
+                    conn, delivery_id=row["id"], attempts=row["attempts"], code=outcome.code
+                )
             else:
-                await conn.execute(
-                    _FAILED,
-                    {
-                        "id": row["id"],
-                        "attempts": row["attempts"],
-                        "code": outcome.code,
-                        "error": outcome.error,
-                        "final": final,
-                        "delay": delay,
-                    },
+                await webhooks_repo.mark_failed(
+                    conn,
+                    delivery_id=row["id"],
+                    attempts=row["attempts"],
+                    code=outcome.code,
+                    error=outcome.error,
+                    final=final,
+                    delay_s=delay,
                 )
         if not outcome.ok:
             log.info(

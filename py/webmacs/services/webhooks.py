@@ -9,6 +9,8 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
+from webmacs.repositories import webhooks as webhooks_repo
+
 
 class WebhookEventType(StrEnum):
     """What a webhook subscribes to (spec §2); `system.health_changed` is accepted but never emitted."""
@@ -30,11 +32,6 @@ def build_payload(event_type: str, **extras: Any) -> str:
 async def enqueue(conn: AsyncConnection, *, event_type: str, **extras: Any) -> int:
     """Record one pending delivery per enabled webhook subscribed to `event_type`, in the caller's
     transaction (so an experiment start and its webhook commit together). Returns the number queued."""
-    body = build_payload(event_type, **extras)
-    cur = await conn.execute(
-        "INSERT INTO webhook_deliveries (webhook_id, event_type, payload)"
-        " SELECT id, %(t)s::text, %(b)s::text FROM webhooks"
-        " WHERE enabled AND webmacs_webhook_subscribes(events, %(t)s::text)",
-        {"t": event_type, "b": body},
+    return await webhooks_repo.enqueue_deliveries(
+        conn, event_type=event_type, payload=build_payload(event_type, **extras)
     )
-    return cur.rowcount
