@@ -24,6 +24,18 @@ pub enum DownsampleError {
     BadPacking { width: usize, len: usize },
 }
 
+impl DownsampleError {
+    /// A stable name for the kind of error (the Python exception's `code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            DownsampleError::LengthMismatch { .. } => "length_mismatch",
+            DownsampleError::TooFewPoints { .. } => "too_few_points",
+            DownsampleError::Unsorted { .. } => "unsorted",
+            DownsampleError::BadPacking { .. } => "bad_packing",
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, DownsampleError>;
 
 fn check_max_points(mode: &'static str, min: usize, max_points: usize) -> Result<()> {

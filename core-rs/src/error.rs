@@ -2,7 +2,10 @@
 
 use thiserror::Error;
 
+use crate::downsample::DownsampleError;
 use crate::frame::FrameError;
+use crate::import::ImportError;
+use crate::pgcopy::PgCopyError;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum CoreError {
@@ -26,6 +29,15 @@ pub enum CoreError {
     /// An engine setting is out of range.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// A binary COPY stream of datapoints (exports) could not be read or decoded.
+    #[error("{0}")]
+    Copy(#[from] PgCopyError),
+    /// A series handed to a downsampler is malformed.
+    #[error("{0}")]
+    Downsample(#[from] DownsampleError),
+    /// A history import failed (its source stream, its columns, the database, its checkpoint).
+    #[error("{0}")]
+    Import(#[from] ImportError),
 }
 
 impl From<tokio_postgres::Error> for CoreError {

@@ -79,6 +79,18 @@ pub enum ImportError {
     Checkpoint(i32),
 }
 
+impl ImportError {
+    /// A stable name for the kind of error (the Python exception's `code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImportError::Stream(_) => "stream",
+            ImportError::Columns(_) => "columns",
+            ImportError::Database(_) => "database",
+            ImportError::Checkpoint(_) => "checkpoint",
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for ImportError {
     fn from(e: tokio_postgres::Error) -> Self {
         ImportError::Database(e.to_string())

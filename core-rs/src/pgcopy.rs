@@ -43,6 +43,21 @@ pub enum PgCopyError {
     Database(String),
 }
 
+impl PgCopyError {
+    /// A stable name for the kind of error (the Python exception's `code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            PgCopyError::BadSignature => "bad_signature",
+            PgCopyError::BadFlags(_) => "bad_flags",
+            PgCopyError::Truncated { .. } => "truncated",
+            PgCopyError::FieldCount { .. } => "field_count",
+            PgCopyError::FieldLength { .. } => "field_length",
+            PgCopyError::AfterTrailer(_) => "after_trailer",
+            PgCopyError::Database(_) => "database",
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for PgCopyError {
     fn from(e: tokio_postgres::Error) -> Self {
         PgCopyError::Database(e.to_string())

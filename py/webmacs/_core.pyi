@@ -13,6 +13,7 @@ __all__ = [
     "Engine",
     "EngineClosedError",
     "FrameTooLargeError",
+    "InvalidDataError",
     "InvalidFrameError",
     "QueueFullError",
     "Receipt",
@@ -54,6 +55,9 @@ class QueueFullError(CoreException):
 class EngineClosedError(CoreException): ...
 class DatabaseError(CoreException): ...
 class ConfigError(CoreException): ...
+
+class InvalidDataError(CoreException):
+    code: str
 
 def validate_frame(frame: bytes) -> tuple[list[tuple[str, float, int | None]], list[tuple[int, str]], int]: ...
 def inspect_jwt(

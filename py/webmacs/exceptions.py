@@ -6,6 +6,7 @@ from webmacs._core import (
     DatabaseError,
     EngineClosedError,
     FrameTooLargeError,
+    InvalidDataError,
     InvalidFrameError,
     QueueFullError,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "DatabaseError",
     "EngineClosedError",
     "FrameTooLargeError",
+    "InvalidDataError",
     "InvalidFrameError",
     "QueueFullError",
 ]

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from webmacs import _core
+from webmacs.exceptions import InvalidDataError
 from webmacs.services.series import PackedSeries, downsample, pack_times, pack_values
 
 
@@ -157,6 +158,7 @@ def test_service_downsample_keeps_experiments_and_modes() -> None:
         (lambda: _core.downsample_lttb(b"\x00" * 7, b"", 10), "cannot be 7 bytes long"),
     ],
 )
-def test_bad_input_raises_value_error(call: Callable[[], object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+def test_bad_input_raises_invalid_data(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidDataError, match=message) as raised:
         call()
+    assert raised.value.code in {"length_mismatch", "too_few_points", "unsorted", "bad_packing"}

@@ -12,6 +12,7 @@ import pytest
 
 from tests.analyst.conftest import load
 from webmacs import _core
+from webmacs.exceptions import DatabaseError, InvalidDataError
 
 COPY = (
     "COPY (SELECT time, event_id, value, experiment_id FROM datapoints WHERE event_id = {} ORDER BY time)"
@@ -57,14 +58,14 @@ def test_reader_round_trip(
 def test_reader_errors(db_url: str) -> None:
     reader = _core.CopyReader(db_url)
     reader.start("COPY (SELECT 1::int4, 2::int4) TO STDOUT (FORMAT binary)", 10)
-    with pytest.raises(ValueError, match="2 fields"):
+    with pytest.raises(InvalidDataError, match="2 fields"):
         reader.next_frame()
     assert reader.next_frame() is None  # the failed COPY is over
     reader.start("COPY (SELECT 'x') TO STDOUT (FORMAT csv)", 10)
-    with pytest.raises(ValueError, match="signature"):
+    with pytest.raises(InvalidDataError, match="signature"):
         reader.next_frame()
     reader.start("COPY (SELECT no_such_column FROM datapoints) TO STDOUT (FORMAT binary)", 10)
-    with pytest.raises(RuntimeError, match="database error"):
+    with pytest.raises(DatabaseError, match="database error"):
         reader.next_frame()
     # Abandoning a COPY half read leaves the connection usable.
     reader.start(
@@ -75,9 +76,9 @@ def test_reader_errors(db_url: str) -> None:
     columns = reader.next_frame()
     assert columns is not None and _rows(columns)[0][1:] == (2, 2.0, 3)
     reader.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(DatabaseError, match="closed"):
         reader.start(COPY.format(1), 10)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DatabaseError):
         _core.CopyReader("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
 
 
@@ -85,9 +86,10 @@ def test_decode_rejects_truncated_bytes() -> None:
     header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
     one = struct.pack(">hiqiiiqi", 4, 8, 0, 4, 7, 8, 0, -1)
     assert _core.decode_datapoints(header + one + b"\xff\xff", True)[0] == 1
-    with pytest.raises(ValueError, match="ends inside"):
+    with pytest.raises(InvalidDataError, match="ends inside") as truncated:
         _core.decode_datapoints(header + one[:-1], True)
-    with pytest.raises(ValueError, match="signature"):
+    assert truncated.value.code == "truncated"
+    with pytest.raises(InvalidDataError, match="signature"):
         _core.decode_datapoints(b"PGCOPX\n\xff\r\n\x00" + bytes(8), True)
 
 

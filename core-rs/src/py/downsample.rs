@@ -3,15 +3,15 @@
 //! Series arrive as packed big-endian arrays (`bytes`), exactly as PostgreSQL's `int8send`/`float8send`
 //! aggregate them, so a query result reaches Rust without one Python object per datapoint.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 
 use super::detached;
 use crate::downsample::{self, DownsampleError};
+use crate::error::CoreError;
 
 fn value_error(e: DownsampleError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    CoreError::from(e).into()
 }
 
 type Selector = fn(&[i64], &[f64], usize) -> Result<Vec<usize>, DownsampleError>;

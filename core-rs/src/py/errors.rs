@@ -6,6 +6,8 @@ use pyo3::prelude::*;
 
 use crate::error::CoreError;
 use crate::frame::FrameError;
+use crate::import::ImportError;
+use crate::pgcopy::PgCopyError;
 
 create_exception!(
     webmacs._core,
@@ -48,6 +50,12 @@ create_exception!(
     ConfigError,
     CoreException,
     "An engine setting is out of range."
+);
+create_exception!(
+    webmacs._core,
+    InvalidDataError,
+    CoreException,
+    "Bytes or columns handed to the core are malformed (a COPY stream, a packed series, import columns)."
 );
 
 /// Build the exception and set its data attributes, so Python never parses messages.
@@ -104,8 +112,19 @@ impl From<CoreError> for PyErr {
                 err
             }
             CoreError::Closed => EngineClosedError::new_err(msg),
-            CoreError::Database(_) => DatabaseError::new_err(msg),
+            CoreError::Database(_)
+            | CoreError::Copy(PgCopyError::Database(_))
+            | CoreError::Import(ImportError::Database(_) | ImportError::Checkpoint(_)) => {
+                DatabaseError::new_err(msg)
+            }
             CoreError::Config(_) => ConfigError::new_err(msg),
+            CoreError::Copy(e) => with_attrs(InvalidDataError::new_err(msg), &[], Some(e.code())),
+            CoreError::Downsample(e) => {
+                with_attrs(InvalidDataError::new_err(msg), &[], Some(e.code()))
+            }
+            CoreError::Import(e @ (ImportError::Stream(_) | ImportError::Columns(_))) => {
+                with_attrs(InvalidDataError::new_err(msg), &[], Some(e.code()))
+            }
         }
     }
 }
@@ -119,5 +138,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineClosedError", py.get_type::<EngineClosedError>())?;
     m.add("DatabaseError", py.get_type::<DatabaseError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("InvalidDataError", py.get_type::<InvalidDataError>())?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyDict;
@@ -13,12 +13,7 @@ use crate::error::CoreError;
 use crate::import::{self, Converter, EventTarget, ImportError, Progress, Transfer};
 
 fn to_py(e: ImportError) -> PyErr {
-    match e {
-        ImportError::Stream(_) | ImportError::Columns(_) => PyValueError::new_err(e.to_string()),
-        ImportError::Database(_) | ImportError::Checkpoint(_) => {
-            CoreError::Database(e.to_string()).into()
-        }
-    }
+    CoreError::from(e).into()
 }
 
 fn runtime(threads: usize, name: &str) -> PyResult<tokio::runtime::Runtime> {
@@ -64,7 +59,7 @@ impl WebmacsTransfer {
         now_us: Option<i64>,
     ) -> PyResult<Self> {
         if batch_rows == 0 {
-            return Err(PyValueError::new_err("batch_rows must be at least 1"));
+            return Err(CoreError::Config("batch_rows must be at least 1".into()).into());
         }
         let events = events
             .into_iter()

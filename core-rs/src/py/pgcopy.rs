@@ -2,19 +2,16 @@
 
 use std::sync::Mutex;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use super::detached;
+use crate::error::CoreError;
 use crate::pgcopy::{self, PgCopyError};
 
 fn value_error(e: PgCopyError) -> PyErr {
-    match e {
-        PgCopyError::Database(_) => PyRuntimeError::new_err(e.to_string()),
-        _ => PyValueError::new_err(e.to_string()),
-    }
+    CoreError::from(e).into()
 }
 
 fn columns(py: Python<'_>, cols: pgcopy::DatapointColumns) -> Columns<'_> {
