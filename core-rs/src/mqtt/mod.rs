@@ -253,6 +253,8 @@ struct Context {
     config: MqttConfig,
     log: Arc<RateLog>,
     generation: AtomicU64,
+    /// The client-id slot this process holds (an advisory lock on `db`), when the id is the default.
+    slot: Option<i32>,
 }
 
 impl Context {
@@ -362,19 +364,19 @@ impl MqttIngest {
         let mut options = options_of(&config.url, max_packet)?;
         let handle = engine.handle().clone();
         let dsn = engine.config().dsn.clone();
-        let (db, writer, client_id) = handle.block_on(async {
+        let (db, writer, slot, client_id) = handle.block_on(async {
             let db = pg::connect(&dsn, "webmacs-mqtt").await?;
             let writer = lookup_writer(&db, &config.token)
                 .await?
                 .map_err(config_error)?;
-            let client_id = match &config.client_id {
-                Some(id) => id.clone(),
+            let (slot, client_id) = match &config.client_id {
+                Some(id) => (None, id.clone()),
                 None => match claim_slot(&db).await? {
-                    0 => format!("webmacs-{}", host_name()),
-                    n => format!("webmacs-{}-{n}", host_name()),
+                    0 => (Some(0), format!("webmacs-{}", host_name())),
+                    n => (Some(n), format!("webmacs-{}-{n}", host_name())),
                 },
             };
-            Ok::<_, CoreError>((db, writer, client_id))
+            Ok::<_, CoreError>((db, writer, slot, client_id))
         })?;
         options.set_client_id(client_id.clone());
         options.set_clean_start(false);
@@ -393,6 +395,7 @@ impl MqttIngest {
             config,
             log: log.clone(),
             generation: AtomicU64::new(0),
+            slot,
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = handle.spawn(run(ctx, eventloop, db, Some(writer), stop_rx));
@@ -654,6 +657,23 @@ async fn recheck_token(ctx: &Context, db: &mut PgClient) -> Option<Option<Writer
         *db = pg::connect(&ctx.engine.config().dsn, "webmacs-mqtt")
             .await
             .ok()?;
+        // The lock went with the old connection: take the slot back before another process does.
+        if let Some(slot) = ctx.slot {
+            let held = pg::deadline(
+                pg::QUERY_TIMEOUT,
+                "MQTT client id slot",
+                db.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&SLOT_LOCK, &slot]),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<_, bool>(0).ok());
+            if held != Some(true) {
+                ctx.log.log(
+                    ctx.stats(),
+                    format!("MQTT client id slot {slot} was taken while the database was away: set WEBMACS_MQTT_CLIENT_ID per process"),
+                );
+            }
+        }
     }
     match lookup_writer(db, &ctx.config.token).await {
         Ok(Ok(w)) => Some(Some(w)),
