@@ -64,8 +64,8 @@ db-down: ## stop the local cluster
 db-status: ## show the local cluster's state
 	$(VENV)/bin/webmacs db status
 
-.PHONY: bench bench-ingest bench-query bench-import bench-scaleout
-bench: bench-ingest bench-query bench-import ## run all benchmarks (results: BENCHMARKS.md)
+.PHONY: bench bench-ingest bench-query bench-import bench-scaleout bench-mqtt
+bench: bench-ingest bench-query bench-import bench-mqtt ## run all benchmarks (results: BENCHMARKS.md)
 bench-ingest: build timescaledb ## ingest benchmark: engine vs COPY limit vs pure Python
 	$(PY) benches/ingest.py
 bench-query: build timescaledb ## analyst benchmark: series and exports vs direct SQL/COPY
@@ -74,6 +74,8 @@ bench-scaleout: build timescaledb ## 1 vs 2 server workers side by side, and the
 	$(PY) benches/scaleout.py
 bench-import: build timescaledb ## WebMACS import benchmark: rows/s vs a plain COPY of the same rows
 	$(PY) benches/import_bench.py
+bench-mqtt: build timescaledb ## MQTT ingest (private Mosquitto, QoS 1) vs the WebSocket path of the same engine
+	$(PY) benches/mqtt_bench.py
 
 # Cases over all fuzz targets (split by fixed shares); FUZZ_SEED replays a run, FUZZ_TARGETS=http,jwt.mutated picks.
 FUZZ_CASES ?= 1000000

@@ -33,10 +33,12 @@ pub enum Reject {
     TimestampTooOld,
     /// The database refused the row itself (a constraint, a range, a trigger) when it was written.
     DatabaseRefused,
+    /// The sender's token is scoped to one plugin instance and the event is not mapped to it.
+    OutOfScope,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::NotObject,
         Reject::MissingValue,
         Reject::InvalidValue,
@@ -48,6 +50,7 @@ impl Reject {
         Reject::FarFutureTimestamp,
         Reject::TimestampTooOld,
         Reject::DatabaseRefused,
+        Reject::OutOfScope,
     ];
 
     pub fn code(self) -> &'static str {
@@ -63,6 +66,7 @@ impl Reject {
             Reject::FarFutureTimestamp => "far_future_timestamp",
             Reject::TimestampTooOld => "timestamp_too_old",
             Reject::DatabaseRefused => "database_refused",
+            Reject::OutOfScope => "out_of_scope",
         }
     }
 
@@ -70,7 +74,10 @@ impl Reject {
     pub fn is_shape_error(self) -> bool {
         !matches!(
             self,
-            Reject::UnknownEvent | Reject::InactiveEvent | Reject::DatabaseRefused
+            Reject::UnknownEvent
+                | Reject::InactiveEvent
+                | Reject::DatabaseRefused
+                | Reject::OutOfScope
         )
     }
 
@@ -88,6 +95,7 @@ impl Reject {
             Reject::FarFutureTimestamp => "timestamp is more than 5 minutes in the future",
             Reject::TimestampTooOld => "timestamp is before 1970-01-01T00:00:00Z",
             Reject::DatabaseRefused => "the database refused the datapoint",
+            Reject::OutOfScope => "event is not mapped to the token's plugin instance",
         }
     }
 

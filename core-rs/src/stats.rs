@@ -25,6 +25,65 @@ pub struct Stats {
     pub flush_us_max: AtomicU64,
     pub queue_depth: AtomicU64,
     pub broadcast_dropped: AtomicU64,
+    pub mqtt: ProtocolStats,
+}
+
+/// Counters of one protocol adapter (MQTT): messages, points and why points were rejected.
+#[derive(Debug, Default)]
+pub struct ProtocolStats {
+    /// Messages (publishes) received.
+    pub received: AtomicU64,
+    /// Datapoints in them (entries of frames, one per one-value message).
+    pub points: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: [AtomicU64; Reject::ALL.len()],
+    /// Messages refused as a whole (not JSON, not UTF-8, too large, too many entries): acknowledged, counted.
+    pub malformed: AtomicU64,
+    /// Messages acknowledged to the broker (after their points committed).
+    pub acked: AtomicU64,
+    /// 1 while connected to the broker.
+    pub connected: AtomicU64,
+    /// Subscriptions the broker granted on the current connection.
+    pub subscribed: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connection_errors: AtomicU64,
+    /// Rejection reports published on the error topic.
+    pub errors_published: AtomicU64,
+    /// Log lines left out by the rate limit.
+    pub log_suppressed: AtomicU64,
+}
+
+impl ProtocolStats {
+    pub fn reject(&self, r: Reject) {
+        self.rejected[r.index()].fetch_add(1, Relaxed);
+    }
+
+    fn snapshot(&self) -> ProtocolSnapshot {
+        let counters = vec![
+            ("received", self.received.load(Relaxed)),
+            ("points", self.points.load(Relaxed)),
+            ("accepted", self.accepted.load(Relaxed)),
+            ("malformed", self.malformed.load(Relaxed)),
+            ("acked", self.acked.load(Relaxed)),
+            ("connected", self.connected.load(Relaxed)),
+            ("subscribed", self.subscribed.load(Relaxed)),
+            ("reconnects", self.reconnects.load(Relaxed)),
+            ("connection_errors", self.connection_errors.load(Relaxed)),
+            ("errors_published", self.errors_published.load(Relaxed)),
+            ("log_suppressed", self.log_suppressed.load(Relaxed)),
+        ];
+        let rejected = Reject::ALL
+            .iter()
+            .map(|r| (r.code(), self.rejected[r.index()].load(Relaxed)))
+            .collect();
+        ProtocolSnapshot { counters, rejected }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtocolSnapshot {
+    pub counters: Vec<(&'static str, u64)>,
+    pub rejected: Vec<(&'static str, u64)>,
 }
 
 /// A consistent-enough copy of the counters for reporting.
@@ -32,6 +91,8 @@ pub struct Stats {
 pub struct StatsSnapshot {
     pub counters: Vec<(&'static str, u64)>,
     pub rejected: Vec<(&'static str, u64)>,
+    /// Per protocol adapter: ("mqtt", its counters).
+    pub protocols: Vec<(&'static str, ProtocolSnapshot)>,
 }
 
 impl Stats {
@@ -75,7 +136,11 @@ impl Stats {
             .iter()
             .map(|r| (r.code(), self.rejected[r.index()].load(Relaxed)))
             .collect();
-        StatsSnapshot { counters, rejected }
+        StatsSnapshot {
+            counters,
+            rejected,
+            protocols: vec![("mqtt", self.mqtt.snapshot())],
+        }
     }
 }
 

@@ -103,8 +103,19 @@ class Engine:
         fanout: str = "postgres",
         nats_url: str | None = None,
         nats_prefix: str = "webmacs",
+        mqtt_url: str | None = None,
+        mqtt_topics: list[str] | None = None,
+        mqtt_token: str | None = None,
+        mqtt_client_id: str | None = None,
+        mqtt_shared: bool = True,
+        mqtt_error_topic: str | None = None,
+        mqtt_session_expiry_s: int = 604800,
+        mqtt_receive_maximum: int = 1000,
     ) -> Engine: ...
-    def submit(self, frame: bytes, strict: bool = False, source: int = 0) -> Receipt: ...
+    def submit(self, frame: bytes, strict: bool = False, source: int = 0, scope: int | None = None) -> Receipt: ...
+    @property
+    def mqtt_client_id(self) -> str | None: ...
+    def drain_mqtt_log(self) -> list[str]: ...
     def serve_websockets(
         self,
         *,

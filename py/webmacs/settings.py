@@ -139,6 +139,21 @@ class Settings(BaseSettings):
     #: Empty: `<this python> -m pip install --no-deps --no-input <wheel>`.
     webmacs_plugin_install_cmd: str = ""
 
+    # --- MQTT ingest (README "MQTT") ---
+    #: A broker to take datapoints from (`mqtt://user:pass@host:1883`, `mqtts://…`); empty = MQTT ingest off.
+    webmacs_mqtt_url: str = ""
+    #: Topic filters subscribed to (comma-separated or a JSON list).
+    webmacs_mqtt_topics: Annotated[list[str], NoDecode] = ["webmacs/telemetry/#"]
+    #: The `wm_` API token (role operator or admin) the MQTT writer acts as; required with WEBMACS_MQTT_URL.
+    webmacs_mqtt_token: str = Field(default="", repr=False)
+    #: MQTT client id; empty = `webmacs-<host name>` (`-<n>` for further server processes), stable across
+    #: restarts so the broker's persistent session is resumed.
+    webmacs_mqtt_client_id: str = ""
+    #: Subscribe as `$share/webmacs/<topic>` (MQTT 5 shared subscription): server processes share the messages.
+    webmacs_mqtt_shared: bool = True
+    #: A topic where a small JSON report of each rejected message is published (QoS 0); empty = none.
+    webmacs_mqtt_error_topic: str = ""
+
     # --- webhooks (spec §9) and OTA (spec §10) ---
     #: Hosts (names or IP literals, or CIDR networks) exempt from the webhook/OTA SSRF guard,
     #: e.g. an internal receiver. Comma-separated or a JSON list.
@@ -209,6 +224,7 @@ class Settings(BaseSettings):
         "webmacs_webhook_retry_delays_s",
         "webmacs_trusted_proxies",
         "webmacs_read_database_url",
+        "webmacs_mqtt_topics",
         mode="before",
     )
     @classmethod

@@ -319,4 +319,5 @@ def test_stats_count_reasons(server: Server) -> None:
         "far_future_timestamp",
         "timestamp_too_old",
         "database_refused",
+        "out_of_scope",
     }

@@ -231,6 +231,18 @@ impl Engine {
     /// Parse, validate and queue a frame from `source` (a connection or a token: the unit of fair queue
     /// shares). `strict` (REST): any malformed entry refuses the whole frame.
     pub fn submit(&self, bytes: &[u8], strict: bool, source: u64) -> Result<Receipt, CoreError> {
+        self.submit_scoped(bytes, strict, source, None)
+    }
+
+    /// `submit` for a writer whose token is scoped to one plugin instance (`scope`): points of events not
+    /// mapped to it are rejected (`out_of_scope`).
+    pub fn submit_scoped(
+        &self,
+        bytes: &[u8],
+        strict: bool,
+        source: u64,
+        scope: Option<i32>,
+    ) -> Result<Receipt, CoreError> {
         self.check_open()?;
         let s = &self.shared;
         s.stats.frames.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +250,7 @@ impl Engine {
             .inspect_err(|_| {
                 s.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             })?;
-        self.shared.ingest(parsed, strict, source)
+        self.shared.ingest(parsed, strict, source, scope)
     }
 
     fn check_open(&self) -> Result<(), CoreError> {
@@ -317,6 +329,11 @@ impl Engine {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
+    }
+
+    /// The live counters, for protocol adapters that keep their own (MQTT).
+    pub fn counters(&self) -> &Stats {
+        &self.shared.stats
     }
 
     /// The engine's state for `/health`: backlog, the oldest un-acknowledged row, writer faults.

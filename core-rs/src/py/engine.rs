@@ -13,6 +13,7 @@ use crate::engine::{self, EngineConfig, Firing};
 use crate::error::CoreError;
 use crate::fanout::Transport;
 use crate::frame::Reject;
+use crate::mqtt::{MqttConfig, MqttIngest};
 use crate::ws::{Listener, WsConfig, WsServer};
 
 /// What happened to one submitted frame.
@@ -117,6 +118,8 @@ pub struct Engine {
     inner: Arc<engine::Engine>,
     /// The WebSocket server, once `serve_websockets` ran, and the port it listens on itself, if any.
     websockets: Mutex<Option<(WsServer, Option<Listener>)>>,
+    /// The MQTT writer, when the engine was started with `mqtt_url`.
+    mqtt: Mutex<Option<MqttIngest>>,
 }
 
 impl Engine {
@@ -131,6 +134,13 @@ impl Engine {
             server.stop();
         }
     }
+
+    fn stop_mqtt(&self, timeout: Duration) {
+        let mqtt = self.mqtt.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(m) = mqtt {
+            m.stop(timeout);
+        }
+    }
 }
 
 #[pymethods]
@@ -138,7 +148,9 @@ impl Engine {
     #[new]
     #[pyo3(signature = (dsn, *, max_rows=20_000, max_bytes=4_194_304, max_age_ms=5, queue_capacity=200_000,
         max_frame_bytes=4_194_304, reading_interval_s=5.0, broadcast_interval_s=0.2, writers=2, source_share=0.25,
-        write_timeout_s=30.0, fanout="postgres", nats_url=None, nats_prefix="webmacs"))]
+        write_timeout_s=30.0, fanout="postgres", nats_url=None, nats_prefix="webmacs", mqtt_url=None,
+        mqtt_topics=None, mqtt_token=None, mqtt_client_id=None, mqtt_shared=true, mqtt_error_topic=None,
+        mqtt_session_expiry_s=604_800, mqtt_receive_maximum=1000))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -156,6 +168,14 @@ impl Engine {
         fanout: &str,
         nats_url: Option<String>,
         nats_prefix: &str,
+        mqtt_url: Option<String>,
+        mqtt_topics: Option<Vec<String>>,
+        mqtt_token: Option<String>,
+        mqtt_client_id: Option<String>,
+        mqtt_shared: bool,
+        mqtt_error_topic: Option<String>,
+        mqtt_session_expiry_s: u64,
+        mqtt_receive_maximum: u16,
     ) -> PyResult<Self> {
         let secs = |s: f64| {
             Duration::try_from_secs_f64(s)
@@ -184,24 +204,75 @@ impl Engine {
                 .into())
             }
         };
-        let inner = detached(py, || engine::Engine::start(config))?;
+        let mqtt = mqtt_url.filter(|u| !u.is_empty()).map(|url| {
+            let mut m = MqttConfig::new(&url, mqtt_token.as_deref().unwrap_or(""));
+            if let Some(topics) = mqtt_topics {
+                m.topics = topics;
+            }
+            m.client_id = mqtt_client_id.filter(|c| !c.is_empty());
+            m.shared = mqtt_shared;
+            m.error_topic = mqtt_error_topic.filter(|t| !t.is_empty());
+            m.session_expiry = Duration::from_secs(mqtt_session_expiry_s);
+            m.receive_maximum = mqtt_receive_maximum;
+            m
+        });
+        let (inner, mqtt) = detached(py, || -> Result<_, CoreError> {
+            let inner = Arc::new(engine::Engine::start(config)?);
+            let mqtt = match mqtt
+                .map(|m| MqttIngest::start(inner.clone(), m))
+                .transpose()
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    inner.close(Duration::from_secs(5));
+                    return Err(e);
+                }
+            };
+            Ok((inner, mqtt))
+        })?;
         Ok(Engine {
-            inner: Arc::new(inner),
+            inner,
             websockets: Mutex::new(None),
+            mqtt: Mutex::new(mqtt),
         })
     }
 
     /// Parse, validate and queue one frame (GIL released). `strict`: a malformed entry refuses the frame.
-    /// `source` identifies the sender (a token, a connection) for the fair shares of the queue.
-    #[pyo3(signature = (frame, strict=false, source=0))]
+    /// `source` identifies the sender (a token, a connection) for the fair shares of the queue. `scope`: the
+    /// plugin instance the sender's token is limited to; other events' points are rejected (`out_of_scope`).
+    #[pyo3(signature = (frame, strict=false, source=0, scope=None))]
     fn submit(
         &self,
         py: Python<'_>,
         frame: PyBackedBytes,
         strict: bool,
         source: u64,
+        scope: Option<i32>,
     ) -> PyResult<Receipt> {
-        Ok(detached(py, || self.inner.submit(&frame, strict, source))?.into())
+        Ok(detached(py, || {
+            self.inner.submit_scoped(&frame, strict, source, scope)
+        })?
+        .into())
+    }
+
+    /// The MQTT client id in use, or None when MQTT ingest is off.
+    #[getter]
+    fn mqtt_client_id(&self) -> Option<String> {
+        self.mqtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.client_id.clone())
+    }
+
+    /// MQTT log lines since the last call (rejections, connection trouble; at most one per second).
+    fn drain_mqtt_log(&self) -> Vec<String> {
+        self.mqtt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|m| m.drain_log())
+            .unwrap_or_default()
     }
 
     /// Serve `/ws/controller/telemetry` and `/ws/datapoints/stream` from the engine, verifying JWTs with
@@ -369,7 +440,9 @@ impl Engine {
             .collect()
     }
 
-    /// Counters: accepted, written, duplicates, batches, flush latency, queue depth… and `rejected` per reason.
+    /// Counters: accepted, written, duplicates, batches, flush latency, queue depth… and `rejected` per reason;
+    /// `mqtt`: the MQTT writer's counters (received, points, accepted, rejected per reason, malformed, acked,
+    /// connected, reconnects, …).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let snap = self.inner.stats();
         let d = PyDict::new(py);
@@ -381,6 +454,18 @@ impl Engine {
             rejected.set_item(k, v)?;
         }
         d.set_item("rejected", rejected)?;
+        for (name, p) in snap.protocols {
+            let pd = PyDict::new(py);
+            for (k, v) in p.counters {
+                pd.set_item(k, v)?;
+            }
+            let rejected = PyDict::new(py);
+            for (k, v) in p.rejected {
+                rejected.set_item(k, v)?;
+            }
+            pd.set_item("rejected", rejected)?;
+            d.set_item(name, pd)?;
+        }
         Ok(d)
     }
 
@@ -410,7 +495,11 @@ impl Engine {
     fn close(&self, py: Python<'_>, timeout_s: f64) -> usize {
         let timeout = Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::from_secs(30));
         self.stop_websockets();
-        detached(py, || self.inner.close(timeout))
+        detached(py, || {
+            // MQTT first: its last messages commit and are acknowledged while the writers still run.
+            self.stop_mqtt(timeout.min(Duration::from_secs(10)));
+            self.inner.close(timeout)
+        })
     }
 }
 

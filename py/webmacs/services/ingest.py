@@ -22,6 +22,7 @@ from webmacs.repositories import logs as logs_repo
 from webmacs.services import webhooks
 
 log = logging.getLogger("webmacs.ingest")
+mqtt_log = logging.getLogger("webmacs.mqtt")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -98,6 +99,8 @@ class Ingest:
     def start(self) -> None:
         self.loop.add_reader(self._fd, self._on_commit)
         self._tasks = [asyncio.create_task(self._firings_loop(), name="ingest-firings")]
+        if self.engine.mqtt_client_id is not None:
+            self._tasks.append(asyncio.create_task(self._mqtt_log_loop(), name="ingest-mqtt-log"))
 
     async def close(self, timeout_s: float) -> None:
         self._closed = True
@@ -216,6 +219,13 @@ class Ingest:
                         await self._firings_due.wait()
                 backoff = min(backoff * 2, 5.0)
 
+    async def _mqtt_log_loop(self) -> None:
+        """The MQTT writer's rejections and connection trouble (rate-limited in the engine: no reply channel)."""
+        while True:
+            for line in self.engine.drain_mqtt_log():
+                mqtt_log.warning("%s", line)
+            await asyncio.sleep(1.0)
+
     async def _record_pending(self) -> None:
         """Record pending firings in order, each in its own transaction: a rule's cooldown is claimed in the
         same transaction that writes its log entry and queues its webhooks, so it is consumed only when the
@@ -258,6 +268,20 @@ def fanout_options(settings: Any) -> dict[str, Any]:
     return {"fanout": "off" if settings.webmacs_fanout == "nats" else settings.webmacs_fanout}
 
 
+def mqtt_options(settings: Any) -> dict[str, Any]:
+    """The engine's MQTT writer (README "MQTT"); off without WEBMACS_MQTT_URL."""
+    if not settings.webmacs_mqtt_url:
+        return {}
+    return {
+        "mqtt_url": settings.webmacs_mqtt_url,
+        "mqtt_topics": settings.webmacs_mqtt_topics,
+        "mqtt_token": settings.webmacs_mqtt_token,
+        "mqtt_client_id": settings.webmacs_mqtt_client_id or None,
+        "mqtt_shared": settings.webmacs_mqtt_shared,
+        "mqtt_error_topic": settings.webmacs_mqtt_error_topic or None,
+    }
+
+
 def engine_of(app: FastAPI) -> Ingest:
     return cast(Ingest, app.state.ingest)  # app.state is untyped (Starlette's State); set by install()'s start
 
@@ -277,6 +301,7 @@ def install(app: FastAPI) -> None:
             "write_timeout_s": settings.webmacs_ingest_write_timeout_s,
             "max_frame_bytes": settings.webmacs_ingest_max_frame_bytes,
             **fanout_options(settings),
+            **mqtt_options(settings),
         }
         options.update(getattr(app.state, "ingest_options", {}))
         ws_options: dict[str, Any] = {"recheck_s": settings.webmacs_ws_recheck_s}
