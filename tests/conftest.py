@@ -91,10 +91,10 @@ class Server:
         self.thread.join(timeout=30)
 
 
-def start_server(settings: Settings, app: Any = None) -> Server:
-    """Run the app (by default `create_app(settings)`) under uvicorn in a thread on a free loopback port;
-    returns once it accepts requests. Pass `app` to serve an app a test has extended with probe routes."""
-    port = free_port()
+def start_server(settings: Settings, app: Any = None, port: int | None = None) -> Server:
+    """Run the app (by default `create_app(settings)`) under uvicorn in a thread on a loopback port (`port`, or a
+    free one); returns once it accepts requests. Pass `app` to serve an app a test has extended with probe routes."""
+    port = port or free_port()
     app = app if app is not None else create_app(settings)
     config = uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)

@@ -42,6 +42,36 @@ pub enum CoreError {
 
 impl From<tokio_postgres::Error> for CoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        CoreError::Database(e.to_string())
+        CoreError::Database(describe(&e))
+    }
+}
+
+/// An error with its causes: tokio-postgres' own text is only the kind ("db error", "error performing TLS
+/// handshake"); the reason (the server's message, the certificate problem) is in the source chain.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !more.is_empty() && !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_follows_the_source_chain() {
+        let inner = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let outer = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, inner);
+        assert_eq!(describe(&outer), "invalid peer certificate: UnknownIssuer");
+        let plain = std::io::Error::other("x");
+        assert_eq!(describe(&plain), "x");
     }
 }

@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
-use crate::error::CoreError;
 use crate::pg;
 
 /// The NOTIFY channel (and NATS subject suffix) of the fan-out.
@@ -192,14 +191,7 @@ async fn pg_listener(
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let connected = async {
-            let config = pg::config(&dsn, "webmacs-ingest-fanout-listen")?;
-            tokio::time::timeout(pg::CONNECT_TIMEOUT, config.connect(tokio_postgres::NoTls))
-                .await
-                .map_err(|_| CoreError::Database("connect timed out".into()))?
-                .map_err(CoreError::from)
-        }
-        .await;
+        let connected = pg::open(&dsn, "webmacs-ingest-fanout-listen").await;
         let Ok((client, mut conn)) = connected else {
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}

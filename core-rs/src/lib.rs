@@ -16,6 +16,7 @@ pub mod pg;
 pub mod pgcopy;
 pub mod rules;
 pub mod stats;
+pub mod tls;
 pub mod writer;
 pub mod ws;
 

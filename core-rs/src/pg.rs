@@ -1,7 +1,8 @@
 //! PostgreSQL connections of the engine: connect with deadlines, and tell transient faults from bad data.
 //!
-//! Every connection the core opens (writers, catalog, LISTEN, telemetry auth, exports) comes from `connect`,
-//! so session settings, timeouts and (later) TLS live in one place. A `PgClient` owns the task that drives its
+//! Every connection the core opens (writers, catalog, LISTEN, fan-out, telemetry auth, exports, imports) comes
+//! from `open` or `connect`, so session settings, timeouts and TLS (the DSN's `sslmode`, `sslrootcert`,
+//! `sslcert`, `sslkey`, as libpq; see `tls`) live in one place. A `PgClient` owns the task that drives its
 //! socket: dropping the client ends that task, so a connection abandoned after a timeout (a database that
 //! stopped answering) does not linger with its socket.
 
@@ -9,9 +10,10 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Connection, Socket};
 
 use crate::error::CoreError;
+use crate::tls::{self, MakeRustls, RustlsStream};
 
 /// How long a connection attempt may take (TCP, startup, authentication).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,9 +45,17 @@ impl Drop for PgClient {
     }
 }
 
-/// Parse a DSN (libpq URL or key/value form) and set what every engine connection shares.
-pub fn config(dsn: &str, application_name: &str) -> Result<tokio_postgres::Config, CoreError> {
-    let mut config: tokio_postgres::Config = dsn.parse()?;
+/// A connection's socket half (drive it, or poll it for notifications).
+pub type PgConnection = Connection<Socket, RustlsStream>;
+
+/// Parse a DSN (libpq URL or key/value form) and set what every engine connection shares; the TLS options
+/// become the connector (certificate files are read and checked here, so a bad one fails at start-up).
+pub fn config(
+    dsn: &str,
+    application_name: &str,
+) -> Result<(tokio_postgres::Config, MakeRustls), CoreError> {
+    let (rest, settings) = tls::split(dsn)?;
+    let mut config: tokio_postgres::Config = rest.parse()?;
     config.application_name(application_name);
     config.options("-c timezone=UTC");
     config.connect_timeout(CONNECT_TIMEOUT);
@@ -53,16 +63,43 @@ pub fn config(dsn: &str, application_name: &str) -> Result<tokio_postgres::Confi
     // PostgreSQL (a stalled server, a partition behind a proxy) is caught by the callers' deadlines.
     config.keepalives(true);
     config.keepalives_idle(Duration::from_secs(30));
-    Ok(config)
+    config.ssl_mode(settings.mode.negotiation());
+    #[cfg(unix)]
+    {
+        // Unix-domain sockets carry no TLS; libpq ignores sslmode there, and so do we.
+        let hosts = config.get_hosts();
+        if !hosts.is_empty()
+            && hosts
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+        {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+    }
+    let connector = settings.connector()?;
+    Ok((config, connector))
+}
+
+/// Check a DSN as `config` does (syntax, TLS options, certificate files) without connecting.
+pub fn check(dsn: &str) -> Result<(), CoreError> {
+    config(dsn, "webmacs-check").map(|_| ())
+}
+
+/// Open a connection with the deadline of `CONNECT_TIMEOUT`; the caller drives the returned socket half.
+pub async fn open(dsn: &str, application_name: &str) -> Result<(Client, PgConnection), CoreError> {
+    let (config, connector) = config(dsn, application_name)?;
+    let connecting = config.connect(connector);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(CoreError::Database(
+            "connecting to the database timed out".into(),
+        )),
+    }
 }
 
 /// Connect on the current runtime; the connection is driven by a task that lives as long as the client.
 pub async fn connect(dsn: &str, application_name: &str) -> Result<PgClient, CoreError> {
-    let config = config(dsn, application_name)?;
-    let connecting = config.connect(NoTls);
-    let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| CoreError::Database("connecting to the database timed out".into()))??;
+    let (client, conn) = open(dsn, application_name).await?;
     let driver = tokio::spawn(async move {
         // Errors surface on the client's next call; the connection task just ends.
         let _ = conn.await;
@@ -102,7 +139,7 @@ pub enum Failure {
 /// unique key) and P0001 (raised by a trigger) are about the rows; everything else is about the server.
 pub fn classify(e: &tokio_postgres::Error) -> Failure {
     let Some(db) = e.as_db_error() else {
-        return Failure::Transient(e.to_string());
+        return Failure::Transient(crate::error::describe(e));
     };
     let code = db.code();
     if *code == SqlState::UNIQUE_VIOLATION {

@@ -60,7 +60,16 @@ impl PgCopyError {
 
 impl From<tokio_postgres::Error> for PgCopyError {
     fn from(e: tokio_postgres::Error) -> Self {
-        PgCopyError::Database(e.to_string())
+        PgCopyError::Database(crate::error::describe(&e))
+    }
+}
+
+impl From<crate::CoreError> for PgCopyError {
+    fn from(e: crate::CoreError) -> Self {
+        match e {
+            crate::CoreError::Database(m) => PgCopyError::Database(m),
+            other => PgCopyError::Database(other.to_string()),
+        }
     }
 }
 
@@ -398,7 +407,7 @@ impl CopyReader {
             let client = self
                 .runtime
                 .block_on(crate::pg::connect(&self.dsn, "webmacs-export"))
-                .map_err(|e| PgCopyError::Database(e.to_string()))?;
+                .map_err(PgCopyError::from)?;
             self.clients.push(std::sync::Arc::new(client));
         }
         Ok(self.clients[index].clone())

@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--events", nargs="+", required=True, metavar="PUBLIC_ID", help="event public ids")
     p.add_argument("--start", type=_moment, help="ISO 8601 start (inclusive); naive times are read in --tz")
     p.add_argument("--end", type=_moment, help="ISO 8601 end (exclusive)")
-    p.add_argument("--format", choices=["csv", "parquet"], help="default: from the output file's suffix, else csv")
+    p.add_argument(
+        "--format", choices=["csv", "parquet", "arrow"], help="default: from the output file's suffix, else csv"
+    )
     p.add_argument("--tz", help="IANA time zone of CSV timestamps and of naive --start/--end (default UTC)")
     p.add_argument("-o", "--output", required=True, help="output file, or - for stdout")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per frame (default WEBMACS_EXPORT_CHUNK_ROWS)")
@@ -81,7 +83,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if start and end and start >= end:
         print("webmacs export: --start must be before --end", file=sys.stderr)
         return 2
-    fmt: export_service.Format = args.format or ("parquet" if args.output.endswith(".parquet") else "csv")
+    by_suffix: dict[str, export_service.Format] = {".parquet": "parquet", ".arrows": "arrow", ".arrow": "arrow"}
+    suffix = next((s for s in by_suffix if args.output.endswith(s)), None)
+    fmt: export_service.Format = args.format or (by_suffix[suffix] if suffix else "csv")
     url = database_url(settings)
     with export_service.connect(url) as conn:
         rows = conn.execute(

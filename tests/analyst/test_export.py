@@ -1,4 +1,4 @@
-"""CSV/Parquet exports: round trips through polars, empty ranges, 404s, and bounded server memory."""
+"""CSV/Parquet/Arrow exports: round trips through polars, empty ranges, 404s, and bounded server memory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,30 @@ def test_parquet_round_trip(client: httpx.Client, viewer: dict[str, str], two_ev
     assert frame.rows() == expected
 
 
+def test_arrow_stream_equals_a_direct_sql_read(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, two_events: dict[str, Any]
+) -> None:
+    import pyarrow as pa
+
+    a, b = two_events["a"], two_events["b"]
+    r = client.get(EXPORT, headers=viewer, params={"events": [a.public_id, b.public_id], "format": "arrow"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    assert r.headers["content-disposition"] == 'attachment; filename="datapoints.arrows"'
+    table = pa.ipc.open_stream(r.content).read_all()
+    assert table.schema == export_service.frame_schema()  # strings stay dictionary-encoded
+    direct = db.execute(
+        "SELECT d.time, e.public_id, e.name, e.unit, d.value, x.public_id FROM datapoints d"
+        " JOIN events e ON e.id = d.event_id LEFT JOIN experiments x ON x.id = d.experiment_id"
+        " WHERE d.event_id = ANY(%s) ORDER BY d.time, d.event_id",
+        ([a.id, b.id],),
+    ).fetchall()
+    assert len(direct) == len(two_events["rows"])
+    assert [tuple(row.values()) for row in table.to_pylist()] == direct
+    frame = pl.read_ipc_stream(io.BytesIO(r.content))
+    assert frame.columns == list(export_service.COLUMNS) and frame.height == len(direct)
+
+
 def test_csv_round_trip_in_a_time_zone(
     client: httpx.Client, viewer: dict[str, str], two_events: dict[str, Any]
 ) -> None:
@@ -117,11 +142,15 @@ def test_experiment_parquet(
     assert set(frame["event_public_id"]) == {a.public_id, b.public_id}
     assert set(frame["experiment_public_id"]) == {x_public}
     assert frame["time"].is_sorted()
-    r = client.get("/api/v1/experiments/no-such-experiment/export/parquet", headers=viewer)
-    assert r.status_code == 404 and r.json() == {"detail": "Experiment 'no-such-experiment' not found."}
+    r = client.get(f"/api/v1/experiments/{x_public}/export/arrow", headers=viewer)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    assert pl.read_ipc_stream(io.BytesIO(r.content)).with_columns(pl.col(pl.Categorical).cast(pl.String)).equals(frame)
+    for fmt in ("parquet", "arrow"):
+        r = client.get(f"/api/v1/experiments/no-such-experiment/export/{fmt}", headers=viewer)
+        assert r.status_code == 404 and r.json() == {"detail": "Experiment 'no-such-experiment' not found."}
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "arrow"])
 def test_empty_range(client: httpx.Client, viewer: dict[str, str], make_event: Any, fmt: str) -> None:
     ev = make_event()
     r = client.get(
@@ -133,7 +162,8 @@ def test_empty_range(client: httpx.Client, viewer: dict[str, str], make_event: A
     if fmt == "csv":
         assert r.content == b"time,event_public_id,event_name,unit,value,experiment_public_id\r\n"
     else:
-        frame = pl.read_parquet(io.BytesIO(r.content))
+        read = pl.read_parquet if fmt == "parquet" else pl.read_ipc_stream
+        frame = read(io.BytesIO(r.content))
         assert frame.height == 0 and frame.columns == list(export_service.COLUMNS)
 
 
@@ -160,7 +190,7 @@ def test_export_needs_authentication(client: httpx.Client) -> None:
     assert client.get(EXPORT, params={"events": "x"}).status_code == 401
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "arrow"])
 def test_small_frames_give_the_same_rows(db_url: str, two_events: dict[str, Any], fmt: export_service.Format) -> None:
     """Frames cut at any size (here 7 rows, so cuts fall inside chunks) concatenate to the whole export."""
     a, b = two_events["a"], two_events["b"]
@@ -168,7 +198,12 @@ def test_small_frames_give_the_same_rows(db_url: str, two_events: dict[str, Any]
     with export_service.connect(db_url) as conn:
         small = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=7))
         whole = b"".join(export_service.export(conn, sel, fmt, dsn=db_url, chunk_rows=10**6))
-    read = pl.read_csv if fmt == "csv" else pl.read_parquet
+    readers: dict[str, Callable[[io.BytesIO], pl.DataFrame]] = {
+        "csv": pl.read_csv,
+        "parquet": pl.read_parquet,
+        "arrow": pl.read_ipc_stream,
+    }
+    read = readers[fmt]
     assert read(io.BytesIO(small)).rows() == read(io.BytesIO(whole)).rows()
     assert read(io.BytesIO(small)).height == len(two_events["rows"])
 

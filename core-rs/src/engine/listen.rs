@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::state::Shared;
-use crate::error::CoreError;
 use crate::pg;
 
 /// The NOTIFY channel the catalog tables' triggers announce changes on (sql/0004).
@@ -27,14 +26,7 @@ pub(crate) async fn run_listener(shared: Arc<Shared>) {
         if shared.closing.load(Ordering::Acquire) {
             return;
         }
-        let connected = async {
-            let config = pg::config(&shared.config.dsn, "webmacs-ingest-listen")?;
-            tokio::time::timeout(pg::CONNECT_TIMEOUT, config.connect(NoTls))
-                .await
-                .map_err(|_| CoreError::Database("connect timed out".into()))?
-                .map_err(CoreError::from)
-        }
-        .await;
+        let connected = pg::open(&shared.config.dsn, "webmacs-ingest-listen").await;
         let (client, mut conn) = match connected {
             Ok(c) => c,
             Err(_) => {

@@ -1,4 +1,4 @@
-"""Datapoint exports as CSV or Parquet, streamed frame by frame with bounded memory whatever the size."""
+"""Datapoint exports as CSV, Parquet or an Arrow IPC stream, streamed frame by frame with bounded memory."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ if TYPE_CHECKING:
     import polars as pl
     import pyarrow as pa
 
-Format = Literal["csv", "parquet"]
+Format = Literal["csv", "parquet", "arrow"]
 
-CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
+CONTENT_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "parquet": "application/vnd.apache.parquet",
+    "arrow": "application/vnd.apache.arrow.stream",
+}
+#: File name extensions: `.arrows` is the registered one of the Arrow IPC stream format.
+EXTENSIONS = {"csv": "csv", "parquet": "parquet", "arrow": "arrows"}
 COLUMNS = ("time", "event_public_id", "event_name", "unit", "value", "experiment_public_id")
 
 # Each hypertable chunk is one window, read with one COPY ordered by time: PostgreSQL sorts one chunk at a time
@@ -102,7 +108,7 @@ _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 
 def content_disposition(stem: str, fmt: Format) -> str:
     """`attachment; filename="<stem>.<ext>"` with everything but [A-Za-z0-9._-] replaced by `_`."""
-    return f'attachment; filename="{_UNSAFE_FILENAME.sub("_", stem)}.{fmt}"'
+    return f'attachment; filename="{_UNSAFE_FILENAME.sub("_", stem)}.{EXTENSIONS[fmt]}"'
 
 
 class _Sink:
@@ -315,6 +321,29 @@ def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
     yield sink.take()
 
 
+def encode_arrow(frames: Iterator[pa.Table]) -> Iterator[bytes]:
+    """An Arrow IPC stream: the schema, the dictionaries (names, units, public ids: the same for every frame, so
+    sent once), then one record batch per frame, each yielded as soon as it is written; the end marker last.
+    Readers see `frame_schema()`: the string columns stay dictionary-encoded."""
+    import pyarrow as pa
+
+    sink = _Sink()
+    writer = pa.ipc.new_stream(sink, frame_schema())
+    try:
+        for frame in frames:
+            writer.write_table(frame)
+            yield sink.take()
+    finally:
+        writer.close()
+    yield sink.take()
+
+
+ENCODERS: dict[str, Callable[[Iterator[pa.Table]], Iterator[bytes]]] = {
+    "parquet": encode_parquet,
+    "arrow": encode_arrow,
+}
+
+
 def export(
     conn: psycopg.Connection,
     sel: Selection,
@@ -328,7 +357,9 @@ def export(
 ) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
     rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
-    return encode_csv(rows, tz=tz, guard=guard) if fmt == "csv" else encode_parquet(rows)
+    if fmt == "csv":
+        return encode_csv(rows, tz=tz, guard=guard)
+    return ENCODERS[fmt](rows)
 
 
 class ExportSlots:

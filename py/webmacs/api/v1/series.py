@@ -283,7 +283,11 @@ def _export_response(
 @router.get(
     "/export",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}}},
+    responses={
+        200: {
+            "content": {"text/csv": {}, "application/vnd.apache.parquet": {}, "application/vnd.apache.arrow.stream": {}}
+        }
+    },
 )
 async def export_events(
     request: Request,
@@ -292,13 +296,14 @@ async def export_events(
     events: Annotated[list[str], Query(min_length=1, max_length=1000)],
     start: datetime | None = None,
     end: datetime | None = None,
-    format: Literal["csv", "parquet"] = "csv",
+    format: Literal["csv", "parquet", "arrow"] = "csv",
     tz: str | None = None,
 ) -> StreamingResponse:
     """The events' datapoints in [start, end) (open-ended when omitted), ordered by time then event (ties of
     time in the order of the events' creation), columns `time, event_public_id, event_name, unit, value,
     experiment_public_id`. CSV times are ISO 8601 in `tz`
-    (default UTC); Parquet times are timestamp[us, UTC]."""
+    (default UTC); Parquet and Arrow (an IPC stream, string columns dictionary-encoded) times are
+    timestamp[us, UTC]."""
     zone_info = zone(tz) if tz else UTC
     start = _aware(start, zone_info) if start else None
     end = _aware(end, zone_info) if end else None
@@ -323,10 +328,26 @@ async def export_experiment_parquet(
 ) -> StreamingResponse:
     """The experiment's datapoints (of events that still exist) as Parquet, ordered by time then event. Rows are
     selected by their experiment tag, as in the CSV export: also those with a time outside the experiment's span."""
+    return await _export_experiment(public_id, request, conn, "parquet")
+
+
+@router.get(
+    "/experiments/{public_id}/export/arrow",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/vnd.apache.arrow.stream": {}}}},
+)
+async def export_experiment_arrow(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
+    """As `/export/parquet`, as an Arrow IPC stream (string columns dictionary-encoded)."""
+    return await _export_experiment(public_id, request, conn, "arrow")
+
+
+async def _export_experiment(
+    public_id: str, request: Request, conn: AsyncConnection, fmt: export_service.Format
+) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
     sel = export_service.Selection(experiment_id=experiment["id"])
     stem = f"experiment_{experiment['name'].replace(' ', '_').replace('/', '-')}_{experiment['public_id'][:8]}"
-    return _export_response(request, sel, "parquet", None, stem)
+    return _export_response(request, sel, fmt, None, stem)
 
 
 # --- storage (admin) -----------------------------------------------------------------------------------------
