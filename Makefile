@@ -32,6 +32,16 @@ $(CORE_SO): $(STAMP) $(CORE_SRC) pyproject.toml
 .PHONY: build
 build: $(CORE_SO) ## build the Rust engine into the package (release)
 
+# sql/ stays the schema's one source; a copy goes into the package (webmacs/sql) for the build only.
+STAGE_SQL := trap 'rm -rf py/webmacs/sql' EXIT; rm -rf py/webmacs/sql && mkdir py/webmacs/sql && cp sql/*.sql py/webmacs/sql/
+MATURIN := VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin
+
+.PHONY: dist dist-quick
+dist: $(STAMP) ## build the sdist and, from it, the wheel (abi3, CPython >= 3.11) into dist/
+	$(STAGE_SQL) && $(MATURIN) build --release --sdist --out dist
+dist-quick: $(STAMP) ## the same sdist and wheel, the wheel built in the checkout (reuses the build cache; tests/dist)
+	$(STAGE_SQL) && $(MATURIN) sdist --out dist && $(MATURIN) build --release --out dist
+
 .PHONY: timescaledb
 timescaledb: ## install the timescaledb extension if missing (builds it on Debian/Ubuntu)
 	bash py/webmacs/db/provision-timescaledb.sh
@@ -90,4 +100,4 @@ fuzz: ## fuzz the frame parser, JWT check, WebSocket request handling, COPY deco
 
 .PHONY: clean
 clean: ## remove build outputs (keeps the local cluster)
-	rm -rf target $(VENV) $(CORE_SO)
+	rm -rf target dist $(VENV) $(CORE_SO)

@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
 import webmacs
+from webmacs import logs
 from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
@@ -110,6 +111,8 @@ def _modules(names: list[str]) -> list[ModuleType]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # In every process that serves the app (worker processes configure their logging themselves).
+    if settings.webmacs_log_format == "json":
+        logs.configure("json")
     install_log_redaction()
 
     @contextlib.asynccontextmanager
@@ -196,4 +199,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(logs.AccessLogMiddleware, enabled=settings.webmacs_log_format == "json")
     return app

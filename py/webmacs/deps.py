@@ -155,9 +155,11 @@ def _bearer(request: Request) -> str:
 async def current_user(request: Request, conn: Conn, settings: SettingsDep) -> User:
     token = _bearer(request)
     try:
-        return await authenticate(conn, settings, token)
+        user = await authenticate(conn, settings, token)
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
+    request.state.user_id = user.public_id  # for the access log
+    return user
 
 
 async def operator_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -182,6 +184,7 @@ async def ingest_user(request: Request, settings: SettingsDep) -> User:
             user = await authenticate(conn, settings, token)
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
+    request.state.user_id = user.public_id  # for the access log
     if not user.at_least("operator"):
         raise HTTPException(403, "Operator privileges required.")
     return user
