@@ -68,7 +68,17 @@ def spawn(url: str, home: Path, env: dict[str, str] | None = None, args: list[st
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--log-level", "warning", *(args or [])],
+            [
+                sys.executable,
+                "-m",
+                "webmacs.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                *(args or []),
+            ],
             env=full_env,
             cwd=home,
             stdout=out,

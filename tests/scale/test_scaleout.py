@@ -52,8 +52,17 @@ def stream_batches(ws: Any, want: int, timeout: float = 20) -> list[dict[str, An
 
 def send_frame(p: Proc, token: str, event: str, values: list[float], times: list[str]) -> None:
     with connect(p.ws(TELEMETRY, token), open_timeout=10, proxy=None) as ws:
-        ws.send(orjson.dumps({"seq": 1, "datapoints": [
-            {"value": v, "event_public_id": event, "timestamp": t} for v, t in zip(values, times, strict=True)]}))
+        ws.send(
+            orjson.dumps(
+                {
+                    "seq": 1,
+                    "datapoints": [
+                        {"value": v, "event_public_id": event, "timestamp": t}
+                        for v, t in zip(values, times, strict=True)
+                    ],
+                }
+            )
+        )
         assert orjson.loads(ws.recv(timeout=30))["type"] == "ack"
 
 
@@ -66,8 +75,11 @@ def test_a_subscriber_on_one_process_sees_what_the_others_ingest(
     token = admin_token(a)
     (_, e1), (_, e2) = active_events(scale_cluster.url(), 2)
     for p in (a, b, c):  # each process's catalog learns the events by NOTIFY; make sure before sending
-        httpx.post(p.url + "/api/v1/events", headers=bearer(token), json={"name": unique("x"), "min_value": 0,
-                   "max_value": 1, "unit": "u", "type": "sensor"})
+        httpx.post(
+            p.url + "/api/v1/events",
+            headers=bearer(token),
+            json={"name": unique("x"), "min_value": 0, "max_value": 1, "unit": "u", "type": "sensor"},
+        )
     time.sleep(1.0)
     with connect(a.ws(STREAM, token), open_timeout=10, proxy=None) as sub:
         assert orjson.loads(sub.recv(timeout=10))["type"] == "connected"
@@ -77,16 +89,18 @@ def test_a_subscriber_on_one_process_sees_what_the_others_ingest(
         send_frame(c, token, e2, v2, client_times(50))
         points = stream_batches(sub, 100)
     by_event: dict[str, list[float]] = {}
-    for p in points:
-        by_event.setdefault(p["event_public_id"], []).append(p["value"])
+    for point in points:
+        by_event.setdefault(point["event_public_id"], []).append(point["value"])
     # Every point of both frames, each event's in the order it was sent.
     assert by_event == {e1: v1, e2: v2}
     assert set(points[0]) == {"value", "event_public_id", "timestamp", "experiment_public_id"}
     # "latest" on A follows what B and C stored.
     deadline = time.monotonic() + 10
     while True:
-        latest = {d["event_public_id"]: d["value"] for d in
-                  httpx.get(a.url + "/api/v1/datapoints/latest", headers=bearer(token)).json()}
+        latest = {
+            d["event_public_id"]: d["value"]
+            for d in httpx.get(a.url + "/api/v1/datapoints/latest", headers=bearer(token)).json()
+        }
         if latest.get(e1) == v1[-1] and latest.get(e2) == v2[-1]:
             break
         assert time.monotonic() < deadline, latest
@@ -112,8 +126,7 @@ def test_latest_follows_a_deletion_made_on_another_process(
         assert time.monotonic() < deadline
         time.sleep(0.1)
     # Delete the newest datapoint through A: B's cache must not keep serving it.
-    newest = httpx.get(a.url + "/api/v1/datapoints", headers=bearer(token),
-                       params={"page_size": 100}).json()["data"]
+    newest = httpx.get(a.url + "/api/v1/datapoints", headers=bearer(token), params={"page_size": 100}).json()["data"]
     ours = [d for d in newest if d["event_public_id"] == event and d["value"] == 2.0]
     assert httpx.delete(f"{a.url}/api/v1/datapoints/{ours[0]['public_id']}", headers=bearer(token)).status_code == 200
     deadline = time.monotonic() + 10
@@ -148,8 +161,11 @@ def test_ingest_spread_over_processes_is_stored_exactly_once_and_survives_a_sigk
                         values = [float(next(_values)) for _ in range(10)]
                         with lock:
                             sent.extend(values)
-                        ws.send(orjson.dumps({"seq": seq, "datapoints": [
-                            {"value": v, "event_public_id": event} for v in values]}))
+                        ws.send(
+                            orjson.dumps(
+                                {"seq": seq, "datapoints": [{"value": v, "event_public_id": event} for v in values]}
+                            )
+                        )
                         reply = orjson.loads(ws.recv(timeout=30))
                         assert reply["type"] == "ack" and reply["accepted"] == 10
                         with lock:
@@ -167,8 +183,11 @@ def test_ingest_spread_over_processes_is_stored_exactly_once_and_survives_a_sigk
                 with lock:
                     sent.extend(values)
                 try:
-                    r = c.post(p.url + "/api/v1/datapoints/batch", headers=bearer(token),
-                               json={"datapoints": [{"value": v, "event_public_id": event} for v in values]})
+                    r = c.post(
+                        p.url + "/api/v1/datapoints/batch",
+                        headers=bearer(token),
+                        json={"datapoints": [{"value": v, "event_public_id": event} for v in values]},
+                    )
                 except httpx.HTTPError:
                     continue
                 if r.status_code == 201:
@@ -200,10 +219,9 @@ def test_ingest_spread_over_processes_is_stored_exactly_once_and_survives_a_sigk
 def test_the_rate_limit_is_counted_across_processes(processes: Callable[..., list[Proc]]) -> None:
     a, b, c = processes(3, {"RATE_LIMIT_PER_MINUTE": "5"})
     client = {"X-Forwarded-For": f"203.0.113.{int(time.time()) % 200 + 20}"}
-    codes = []
     with httpx.Client(timeout=30) as h:
-        for p in (a, b, c, a, b, c, a):
-            codes.append(h.get(p.url + "/api/v1/auth/me", headers=client).status_code)
+        # One after the other (a comprehension, in order): the window counts them as they come.
+        codes = [h.get(p.url + "/api/v1/auth/me", headers=client).status_code for p in (a, b, c, a, b, c, a)]
     # Five accepted (401: no credentials) in the window, wherever they went; then 429 everywhere.
     assert codes == [401] * 5 + [429] * 2
 
@@ -216,8 +234,15 @@ def test_an_sso_code_issued_by_one_process_is_redeemed_once_by_another(
     from webmacs.repositories import sso as sso_repo
     from webmacs.services.sso import _digest
 
-    a, b, c = processes(3, {"OIDC_ENABLED": "true", "OIDC_ISSUER_URL": "http://127.0.0.1:9/x",
-                            "OIDC_CLIENT_ID": "x", "OIDC_CLIENT_SECRET": "y"})
+    a, b, c = processes(
+        3,
+        {
+            "OIDC_ENABLED": "true",
+            "OIDC_ISSUER_URL": "http://127.0.0.1:9/x",
+            "OIDC_CLIENT_ID": "x",
+            "OIDC_CLIENT_SECRET": "y",
+        },
+    )
     with psycopg.connect(scale_cluster.url(), autocommit=True) as db:
         admin_id = db.execute("SELECT id FROM users WHERE email = 'admin@webmacs.io'").fetchone()[0]  # type: ignore[index]
 
@@ -244,9 +269,18 @@ def test_a_rule_fires_once_per_cooldown_across_processes(
     token = admin_token(procs[0])
     ((_, event),) = active_events(scale_cluster.url(), 1)
     name = unique("cooldown")
-    r = httpx.post(procs[0].url + "/api/v1/rules", headers=bearer(token), json={
-        "name": name, "event_public_id": event, "operator": "gt", "threshold": 0.5,
-        "action_type": "log", "cooldown_seconds": 5})
+    r = httpx.post(
+        procs[0].url + "/api/v1/rules",
+        headers=bearer(token),
+        json={
+            "name": name,
+            "event_public_id": event,
+            "operator": "gt",
+            "threshold": 0.5,
+            "action_type": "log",
+            "cooldown_seconds": 5,
+        },
+    )
     assert r.status_code == 201, r.text
     time.sleep(1.0)
     stop = threading.Event()
@@ -268,8 +302,12 @@ def test_a_rule_fires_once_per_cooldown_across_processes(
     duration = time.monotonic() - started
     time.sleep(1.0)
     with psycopg.connect(scale_cluster.url()) as db:
-        times = [r[0] for r in db.execute(
-            "SELECT created_on FROM log_entries WHERE content LIKE %s ORDER BY created_on", (f"Rule '{name}'%",))]
+        times = [
+            r[0]
+            for r in db.execute(
+                "SELECT created_on FROM log_entries WHERE content LIKE %s ORDER BY created_on", (f"Rule '{name}'%",)
+            )
+        ]
     assert 1 <= len(times) <= int(duration // 5) + 1, times
     # Claimed by a conditional UPDATE in the database: never two firings within one cooldown, whichever process.
     assert all(later - earlier >= timedelta(seconds=5) for earlier, later in itertools.pairwise(times)), times
@@ -289,8 +327,11 @@ def test_workers_share_one_port_and_one_development_key(scale_cluster: Cluster, 
         "WEBMACS_PLUGIN_DIR": str(tmp_path),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--workers", "2", "--log-level",
-         "warning"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
