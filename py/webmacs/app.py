@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
 import webmacs
-from webmacs import logs
+from webmacs import logs, openapi
 from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
@@ -166,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
+    openapi.install(app)
     for module in _modules(SERVICE_MODULES):
         cast(_ServiceModule, module).install(app)
     app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
