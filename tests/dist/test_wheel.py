@@ -29,6 +29,9 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["
 MIGRATIONS = sorted(p.name for p in (ROOT / "sql").glob("*.sql"))
 # Everything a wheel is made of: a wheel older than any of these is stale.
 _SOURCES = ("py/webmacs", "sql", "core-rs/src", "pyproject.toml", "Cargo.toml", "Cargo.lock", "core-rs/Cargo.toml")
+# The first test may build the wheel (a release build of the engine when the cache was made by another kind of
+# build, several minutes); with a built wheel the module takes about 2.5 min, mostly pip installing dependencies.
+pytestmark = pytest.mark.timeout(1800)
 # Never let the checkout (or a developer's settings) leak into the installed package's processes.
 _SCRUBBED = ("PYTHONPATH", "VIRTUAL_ENV", "DATABASE_URL", "SECRET_KEY", "ENV")
 
