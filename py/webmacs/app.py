@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
 import webmacs
+from webmacs import logs, openapi
 from webmacs.api.health import router as health_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
@@ -109,6 +110,8 @@ async def _stop_quietly(stop: Callable[[FastAPI], Awaitable[None]], app: FastAPI
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # In every process that serves the app (worker processes configure their logging themselves).
+    if settings.webmacs_log_format == "json":
+        logs.configure("json")
     install_log_redaction()
 
     @contextlib.asynccontextmanager
@@ -167,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router())
+    openapi.install(app)
     for install in SERVICES:
         install(app)
     app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
@@ -200,4 +204,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(logs.AccessLogMiddleware, enabled=settings.webmacs_log_format == "json")
     return app

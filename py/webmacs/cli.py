@@ -128,14 +128,29 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["DATABASE_URL"] = settings.database_url or ""
         if not settings.secret_key:
             settings.secret_key_effective  # noqa: B018 - creates the shared key file before the workers start
-        serve_workers(workers=workers, host=host, port=port, log_level=args.log_level)
+        serve_workers(
+            workers=workers, host=host, port=port, log_level=args.log_level, log_format=settings.webmacs_log_format
+        )
     else:
-        serve(create_app(settings), host=host, port=port, log_level=args.log_level)
+        serve(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level=args.log_level,
+            log_format=settings.webmacs_log_format,
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    import webmacs
+
     parser = argparse.ArgumentParser(prog="webmacs", description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"webmacs-ts {webmacs.package_version()} (engine {webmacs.core_version})",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
     serve.add_argument("--host")
@@ -158,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_import.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
+    from webmacs import logs
+
+    logs.configure(settings.webmacs_log_format, logging.INFO)
     try:
         if args.command == "db":
             return cmd_db(args, settings)

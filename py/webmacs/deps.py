@@ -163,9 +163,11 @@ def _bearer(request: Request) -> str:
 async def current_user(request: Request, conn: Conn, settings: SettingsDep) -> User:
     token = _bearer(request)
     try:
-        return await authenticate(conn, settings, token)
+        user = await authenticate(conn, settings, token)
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
+    request.state.user_id = user.public_id  # for the access log
+    return user
 
 
 async def operator_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -185,9 +187,11 @@ async def _authenticated_briefly(request: Request, settings: Settings) -> User:
     token = _bearer(request)
     try:
         async with get_pool(request).connection(timeout=10) as conn:
-            return await authenticate(conn, settings, token)
+            user = await authenticate(conn, settings, token)
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
+    request.state.user_id = user.public_id  # for the access log
+    return user
 
 
 async def ingest_user(request: Request, settings: SettingsDep) -> User:

@@ -130,6 +130,9 @@ def _bounded_error(error: Any) -> Any:
         return error
     out = dict(error)
     for key in ("input", "ctx"):
+        if isinstance(out.get(key), bytes):
+            # A body that is not UTF-8 (sent without a JSON content type): echoed as text, never a 500.
+            out[key] = out[key].decode("utf-8", "replace")
         if key in out and not _small(out[key], [64]):
             out[key] = _REPR.repr(out[key])[: MAX_ECHO * 2]
     return out

@@ -24,7 +24,8 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = str(uuid.uuid4()).encode()
+        # One id per request, shared with the log lines (webmacs.logs.AccessLogMiddleware may have made it).
+        rid = str(scope.setdefault("webmacs.request_id", str(uuid.uuid4()))).encode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

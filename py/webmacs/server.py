@@ -105,10 +105,15 @@ def install_log_redaction() -> None:
 
 
 def uvicorn_config(
-    app: FastAPI | str, *, host: str, port: int, log_level: str = "info", **kwargs: Any
+    app: FastAPI | str, *, host: str, port: int, log_level: str = "info", log_format: str = "text", **kwargs: Any
 ) -> uvicorn.Config:
     """The uvicorn configuration every way of serving the app uses (CLI, tests, benchmarks). `app` is the app,
-    or the import string of its factory (several worker processes each build their own)."""
+    or the import string of its factory (several worker processes each build their own). `log_format` "json":
+    uvicorn keeps its hands off the logging (see `webmacs.logs`) and its access line gives way to ours."""
+    from webmacs import logs
+
+    if log_format == "json":
+        kwargs.setdefault("access_log", False)
     config = uvicorn.Config(
         app,
         host=host,
@@ -121,6 +126,7 @@ def uvicorn_config(
         # uvicorn would rewrite the client address from X-Forwarded-For (its last entry); the app decides who
         # the client is itself (spec §15.3's first entry, only from WEBMACS_TRUSTED_PROXIES).
         proxy_headers=False,
+        log_config=logs.uvicorn_log_config(log_format),
         **kwargs,
     )
     # uvicorn configured its loggers just now (Config.__init__): filter what they print from here on.
@@ -128,20 +134,26 @@ def uvicorn_config(
     return config
 
 
-def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info") -> None:
-    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level))
+def serve(app: FastAPI, *, host: str, port: int, log_level: str = "info", log_format: str = "text") -> None:
+    server = uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, log_format=log_format))
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
 
 
-def serve_workers(*, workers: int, host: str, port: int, log_level: str = "info") -> None:
+def serve_workers(*, workers: int, host: str, port: int, log_level: str = "info", log_format: str = "text") -> None:
     """`workers` server processes on one port: uvicorn binds the socket once and every worker accepts from it
     (the kernel spreads connections). Each worker builds the app from the environment (`create_app`) and runs
     its own engine; WebSocket connections are handed to the engine of the worker that accepted them. What must
     be the same everywhere lives in the database (migrations under an advisory lock, rate limits, login
     failures, SSO codes) or travels through the fan-out (live datapoints, latest values, catalog changes)."""
     config = uvicorn_config(
-        "webmacs.app:create_app", host=host, port=port, log_level=log_level, factory=True, workers=workers
+        "webmacs.app:create_app",
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_format=log_format,
+        factory=True,
+        workers=workers,
     )
     sock = config.bind_socket()
     with contextlib.suppress(KeyboardInterrupt):

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     webmacs_workers: int = Field(default=1, ge=1, le=64)
     #: bcrypt cost factor (tests lower it; 12 is the production default).
     webmacs_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
+    #: Log lines as text, or as one JSON object per line (ts, level, logger, msg, request_id; access records
+    #: add route, method, path, status, duration_ms, user_id, client).
+    webmacs_log_format: Literal["text", "json"] = "text"
     #: Bind address/port of `webmacs serve`.
     webmacs_host: str = "127.0.0.1"
     webmacs_port: int = 8000

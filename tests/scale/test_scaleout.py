@@ -220,6 +220,7 @@ def test_the_rate_limit_is_counted_across_processes(processes: Callable[..., lis
     a, b, c = processes(3, {"RATE_LIMIT_PER_MINUTE": "5"})
     client = {"X-Forwarded-For": f"203.0.113.{int(time.time()) % 200 + 20}"}
     with httpx.Client(timeout=30) as h:
+        # One after the other (a comprehension, in order): the window counts them as they come.
         codes = [h.get(p.url + "/api/v1/auth/me", headers=client).status_code for p in (a, b, c, a, b, c, a)]
     # Five accepted (401: no credentials) in the window, wherever they went; then 429 everywhere.
     assert codes == [401] * 5 + [429] * 2

@@ -10,10 +10,12 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
-PROVISION_SCRIPT = Path(__file__).with_name("provision-timescaledb.sh")
+#: Package data: `bash` needs a file, and an installed wheel holds the script as one.
+PROVISION_SCRIPT = Path(str(resources.files("webmacs.db") / "provision-timescaledb.sh"))
 DB_NAME = "webmacs"
 DB_USER = "webmacs"
 

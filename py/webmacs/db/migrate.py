@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import psycopg
@@ -22,9 +23,15 @@ class Migration:
 
 
 def sql_dir() -> Path:
+    """Where the migrations are: `WEBMACS_SQL_DIR`, else the package data of an installed wheel (`webmacs/sql`),
+    else the checkout's top-level `sql/` (an editable install, `maturin develop`)."""
     env = os.environ.get("WEBMACS_SQL_DIR")
     if env:
         return Path(env)
+    packaged = resources.files("webmacs") / "sql"
+    if packaged.is_dir():
+        # A wheel is installed as plain files, so the traversable is a real directory.
+        return Path(str(packaged))
     # py/webmacs/db/migrate.py -> repository root / sql
     return Path(__file__).resolve().parents[3] / "sql"
 

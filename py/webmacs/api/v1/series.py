@@ -336,7 +336,7 @@ async def export_experiment_parquet(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/vnd.apache.arrow.stream": {}}}},
 )
-async def export_experiment_arrow(public_id: str, request: Request, _: CurrentUser, conn: Conn) -> StreamingResponse:
+async def export_experiment_arrow(public_id: str, request: Request, _: ReaderUser, conn: ReadConn) -> StreamingResponse:
     """As `/export/parquet`, as an Arrow IPC stream (string columns dictionary-encoded)."""
     return await _export_experiment(public_id, request, conn, "arrow")
 
