@@ -33,10 +33,16 @@ pub enum Reject {
     TimestampTooOld,
     /// The database refused the row itself (a constraint, a range, a trigger) when it was written.
     DatabaseRefused,
+    /// The sender's token is bound to a plugin instance the event is not mapped to.
+    NotPermitted,
+    /// A line-protocol string field (only numbers and booleans become values).
+    StringField,
+    /// A line-protocol line that does not parse.
+    BadLine,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 14] = [
         Reject::NotObject,
         Reject::MissingValue,
         Reject::InvalidValue,
@@ -48,6 +54,9 @@ impl Reject {
         Reject::FarFutureTimestamp,
         Reject::TimestampTooOld,
         Reject::DatabaseRefused,
+        Reject::NotPermitted,
+        Reject::StringField,
+        Reject::BadLine,
     ];
 
     pub fn code(self) -> &'static str {
@@ -63,6 +72,9 @@ impl Reject {
             Reject::FarFutureTimestamp => "far_future_timestamp",
             Reject::TimestampTooOld => "timestamp_too_old",
             Reject::DatabaseRefused => "database_refused",
+            Reject::NotPermitted => "not_permitted",
+            Reject::StringField => "string_field",
+            Reject::BadLine => "bad_line",
         }
     }
 
@@ -70,7 +82,10 @@ impl Reject {
     pub fn is_shape_error(self) -> bool {
         !matches!(
             self,
-            Reject::UnknownEvent | Reject::InactiveEvent | Reject::DatabaseRefused
+            Reject::UnknownEvent
+                | Reject::InactiveEvent
+                | Reject::DatabaseRefused
+                | Reject::NotPermitted
         )
     }
 
@@ -88,6 +103,9 @@ impl Reject {
             Reject::FarFutureTimestamp => "timestamp is more than 5 minutes in the future",
             Reject::TimestampTooOld => "timestamp is before 1970-01-01T00:00:00Z",
             Reject::DatabaseRefused => "the database refused the datapoint",
+            Reject::NotPermitted => "this token may not write to the event",
+            Reject::StringField => "string fields are not stored (numbers and booleans only)",
+            Reject::BadLine => "line does not parse as line protocol",
         }
     }
 

@@ -17,6 +17,9 @@ from psycopg_pool import AsyncConnectionPool
 
 import webmacs
 from webmacs.api.health import router as health_router
+from webmacs.api.lineproto import router as lineproto_router
+from webmacs.api.metrics import Metrics, MetricsMiddleware
+from webmacs.api.metrics import router as metrics_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
 from webmacs.errors import install_handlers
@@ -94,7 +97,12 @@ def database_url(settings: Settings) -> str:
 
 
 # Services that hook into the lifespan: each module has `install(app)` registering start/stop hooks.
-SERVICE_MODULES = ["webmacs.services.ingest", "webmacs.services.dispatcher", "webmacs.services.retention"]
+SERVICE_MODULES = [
+    "webmacs.services.ingest",
+    "webmacs.services.lineproto",
+    "webmacs.services.dispatcher",
+    "webmacs.services.retention",
+]
 
 
 class _ServiceModule(Protocol):
@@ -162,6 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog_refresh = _no_catalog
     install_handlers(app)
     app.include_router(health_router)
+    app.include_router(metrics_router)
+    app.include_router(lineproto_router)
+    app.state.metrics = Metrics()
     app.include_router(api_router())
     for module in _modules(SERVICE_MODULES):
         cast(_ServiceModule, module).install(app)
@@ -195,5 +206,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["*"],
         max_age=600,
     )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

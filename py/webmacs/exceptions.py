@@ -7,6 +7,7 @@ from webmacs._core import (
     EngineClosedError,
     FrameTooLargeError,
     InvalidFrameError,
+    LineProtocolError,
     QueueFullError,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "EngineClosedError",
     "FrameTooLargeError",
     "InvalidFrameError",
+    "LineProtocolError",
     "QueueFullError",
 ]

@@ -193,15 +193,43 @@ impl Engine {
 
     /// Parse, validate and queue one frame (GIL released). `strict`: a malformed entry refuses the frame.
     /// `source` identifies the sender (a token, a connection) for the fair shares of the queue.
-    #[pyo3(signature = (frame, strict=false, source=0))]
+    /// `instance`: the sender's token is bound to this plugin instance (other events: `not_permitted`).
+    #[pyo3(signature = (frame, strict=false, source=0, instance=None))]
     fn submit(
         &self,
         py: Python<'_>,
         frame: PyBackedBytes,
         strict: bool,
         source: u64,
+        instance: Option<i32>,
     ) -> PyResult<Receipt> {
-        Ok(detached(py, || self.inner.submit(&frame, strict, source))?.into())
+        Ok(detached(py, || {
+            self.inner.submit_as(&frame, strict, source, instance)
+        })?
+        .into())
+    }
+
+    /// Queue points `start..end` of a parsed line-protocol body; `events[s]` is series `s`'s event public id
+    /// (None: rejected as unknown). `with_rejects` counts the body's parse-time rejects (once per body).
+    #[pyo3(signature = (batch, events, start, end, *, with_rejects, source=0, instance=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_lines(
+        &self,
+        py: Python<'_>,
+        batch: PyRef<'_, super::lineproto::LineBatch>,
+        events: Vec<Option<String>>,
+        start: usize,
+        end: usize,
+        with_rejects: bool,
+        source: u64,
+        instance: Option<i32>,
+    ) -> PyResult<Receipt> {
+        let inner = batch.inner.clone();
+        Ok(detached(py, || {
+            self.inner
+                .submit_lines(&inner, &events, start..end, with_rejects, source, instance)
+        })?
+        .into())
     }
 
     /// Serve `/ws/controller/telemetry` and `/ws/datapoints/stream` from the engine, verifying JWTs with

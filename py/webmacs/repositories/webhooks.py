@@ -98,3 +98,13 @@ async def deliveries_page(
     )
     r = await c.fetchone()
     return (int(r[0]) if r else 0), []
+
+
+async def outbox_counts(conn: AsyncConnection) -> dict[str, int]:
+    """Deliveries waiting to be sent and those given up on (for /metrics)."""
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead_letter')"
+        " FROM webhook_deliveries WHERE status IN ('pending', 'dead_letter')"
+    )
+    row = await cur.fetchone()
+    return {"pending": int(row[0]), "dead_letter": int(row[1])} if row else {}
