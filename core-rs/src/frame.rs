@@ -37,12 +37,10 @@ pub enum Reject {
     NotPermitted,
     /// A line-protocol string field (only numbers and booleans become values).
     StringField,
-    /// A line-protocol line that does not parse.
-    BadLine,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 13] = [
         Reject::NotObject,
         Reject::MissingValue,
         Reject::InvalidValue,
@@ -56,7 +54,6 @@ impl Reject {
         Reject::DatabaseRefused,
         Reject::NotPermitted,
         Reject::StringField,
-        Reject::BadLine,
     ];
 
     pub fn code(self) -> &'static str {
@@ -74,7 +71,6 @@ impl Reject {
             Reject::DatabaseRefused => "database_refused",
             Reject::NotPermitted => "not_permitted",
             Reject::StringField => "string_field",
-            Reject::BadLine => "bad_line",
         }
     }
 
@@ -105,7 +101,6 @@ impl Reject {
             Reject::DatabaseRefused => "the database refused the datapoint",
             Reject::NotPermitted => "this token may not write to the event",
             Reject::StringField => "string fields are not stored (numbers and booleans only)",
-            Reject::BadLine => "line does not parse as line protocol",
         }
     }
 

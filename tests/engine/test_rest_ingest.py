@@ -319,4 +319,6 @@ def test_stats_count_reasons(server: Server) -> None:
         "far_future_timestamp",
         "timestamp_too_old",
         "database_refused",
+        "not_permitted",
+        "string_field",
     }

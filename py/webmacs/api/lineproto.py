@@ -129,7 +129,7 @@ async def write_v1(request: Request, precision: str = "ns", db: str = "") -> Res
     return Response(status_code=204)
 
 
-@router.api_route("/ping", methods=["GET", "HEAD"], status_code=204, response_class=Response)
+@router.api_route("/ping", methods=["GET", "HEAD"], status_code=204, response_class=Response, include_in_schema=False)
 async def ping() -> Response:
     """What Influx clients and Telegraf probe before writing."""
     return Response(status_code=204, headers={"X-Influxdb-Version": "1.8-webmacs"})

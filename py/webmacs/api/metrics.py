@@ -169,7 +169,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self._templates: dict[int, str] | None = None
+        self._templates: dict[tuple[Any, frozenset[str]], str] | None = None
 
     def _template(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -177,13 +177,15 @@ class MetricsMiddleware:
             return "<unmatched>"
         if self._templates is None:
             # Routes of included routers know only their own path; FastAPI's route contexts have the full one.
-            # The routes are fixed once the app serves, so the map is built once.
-            app = scope["app"]
+            # Keyed by endpoint and methods (route objects may be rebuilt); the routes are fixed once the app serves.
             self._templates = {}
-            for ctx in iter_route_contexts(app.routes):
+            for ctx in iter_route_contexts(scope["app"].routes):
+                original = ctx.original_route
                 if ctx.path_format:
-                    self._templates.setdefault(id(ctx.original_route), ctx.path_format)
-        return self._templates.get(id(route)) or getattr(route, "path", None) or "<unmatched>"
+                    key = (getattr(original, "endpoint", None), frozenset(getattr(original, "methods", None) or ()))
+                    self._templates.setdefault(key, ctx.path_format)
+        key = (getattr(route, "endpoint", None), frozenset(getattr(route, "methods", None) or ()))
+        return self._templates.get(key) or getattr(route, "path", None) or "<unmatched>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
