@@ -289,3 +289,17 @@ def test_metrics_count_line_protocol(client: httpx.Client, token: str) -> None:
     m = unique("metric")
     assert write(client, f'{m} a=1,b=2,s="x"\n{m} a=3', token).status_code == 204
     assert accepted() - before == 3
+
+
+def test_a_body_larger_than_one_engine_chunk_is_stored_whole(
+    client: httpx.Client, token: str, db: psycopg.Connection
+) -> None:
+    from webmacs.services.lineproto import CHUNK_POINTS
+
+    m = unique("chunks")
+    n = CHUNK_POINTS * 2 + 123
+    base = NOW_NS - 10**12
+    body = "\n".join(f"{m},k=v{i % 7} a={i} {base + i * 1000}" for i in range(n))
+    assert write(client, body, token).status_code == 204
+    total = sum(len(stored(db, f"{m},k=v{k} a")) for k in range(7))
+    assert total == n

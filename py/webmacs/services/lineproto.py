@@ -93,22 +93,23 @@ class LineProtocol:
         events = await self._events(batch.series, batch.series_counts(), user)
         rejected: collections.Counter[str] = collections.Counter(batch.rejects)
         accepted = 0
-        last: Receipt | None = None
+        queued: list[Receipt] = []
         for start in range(0, batch.points, CHUNK_POINTS):
             end = min(start + CHUNK_POINTS, batch.points)
             receipt = await self._submit(batch, events, start, end, with_rejects=start == 0, user=user)
             accepted += receipt.accepted
             rejected.update(receipt.reasons)
             if receipt.accepted:
-                last = receipt
+                queued.append(receipt)
         if batch.points == 0 and batch.rejects:
             # Nothing to queue, but what was rejected is counted by the engine like every other rejection.
             await self._submit(batch, events, 0, 0, with_rejects=True, user=user)
         if "unknown_event" in rejected:
             self._series.clear()  # a mapped event may have been deleted: look the series up again next time
-        if last is not None:
-            await self.ingest.wait_committed(last.ticket)
-            refused = len(last.refused())
+        if queued:
+            # Tickets commit in order: the last one committed means every chunk did.
+            await self.ingest.wait_committed(queued[-1].ticket)
+            refused = sum(len(r.refused()) for r in queued)
             if refused:
                 rejected["database_refused"] += refused
                 accepted -= refused
