@@ -100,7 +100,7 @@ fuzz-api: build timescaledb ## schemathesis over /openapi.json as admin, operato
 	FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) FUZZ_API_CHECKS=$(FUZZ_API_CHECKS) $(PY) tests/schema_fuzz.py
 
 .PHONY: fuzz
-fuzz: ## fuzz the frame parser, JWT check, WebSocket request handling, COPY decoder (FUZZ_CASES=1000000)
+fuzz: ## fuzz the frame parser, JWT check, WebSocket request handling, COPY decoder, line protocol (FUZZ_CASES=1000000)
 	FUZZ_CASES=$(FUZZ_CASES) cargo test -q --profile fuzz -p webmacs-core --test fuzz -- --ignored --exact fuzz --nocapture
 
 .PHONY: clean

@@ -15,8 +15,8 @@ pub struct EventEntry {
     pub public_id: Arc<str>,
     /// Mapped to at least one enabled plugin instance (the phantom-data guard, spec §6).
     pub active: bool,
-    /// Plugin instances the event is mapped to (enabled or not): what a scoped token may feed.
-    pub plugin_instances: Vec<i32>,
+    /// The enabled plugin instances the event is mapped to (what a plugin-bound token may feed).
+    pub instances: Vec<i32>,
     pub rules: Vec<Arc<Rule>>,
 }
 
@@ -29,11 +29,9 @@ pub struct Catalog {
     pub running_experiment: Option<i32>,
 }
 
-const EVENTS_SQL: &str = "SELECT e.id, e.public_id, EXISTS (
-        SELECT 1 FROM channel_mappings m JOIN plugin_instances p ON p.id = m.plugin_instance_id
-        WHERE m.event_public_id = e.public_id AND p.enabled),
-        ARRAY(SELECT m.plugin_instance_id FROM channel_mappings m WHERE m.event_public_id = e.public_id)
-        FROM events e";
+const EVENTS_SQL: &str = "SELECT e.id, e.public_id, coalesce((
+        SELECT array_agg(DISTINCT p.id) FROM channel_mappings m JOIN plugin_instances p ON p.id = m.plugin_instance_id
+        WHERE m.event_public_id = e.public_id AND p.enabled), '{}'::int4[]) FROM events e";
 const EXPERIMENTS_SQL: &str = "SELECT id, public_id, stopped_on IS NULL FROM experiments";
 const RULES_SQL: &str =
     "SELECT r.id, r.name, r.event_public_id, r.operator, r.threshold, r.threshold_high,
@@ -57,14 +55,15 @@ impl Catalog {
         for row in events {
             let public_id: Arc<str> = Arc::from(row.try_get::<_, &str>(1)?);
             let id: i32 = row.try_get(0)?;
+            let instances: Vec<i32> = row.try_get(2)?;
             cat.event_public_ids.insert(id, public_id.clone());
             cat.events.insert(
                 public_id.clone(),
                 EventEntry {
                     id,
                     public_id,
-                    active: row.try_get(2)?,
-                    plugin_instances: row.try_get(3)?,
+                    active: !instances.is_empty(),
+                    instances,
                     rules: Vec::new(),
                 },
             );

@@ -5,6 +5,7 @@ use thiserror::Error;
 use crate::downsample::DownsampleError;
 use crate::frame::FrameError;
 use crate::import::ImportError;
+use crate::lineproto::LineError;
 use crate::pgcopy::PgCopyError;
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -12,6 +13,9 @@ pub enum CoreError {
     /// The frame as a whole was refused (not JSON, not an object, too many entries, too many bytes).
     #[error("{0}")]
     Frame(#[from] FrameError),
+    /// A line-protocol body was refused as a whole (a line that does not parse, too many points).
+    #[error("{0}")]
+    Lines(#[from] LineError),
     /// The ingest queue is full (or the sender's share of it); nothing of the frame was taken. Retry once a
     /// batch has committed.
     #[error("ingest queue is full ({depth} of {capacity} rows queued{})", if *share { "; this sender's share is used up" } else { "" })]

@@ -33,12 +33,14 @@ pub enum Reject {
     TimestampTooOld,
     /// The database refused the row itself (a constraint, a range, a trigger) when it was written.
     DatabaseRefused,
-    /// The sender's token is scoped to one plugin instance and the event is not mapped to it.
-    OutOfScope,
+    /// The sender's token is bound to a plugin instance the event is not mapped to.
+    NotPermitted,
+    /// A line-protocol string field (only numbers and booleans become values).
+    StringField,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::NotObject,
         Reject::MissingValue,
         Reject::InvalidValue,
@@ -50,7 +52,8 @@ impl Reject {
         Reject::FarFutureTimestamp,
         Reject::TimestampTooOld,
         Reject::DatabaseRefused,
-        Reject::OutOfScope,
+        Reject::NotPermitted,
+        Reject::StringField,
     ];
 
     pub fn code(self) -> &'static str {
@@ -66,7 +69,8 @@ impl Reject {
             Reject::FarFutureTimestamp => "far_future_timestamp",
             Reject::TimestampTooOld => "timestamp_too_old",
             Reject::DatabaseRefused => "database_refused",
-            Reject::OutOfScope => "out_of_scope",
+            Reject::NotPermitted => "not_permitted",
+            Reject::StringField => "string_field",
         }
     }
 
@@ -77,7 +81,7 @@ impl Reject {
             Reject::UnknownEvent
                 | Reject::InactiveEvent
                 | Reject::DatabaseRefused
-                | Reject::OutOfScope
+                | Reject::NotPermitted
         )
     }
 
@@ -95,7 +99,8 @@ impl Reject {
             Reject::FarFutureTimestamp => "timestamp is more than 5 minutes in the future",
             Reject::TimestampTooOld => "timestamp is before 1970-01-01T00:00:00Z",
             Reject::DatabaseRefused => "the database refused the datapoint",
-            Reject::OutOfScope => "event is not mapped to the token's plugin instance",
+            Reject::NotPermitted => "this token may not write to the event",
+            Reject::StringField => "string fields are not stored (numbers and booleans only)",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fanout;
 pub mod frame;
 pub mod import;
+pub mod lineproto;
 pub mod mqtt;
 pub mod pg;
 pub mod pgcopy;

@@ -128,6 +128,7 @@ impl Stats {
             ("reconnects", self.reconnects.load(Relaxed)),
             ("flush_us_last", self.flush_us_last.load(Relaxed)),
             ("flush_us_avg", avg),
+            ("flush_us_total", self.flush_us_total.load(Relaxed)),
             ("flush_us_max", self.flush_us_max.load(Relaxed)),
             ("queue_depth", self.queue_depth.load(Relaxed)),
             ("broadcast_dropped", self.broadcast_dropped.load(Relaxed)),

@@ -15,6 +15,8 @@ __all__ = [
     "FrameTooLargeError",
     "InvalidDataError",
     "InvalidFrameError",
+    "LineBatch",
+    "LineProtocolError",
     "QueueFullError",
     "Receipt",
     "WebmacsTransfer",
@@ -26,6 +28,7 @@ __all__ = [
     "downsample_minmax",
     "downsample_stride",
     "inspect_jwt",
+    "parse_lines",
     "validate_frame",
 ]
 
@@ -51,6 +54,10 @@ class QueueFullError(CoreException):
     capacity: int
     #: The sender's own share of the queue was the limit (the queue as a whole had room).
     share: bool
+
+class LineProtocolError(CoreException):
+    #: The 1-based number of the line that does not parse; 0 when the body has too many points.
+    line: int
 
 class EngineClosedError(CoreException): ...
 class DatabaseError(CoreException): ...
@@ -112,10 +119,21 @@ class Engine:
         mqtt_session_expiry_s: int = 604800,
         mqtt_receive_maximum: int = 1000,
     ) -> Engine: ...
-    def submit(self, frame: bytes, strict: bool = False, source: int = 0, scope: int | None = None) -> Receipt: ...
+    def submit(self, frame: bytes, strict: bool = False, source: int = 0, instance: int | None = None) -> Receipt: ...
     @property
     def mqtt_client_id(self) -> str | None: ...
     def drain_mqtt_log(self) -> list[str]: ...
+    def submit_lines(
+        self,
+        batch: LineBatch,
+        events: list[str | None],
+        start: int,
+        end: int,
+        *,
+        with_rejects: bool,
+        source: int = 0,
+        instance: int | None = None,
+    ) -> Receipt: ...
     def serve_websockets(
         self,
         *,
@@ -141,6 +159,21 @@ class Engine:
     def stats(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
     def close(self, timeout_s: float = 30.0) -> int: ...
+
+# Influx line protocol (`core-rs/src/py/lineproto.rs`): a parsed body whose points stay in Rust.
+@final
+class LineBatch:
+    @property
+    def series(self) -> list[str]: ...
+    @property
+    def points(self) -> int: ...
+    @property
+    def lines(self) -> int: ...
+    @property
+    def rejects(self) -> dict[str, int]: ...
+    def series_counts(self) -> list[int]: ...
+
+def parse_lines(body: bytes, precision: str = "ns", max_points: int = 1000000) -> LineBatch: ...
 
 # Series downsamplers (`core-rs/src/py/downsample.rs`): times and values are big-endian int64 / float64
 # buffers as PostgreSQL's binary send format gives them; selectors return the kept indices.

@@ -17,6 +17,9 @@ from psycopg_pool import AsyncConnectionPool
 import webmacs
 from webmacs import logs, openapi
 from webmacs.api.health import router as health_router
+from webmacs.api.lineproto import router as lineproto_router
+from webmacs.api.metrics import Metrics, MetricsMiddleware
+from webmacs.api.metrics import router as metrics_router
 from webmacs.api.v1 import api_router
 from webmacs.db import migrate
 from webmacs.db.replicas import ReadRouter
@@ -34,6 +37,7 @@ from webmacs.security import hash_password
 from webmacs.server import ENGINE_STATE_KEY, install_log_redaction
 from webmacs.services import dispatcher, retention
 from webmacs.services import ingest as ingest_service
+from webmacs.services import lineproto as lineproto_service
 from webmacs.services.export import ExportSlots
 from webmacs.services.plugins import MAX_WHEEL_BYTES
 from webmacs.settings import DEFAULT_ADMIN_PASSWORD, DEV_SECRET_WARNING, Settings
@@ -97,7 +101,7 @@ def database_url(settings: Settings) -> str:
 
 
 # Services that hook into the lifespan: each has `install(app)` registering start/stop hooks, run in this order.
-SERVICES = [ingest_service.install, dispatcher.install, retention.install]
+SERVICES = [ingest_service.install, lineproto_service.install, dispatcher.install, retention.install]
 
 
 async def _stop_quietly(stop: Callable[[FastAPI], Awaitable[None]], app: FastAPI) -> None:
@@ -169,6 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.catalog_refresh = _no_catalog
     install_handlers(app)
     app.include_router(health_router)
+    app.include_router(metrics_router)
+    app.include_router(lineproto_router)
+    app.state.metrics = Metrics()
     app.include_router(api_router())
     openapi.install(app)
     for install in SERVICES:
@@ -203,6 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["*"],
         max_age=600,
     )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(logs.AccessLogMiddleware, enabled=settings.webmacs_log_format == "json")
     return app

@@ -1,4 +1,5 @@
-"""The `webmacs` command: `serve`, `db up|down|status|url|migrate|backup|restore`, `export`, `import` and `updater`."""
+"""The `webmacs` command: `serve`, `db up|down|status|url|migrate|backup|restore|grant-reader`, `export`, `import`
+and `updater`."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         url = settings.database_url or cluster.up()
         applied = migrate.apply(url, settings.webmacs_chunk_interval)
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    elif args.action == "grant-reader":
+        return cmd_grant_reader(args.file, settings)
     elif args.action == "backup":
         return cmd_backup(Path(args.file or "."), settings)
     elif args.action == "restore":
@@ -44,6 +47,32 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
             print("webmacs: db restore needs the backup FILE", file=sys.stderr)
             return 2
         return cmd_restore(Path(args.file), settings, replace=args.replace)
+    return 0
+
+
+def cmd_grant_reader(name: str | None, settings: Settings) -> int:
+    """A read-only login for Grafana: the password is asked for on a terminal (empty: generated) or generated, and
+    printed only when generated — never logged, and sent to the server only as a SCRAM verifier."""
+    import getpass
+
+    from webmacs.db import migrate, reader
+
+    if not name:
+        print("webmacs: db grant-reader needs the login NAME", file=sys.stderr)
+        return 2
+    password = getpass.getpass(f"password for {name} (empty: generate one): ") if sys.stdin.isatty() else ""
+    generated = not password
+    password = password or reader.generate_password()
+    url = settings.database_url or _cluster(settings).up()
+    migrate.apply(url, settings.webmacs_chunk_interval)
+    try:
+        created = reader.grant_reader(url, name, password)
+    except reader.ReaderError as e:
+        print(f"webmacs: {e}", file=sys.stderr)
+        return 1
+    print(f"{'created' if created else 'updated'} read-only login {name} (role {reader.READER_ROLE})")
+    if generated:
+        print(f"password: {password}")
     return 0
 
 
@@ -158,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--workers", type=int, help="server processes sharing the port (default WEBMACS_WORKERS, 1)")
     db = sub.add_parser("db", help="manage the local TimescaleDB cluster")
-    db.add_argument("action", choices=["up", "down", "status", "url", "migrate", "backup", "restore"])
-    db.add_argument("file", nargs="?", help="backup: file or directory to write (default: here); restore: the dump")
+    db.add_argument("action", choices=["up", "down", "status", "url", "migrate", "backup", "restore", "grant-reader"])
+    db.add_argument(
+        "file",
+        nargs="?",
+        help="backup: file or directory to write (default: here); restore: the dump; grant-reader: the login name",
+    )
     db.add_argument("--replace", action="store_true", help="restore: replace a database that holds data")
     updater = sub.add_parser("updater", help="apply uploaded update bundles (spec §10.6)")
     updater.add_argument("--once", action="store_true", help="one pass over the update directory, then exit")

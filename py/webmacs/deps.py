@@ -85,6 +85,10 @@ class User:
     token_id: int | None = None
     #: The JWT's id (what logout revokes), or None.
     jti: str | None = None
+    #: "full" (acts as the user) or "write" (an ingest-only device token).
+    scope: str = "full"
+    #: A token bound to one plugin instance may only feed the events mapped to it (the instance's id).
+    plugin_instance_id: int | None = None
 
     @property
     def admin(self) -> bool:
@@ -99,7 +103,16 @@ class User:
         return (1 << 40) | self.token_id if self.token_id is not None else self.id
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], token: str, *, token_id: int | None = None, jti: str | None = None) -> User:
+    def from_row(
+        cls,
+        row: dict[str, Any],
+        token: str,
+        *,
+        token_id: int | None = None,
+        jti: str | None = None,
+        scope: str = "full",
+        plugin_instance_id: int | None = None,
+    ) -> User:
         return cls(
             id=row["id"],
             public_id=row["public_id"],
@@ -111,6 +124,8 @@ class User:
             token=token,
             token_id=token_id,
             jti=jti,
+            scope=scope,
+            plugin_instance_id=plugin_instance_id,
         )
 
 
@@ -135,7 +150,9 @@ async def authenticate(conn: AsyncConnection, settings: Settings, token: str) ->
         if user is None:
             raise AuthError("Token owner not found.", "User not found")
         await users_repo.touch_token(conn, token_id=row["token_id"])
-        return User.from_row(user, token, token_id=row["token_id"])
+        return User.from_row(
+            user, token, token_id=row["token_id"], scope=row["scope"], plugin_instance_id=row["plugin_instance_id"]
+        )
     claims = inspect_access_token(token, key=settings.secret_key_effective, algorithm=settings.algorithm)
     # HTTP checks revocation before expiry (spec §3.1). Revocation is by the token's `jti`, or by its exact
     # text for rows and tokens without one; only canonical spellings are genuine, so no other text passes.
@@ -167,6 +184,9 @@ async def current_user(request: Request, conn: Conn, settings: SettingsDep) -> U
     except AuthError as e:
         raise HTTPException(401, e.detail) from e
     request.state.user_id = user.public_id  # for the access log
+    if user.scope == "write":
+        # A device token: ingest routes authenticate through `ingest_user`, everything else is refused.
+        raise HTTPException(403, "This API token may only write datapoints.")
     return user
 
 
@@ -206,7 +226,10 @@ async def ingest_user(request: Request, settings: SettingsDep) -> User:
 async def reader_user(request: Request, settings: SettingsDep) -> User:
     """Any signed-in user, for the analyst reads: they hold a read connection (a replica's when one is fresh
     enough), not a primary one as well."""
-    return await _authenticated_briefly(request, settings)
+    user = await _authenticated_briefly(request, settings)
+    if user.scope == "write":
+        raise HTTPException(403, "This API token may only write datapoints.")
+    return user
 
 
 def get_reads(request: Request) -> ReadRouter:

@@ -8,6 +8,7 @@ from webmacs._core import (
     FrameTooLargeError,
     InvalidDataError,
     InvalidFrameError,
+    LineProtocolError,
     QueueFullError,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "FrameTooLargeError",
     "InvalidDataError",
     "InvalidFrameError",
+    "LineProtocolError",
     "QueueFullError",
 ]

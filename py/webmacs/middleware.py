@@ -38,7 +38,7 @@ class RequestIdMiddleware:
 
 
 _PRIVATE_PREFIXES = ("10.", "127.", "192.168.", *(f"172.{n}." for n in range(16, 32)))
-_EXEMPT_PATHS = ("/ws", "/health", "/api/v1/ota")
+_EXEMPT_PATHS = ("/ws", "/health", "/metrics", "/api/v1/ota")
 _TOO_MANY = orjson.dumps({"detail": "Too many requests. Please try again later."})
 
 
@@ -101,6 +101,8 @@ class RateLimitMiddleware:
             return True
         if path.startswith("/api/v1/datapoints") and scope["method"] in ("GET", "POST"):
             return True
+        if path in ("/write", "/api/v2/write") and scope["method"] == "POST":
+            return True  # ingest, like the datapoints routes
         return key.startswith(_PRIVATE_PREFIXES)
 
     async def _accepted(self, scope: Scope, key: str) -> bool:

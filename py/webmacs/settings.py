@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     webmacs_read_max_staleness_s: float = Field(default=5.0, gt=0)
     #: How live datapoints and "latest" values reach the other server processes on the same database:
     #: PostgreSQL LISTEN/NOTIFY (no extra service), NATS (`webmacs_nats_url`), or off (one process).
+    #: Bearer token Prometheus must send to scrape /metrics (empty: /metrics is open, like /health).
+    webmacs_metrics_token: str = ""
+    #: Line protocol: create events for series nobody mapped yet (else their points are rejected as unknown).
+    webmacs_lp_auto_events: bool = True
+    #: Line protocol: how many events one API token may create that way.
+    webmacs_lp_max_auto_events: int = Field(default=1000, ge=0)
+    #: Line protocol: the largest body after gzip decompression (larger: 413).
+    webmacs_lp_max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     webmacs_fanout: Literal["postgres", "nats", "off"] = "postgres"
     #: A NATS server (`nats://host:4222`); when set, the fan-out uses it unless WEBMACS_FANOUT says otherwise.
     webmacs_nats_url: str = ""

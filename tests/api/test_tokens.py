@@ -15,7 +15,16 @@ from tests.conftest import bearer, unique
 
 TOKENS = "/api/v1/tokens"
 ME = "/api/v1/auth/me"
-LISTED_FIELDS = {"public_id", "name", "last_used_at", "expires_at", "created_at", "user_public_id"}
+LISTED_FIELDS = {
+    "public_id",
+    "name",
+    "last_used_at",
+    "expires_at",
+    "created_at",
+    "user_public_id",
+    "scope",
+    "plugin_instance_public_id",
+}
 
 
 def new_user(client: httpx.Client, admin: dict[str, str], role: str = "viewer") -> dict[str, Any]:
@@ -40,7 +49,7 @@ def test_create_returns_the_token_once(client: httpx.Client, viewer: dict[str, s
     r = client.post(TOKENS, headers=viewer, json={"name": "controller"})
     assert r.status_code == 201
     body = r.json()
-    assert set(body) == {"public_id", "name", "token", "expires_at", "created_at"}
+    assert set(body) == {"public_id", "name", "token", "expires_at", "created_at", "scope", "plugin_instance_public_id"}
     assert body["name"] == "controller" and body["expires_at"] is None
     token = body["token"]
     assert len(token) == 67 and re.fullmatch(r"wm_[A-Za-z0-9_-]{64}", token)

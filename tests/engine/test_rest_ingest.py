@@ -319,5 +319,6 @@ def test_stats_count_reasons(server: Server) -> None:
         "far_future_timestamp",
         "timestamp_too_old",
         "database_refused",
-        "out_of_scope",
+        "not_permitted",
+        "string_field",
     }

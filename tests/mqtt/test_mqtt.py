@@ -347,9 +347,9 @@ def test_a_scoped_token_feeds_only_its_plugin_instances_events(
         publisher.flush()
         wait_until(lambda: e.stats()["mqtt"]["acked"] == 3, 30, "every message acknowledged")
         s = e.stats()
-        assert s["mqtt"]["rejected"]["out_of_scope"] == 2
+        assert s["mqtt"]["rejected"]["not_permitted"] == 2
         assert s["mqtt"]["accepted"] == 2
-        assert e.drain_mqtt_log()[0].endswith("1 of 2 datapoint(s) rejected (out_of_scope)")
+        assert e.drain_mqtt_log()[0].endswith("1 of 2 datapoint(s) rejected (not_permitted)")
     assert stored(db, own) == [(T0_MS, 1.0), (T0_MS + 1, 4.0)]
     assert stored(db, foreign) == []
 

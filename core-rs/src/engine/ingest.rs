@@ -34,7 +34,7 @@ impl Shared {
         parsed: ParsedFrame,
         strict: bool,
         source: u64,
-        scope: Option<i32>,
+        instance: Option<i32>,
     ) -> Result<Receipt, CoreError> {
         let ParsedFrame {
             points,
@@ -55,7 +55,7 @@ impl Shared {
             return Ok(receipt);
         }
         let catalog = self.catalog.load();
-        let resolved = resolve(&catalog, points, scope, &mut rejects);
+        let resolved = resolve(&catalog, points, instance, &mut rejects);
 
         let mut st = self.state();
         if !resolved.is_empty() {
@@ -127,22 +127,22 @@ impl Shared {
     }
 }
 
-/// Look each point's event up: unknown and inactive events, and with `scope` (a token's plugin instance)
-/// events not mapped to it, become rejects (kept in index order).
+/// Look each point's event up: unknown and inactive events, and events outside the sender's plugin instance
+/// (`instance`: the token is bound to one), become rejects (kept in index order).
 fn resolve<'c, 'f>(
     catalog: &'c Catalog,
     points: Vec<(usize, ParsedPoint<'f>)>,
-    scope: Option<i32>,
+    instance: Option<i32>,
     rejects: &mut Vec<(usize, Reject)>,
 ) -> Vec<(usize, &'c EventEntry, ParsedPoint<'f>)> {
     let mut resolved = Vec::with_capacity(points.len());
     for (i, p) in points {
         match catalog.events.get(p.event_public_id.as_ref()) {
             None => rejects.push((i, Reject::UnknownEvent)),
-            Some(e) if scope.is_some_and(|s| !e.plugin_instances.contains(&s)) => {
-                rejects.push((i, Reject::OutOfScope))
-            }
             Some(e) if !e.active => rejects.push((i, Reject::InactiveEvent)),
+            Some(e) if instance.is_some_and(|id| !e.instances.contains(&id)) => {
+                rejects.push((i, Reject::NotPermitted))
+            }
             Some(e) => resolved.push((i, e, p)),
         }
     }

@@ -10,6 +10,7 @@ mod live;
 mod state;
 mod writing;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -30,7 +31,8 @@ use state::{IngestState, Shared};
 use crate::batch::{CommitOrder, Outcome, Queue};
 use crate::catalog::Catalog;
 use crate::error::CoreError;
-use crate::frame::{self, Reject};
+use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
+use crate::lineproto::LineBatch;
 use crate::rules::Rule;
 use crate::stats::{Stats, StatsSnapshot};
 
@@ -231,17 +233,17 @@ impl Engine {
     /// Parse, validate and queue a frame from `source` (a connection or a token: the unit of fair queue
     /// shares). `strict` (REST): any malformed entry refuses the whole frame.
     pub fn submit(&self, bytes: &[u8], strict: bool, source: u64) -> Result<Receipt, CoreError> {
-        self.submit_scoped(bytes, strict, source, None)
+        self.submit_as(bytes, strict, source, None)
     }
 
-    /// `submit` for a writer whose token is scoped to one plugin instance (`scope`): points of events not
-    /// mapped to it are rejected (`out_of_scope`).
-    pub fn submit_scoped(
+    /// `submit` for a sender bound to one plugin instance (`instance`): points for events not mapped to it
+    /// are rejected (`not_permitted`).
+    pub fn submit_as(
         &self,
         bytes: &[u8],
         strict: bool,
         source: u64,
-        scope: Option<i32>,
+        instance: Option<i32>,
     ) -> Result<Receipt, CoreError> {
         self.check_open()?;
         let s = &self.shared;
@@ -250,7 +252,53 @@ impl Engine {
             .inspect_err(|_| {
                 s.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             })?;
-        self.shared.ingest(parsed, strict, source, scope)
+        self.shared.ingest(parsed, strict, source, instance)
+    }
+
+    /// Queue points `range` of a parsed line-protocol body. `events[s]` is the event public id of series `s`
+    /// (None: no such event, the points are rejected as `unknown_event`). `with_rejects`: count the body's
+    /// parse-time rejects (string fields, timestamps) with this call — once per body. The receipt's indices
+    /// are positions within `range`.
+    pub fn submit_lines(
+        &self,
+        batch: &LineBatch,
+        events: &[Option<String>],
+        range: std::ops::Range<usize>,
+        with_rejects: bool,
+        source: u64,
+        instance: Option<i32>,
+    ) -> Result<Receipt, CoreError> {
+        self.check_open()?;
+        let s = &self.shared;
+        s.stats.frames.fetch_add(1, Ordering::Relaxed);
+        let slice = batch.points.get(range).unwrap_or(&[]);
+        let mut parsed = ParsedFrame {
+            total: slice.len(),
+            has_datapoints: true,
+            ..Default::default()
+        };
+        parsed.points.reserve(slice.len());
+        for (i, p) in slice.iter().enumerate() {
+            let event = usize::try_from(p.series)
+                .ok()
+                .and_then(|s| events.get(s))
+                .and_then(|e| e.as_deref());
+            match event {
+                Some(e) => parsed.points.push((
+                    i,
+                    ParsedPoint {
+                        event_public_id: Cow::Borrowed(e),
+                        value: p.value,
+                        time_us: p.time_us,
+                    },
+                )),
+                None => parsed.rejects.push((i, Reject::UnknownEvent)),
+            }
+        }
+        if with_rejects {
+            batch.rejects.iter().for_each(|r| s.stats.reject(r.1));
+        }
+        self.shared.ingest(parsed, false, source, instance)
     }
 
     fn check_open(&self) -> Result<(), CoreError> {

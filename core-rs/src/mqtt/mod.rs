@@ -435,7 +435,7 @@ async fn submit(
     scope: Option<i32>,
 ) -> Option<Result<Receipt, CoreError>> {
     loop {
-        match ctx.engine.submit_scoped(frame, false, MQTT_SOURCE, scope) {
+        match ctx.engine.submit_as(frame, false, MQTT_SOURCE, scope) {
             Err(CoreError::QueueFull { .. }) => {
                 ctx.engine.next_commit(Duration::from_secs(1)).await
             }

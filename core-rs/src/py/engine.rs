@@ -238,19 +238,19 @@ impl Engine {
     }
 
     /// Parse, validate and queue one frame (GIL released). `strict`: a malformed entry refuses the frame.
-    /// `source` identifies the sender (a token, a connection) for the fair shares of the queue. `scope`: the
-    /// plugin instance the sender's token is limited to; other events' points are rejected (`out_of_scope`).
-    #[pyo3(signature = (frame, strict=false, source=0, scope=None))]
+    /// `source` identifies the sender (a token, a connection) for the fair shares of the queue.
+    /// `instance`: the sender's token is bound to this plugin instance (other events: `not_permitted`).
+    #[pyo3(signature = (frame, strict=false, source=0, instance=None))]
     fn submit(
         &self,
         py: Python<'_>,
         frame: PyBackedBytes,
         strict: bool,
         source: u64,
-        scope: Option<i32>,
+        instance: Option<i32>,
     ) -> PyResult<Receipt> {
         Ok(detached(py, || {
-            self.inner.submit_scoped(&frame, strict, source, scope)
+            self.inner.submit_as(&frame, strict, source, instance)
         })?
         .into())
     }
@@ -273,6 +273,29 @@ impl Engine {
             .as_ref()
             .map(|m| m.drain_log())
             .unwrap_or_default()
+    }
+
+    /// Queue points `start..end` of a parsed line-protocol body; `events[s]` is series `s`'s event public id
+    /// (None: rejected as unknown). `with_rejects` counts the body's parse-time rejects (once per body).
+    #[pyo3(signature = (batch, events, start, end, *, with_rejects, source=0, instance=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_lines(
+        &self,
+        py: Python<'_>,
+        batch: PyRef<'_, super::lineproto::LineBatch>,
+        events: Vec<Option<String>>,
+        start: usize,
+        end: usize,
+        with_rejects: bool,
+        source: u64,
+        instance: Option<i32>,
+    ) -> PyResult<Receipt> {
+        let inner = batch.inner.clone();
+        Ok(detached(py, || {
+            self.inner
+                .submit_lines(&inner, &events, start..end, with_rejects, source, instance)
+        })?
+        .into())
     }
 
     /// Serve `/ws/controller/telemetry` and `/ws/datapoints/stream` from the engine, verifying JWTs with

@@ -35,6 +35,13 @@ create_exception!(
 );
 create_exception!(
     webmacs._core,
+    LineProtocolError,
+    CoreException,
+    "A line-protocol body was refused: a line does not parse (`line` is its 1-based number; 0 when the body \
+     has too many points)."
+);
+create_exception!(
+    webmacs._core,
     EngineClosedError,
     CoreException,
     "The engine was closed."
@@ -111,6 +118,17 @@ impl From<CoreError> for PyErr {
                 });
                 err
             }
+            CoreError::Lines(l) => {
+                let line = match l {
+                    crate::lineproto::LineError::Syntax { line, .. } => line as u64,
+                    crate::lineproto::LineError::TooMany(_) => 0,
+                };
+                with_attrs(
+                    LineProtocolError::new_err(msg),
+                    &[("line", Some(line))],
+                    None,
+                )
+            }
             CoreError::Closed => EngineClosedError::new_err(msg),
             CoreError::Database(_)
             | CoreError::Copy(PgCopyError::Database(_))
@@ -135,6 +153,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InvalidFrameError", py.get_type::<InvalidFrameError>())?;
     m.add("FrameTooLargeError", py.get_type::<FrameTooLargeError>())?;
     m.add("QueueFullError", py.get_type::<QueueFullError>())?;
+    m.add("LineProtocolError", py.get_type::<LineProtocolError>())?;
     m.add("EngineClosedError", py.get_type::<EngineClosedError>())?;
     m.add("DatabaseError", py.get_type::<DatabaseError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

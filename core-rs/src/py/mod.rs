@@ -4,6 +4,7 @@ mod downsample;
 mod engine;
 mod errors;
 mod import;
+mod lineproto;
 mod pgcopy;
 
 use pyo3::prelude::*;
@@ -76,5 +77,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     downsample::register(m)?;
     pgcopy::register(m)?;
     import::register(m)?;
+    lineproto::register(m)?;
     Ok(())
 }

@@ -66,6 +66,10 @@ pub struct Identity {
     pub user_id: i64,
     pub role: String,
     pub credential: Credential,
+    /// An ingest-only device token (`api_tokens.scope = 'write'`): no live stream.
+    pub write_only: bool,
+    /// The plugin instance a device token is bound to: only its events may be fed.
+    pub instance: Option<i32>,
 }
 
 /// One open session, as the re-check sees it; `ended` fires once with the reason.
@@ -367,6 +371,8 @@ async fn lookup_jwt(
                 user_id,
                 role,
                 credential: credential.clone(),
+                write_only: false,
+                instance: None,
             }),
         }
     })
@@ -378,7 +384,8 @@ async fn lookup_api_token(
 ) -> Result<Result<Identity, AuthFailure>, tokio_postgres::Error> {
     let row = c
         .query_opt(
-            "SELECT t.id, t.expires_at IS NOT NULL AND t.expires_at <= now(), u.id::int8, u.role
+            "SELECT t.id, t.expires_at IS NOT NULL AND t.expires_at <= now(), u.id::int8, u.role,
+                    t.scope = 'write', t.plugin_instance_id
              FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
             &[&hash],
         )
@@ -407,6 +414,8 @@ async fn lookup_api_token(
         user_id,
         role,
         credential: Credential::ApiToken { id: token_id },
+        write_only: row.try_get(4)?,
+        instance: row.try_get(5)?,
     }))
 }
 
@@ -420,6 +429,8 @@ mod tests {
                 user_id: 1,
                 role: "admin".into(),
                 credential: cred,
+                write_only: false,
+                instance: None,
             },
             ended: Notify::new(),
             reason: Mutex::new(None),

@@ -339,6 +339,13 @@ where
         Ok(Err(failure)) => Err((POLICY_VIOLATION, failure.reason())),
         Err(_) => Err((1011, "Internal error")),
     };
+    // A device token writes only: the live stream is refused like a bad credential (close with a reason).
+    let refusal = refusal.and_then(|identity| match endpoint {
+        Endpoint::Stream if identity.write_only => {
+            Err((POLICY_VIOLATION, "This API token may only write datapoints"))
+        }
+        _ => Ok(identity),
+    });
     let identity = match refusal {
         Ok(identity) => identity,
         Err((code, reason)) => {

@@ -168,7 +168,10 @@ pub(super) async fn serve<S, R>(
             Some(Ok(_)) => continue, // ping/pong: answered by tungstenite
         };
         let receipt = loop {
-            match inner.engine.submit(&data, false, source_id) {
+            match inner
+                .engine
+                .submit_as(&data, false, source_id, session.identity.instance)
+            {
                 Err(CoreError::QueueFull { .. }) => {
                     // Back-pressure: this socket is not read until a batch commits.
                     tokio::select! {

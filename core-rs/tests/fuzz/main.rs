@@ -1,5 +1,6 @@
 //! Fuzzing of the core's input boundaries: frame parser, JWT check, WebSocket request handling, binary COPY
-//! decoder, timestamp formatting. A structure-aware, mutation-based harness on the stable toolchain.
+//! decoder, timestamp formatting, line-protocol parser. A structure-aware, mutation-based harness on the stable
+//! toolchain.
 //!
 //! `make fuzz` runs the ignored test `fuzz` (FUZZ_CASES cases in total, default 1,000,000; FUZZ_SEED to replay a
 //! run; FUZZ_TARGETS=name,prefix… to run some targets; FUZZ_THREADS). `cargo test` runs `fuzz_smoke`, a few
@@ -32,6 +33,12 @@ const TARGETS: &[(&str, u64, Runner)] = &[
     ("pgcopy.mutated", 60, run::<targets::pgcopy::Mutated>),
     ("pgcopy.roundtrip", 25, run::<targets::pgcopy::RoundTrip>),
     ("isoformat_utc", 25, run::<targets::time::Isoformat>),
+    ("lineproto.mutated", 60, run::<targets::lineproto::Mutated>),
+    (
+        "lineproto.structured",
+        40,
+        run::<targets::lineproto::Structured>,
+    ),
 ];
 
 /// Shards per target: enough to keep every thread busy to the end, independent of the thread count.

@@ -170,6 +170,12 @@ def _pre_restore(url: str, database: str, timescaledb_version: str | None = None
             sql.SQL(" VERSION {}").format(sql.Literal(timescaledb_version)) if timescaledb_version else sql.SQL("")
         )
         conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS timescaledb{}").format(version))
+        # Roles belong to the cluster, not the dump, but the dump grants to the dashboards' read-only role
+        # (migration 0029): it must exist before those grants are restored. Its logins are not carried over.
+        conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'webmacs_reader') THEN"
+            " CREATE ROLE webmacs_reader NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT; END IF; END $$"
+        )
         conn.execute("SELECT timescaledb_pre_restore()")
 
 

@@ -163,14 +163,20 @@ async def purge_login_failures(conn: AsyncConnection, *, older_than_s: int) -> i
 
 # --- API tokens ---
 
-TOKEN_COLUMNS = "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id"  # noqa: S105 - column names
+# Column names, not a secret.
+TOKEN_COLUMNS = (
+    "t.id, t.public_id, t.name, t.last_used_at, t.expires_at, t.created_at, u.public_id AS user_public_id,"  # noqa: S105
+    " t.scope, (SELECT p.public_id FROM plugin_instances p WHERE p.id = t.plugin_instance_id)"
+    " AS plugin_instance_public_id"
+)
 
 
 async def token_owner(conn: AsyncConnection, *, token_hash: str) -> dict[str, Any] | None:
     """The token row joined with its owner (owner columns prefixed `u_`), or None when unknown."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "SELECT t.id AS token_id, t.expires_at, t.user_id, u.id AS u_id FROM api_tokens t"
+        "SELECT t.id AS token_id, t.expires_at, t.user_id, u.id AS u_id, t.scope, t.plugin_instance_id"
+        " FROM api_tokens t"
         " LEFT JOIN users u ON u.id = t.user_id WHERE t.token_hash = %(h)s",
         {"h": token_hash},
     )
@@ -188,13 +194,21 @@ async def touch_token(conn: AsyncConnection, *, token_id: int) -> None:
 
 
 async def create_token(
-    conn: AsyncConnection, *, user_id: int, name: str, token_hash: str, expires_at: datetime | None
+    conn: AsyncConnection,
+    *,
+    user_id: int,
+    name: str,
+    token_hash: str,
+    expires_at: datetime | None,
+    scope: str = "full",
+    plugin_instance_id: int | None = None,
 ) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "INSERT INTO api_tokens (name, token_hash, user_id, expires_at) VALUES (%(n)s, %(h)s, %(u)s, %(e)s)"
-        " RETURNING public_id, name, expires_at, created_at",
-        {"n": name, "h": token_hash, "u": user_id, "e": expires_at},
+        "INSERT INTO api_tokens (name, token_hash, user_id, expires_at, scope, plugin_instance_id)"
+        " VALUES (%(n)s, %(h)s, %(u)s, %(e)s, %(s)s, %(p)s)"
+        " RETURNING public_id, name, expires_at, created_at, scope",
+        {"n": name, "h": token_hash, "u": user_id, "e": expires_at, "s": scope, "p": plugin_instance_id},
     )
     row = await cur.fetchone()
     assert row is not None  # INSERT … RETURNING always yields the row

@@ -189,3 +189,13 @@ async def seconds_to_next_due(conn: AsyncConnection) -> float | None:
     cur = await conn.execute(_NEXT_DUE)
     row = await cur.fetchone()
     return None if row is None or row[0] is None else float(row[0].total_seconds())
+
+
+async def outbox_counts(conn: AsyncConnection) -> dict[str, int]:
+    """Deliveries waiting to be sent and those given up on (for /metrics)."""
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead_letter')"
+        " FROM webhook_deliveries WHERE status IN ('pending', 'dead_letter')"
+    )
+    row = await cur.fetchone()
+    return {"pending": int(row[0]), "dead_letter": int(row[1])} if row else {}

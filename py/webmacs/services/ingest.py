@@ -173,10 +173,10 @@ class Ingest:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, timeout)
 
-    def submit(self, frame: bytes, *, strict: bool = False, source: int = 0) -> Receipt:
+    def submit(self, frame: bytes, *, strict: bool = False, source: int = 0, instance: int | None = None) -> Receipt:
         # Called on the loop thread: parsing a 500-point frame takes tens of µs with the GIL released,
-        # cheaper than a hop to a worker thread.
-        return self.engine.submit(frame, strict, source)
+        # cheaper than a hop to a worker thread. `instance`: the sender's token is bound to that plugin instance.
+        return self.engine.submit(frame, strict, source, instance)
 
     async def refresh_catalog(self) -> None:
         try:

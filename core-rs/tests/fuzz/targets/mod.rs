@@ -3,5 +3,6 @@
 pub mod frame;
 pub mod http;
 pub mod jwt;
+pub mod lineproto;
 pub mod pgcopy;
 pub mod time;

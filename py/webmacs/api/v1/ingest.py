@@ -15,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from webmacs._core import Receipt
-from webmacs.deps import CurrentUser, IngestUser
-from webmacs.errors import Conflict, NotFound, TooLarge, Unavailable
+from webmacs.deps import CurrentUser, IngestUser, User
+from webmacs.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from webmacs.exceptions import EngineClosedError, FrameTooLargeError, InvalidFrameError, QueueFullError
 from webmacs.pagination import Status
 from webmacs.repositories.datapoints import datapoint_public_id
@@ -70,9 +70,9 @@ _REASON_ERRORS: dict[str, tuple[str | None, str, str]] = {
 }
 
 
-def _submit(ingest: Ingest, frame: bytes, source: int) -> Receipt:
+def _submit(ingest: Ingest, frame: bytes, user: User) -> Receipt:
     try:
-        return ingest.submit(frame, strict=True, source=source)
+        return ingest.submit(frame, strict=True, source=user.ingest_source, instance=user.plugin_instance_id)
     except QueueFullError as e:
         raise Unavailable(QUEUE_SHARE_FULL if e.share else QUEUE_FULL, retry_after=RETRY_AFTER_S) from e
     except EngineClosedError as e:
@@ -125,13 +125,15 @@ async def create_datapoint(body: DatapointCreate, user: IngestUser, request: Req
     # The body was valid JSON holding one object (FastAPI parsed it): as the one entry of a frame, the engine
     # validates it exactly as it validates every other datapoint.
     raw = await request.body()
-    receipt = _submit(ingest, b'{"datapoints":[' + raw + b"]}", user.ingest_source)
+    receipt = _submit(ingest, b'{"datapoints":[' + raw + b"]}", user)
     if receipt.accepted == 0:
         reasons = receipt.reasons
         if "unknown_event" in reasons:
             raise NotFound("Event not found.")
         if "inactive_event" in reasons:
             raise Conflict("Event is not linked to an enabled plugin instance.")
+        if "not_permitted" in reasons:
+            raise Forbidden("This API token may not write to this event.")
         reason = next(iter(reasons), "invalid_value")
         field, typ, msg = _REASON_ERRORS.get(reason, (None, reason, reason))
         raise RequestValidationError(
@@ -170,7 +172,7 @@ async def create_batch(request: Request, user: IngestUser) -> BatchStatus:
     ingest = engine_of(request.app)
     body = await request.body()
     try:
-        receipt = _submit(ingest, body, user.ingest_source)
+        receipt = _submit(ingest, body, user)
     except InvalidFrameError as e:
         if e.code == "not_object":
             raise RequestValidationError(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field, field_validator
 
 from webmacs.deps import Conn, CurrentUser
 from webmacs.pagination import Page, Paging, Status
+from webmacs.repositories import plugins as plugins_repo
 from webmacs.repositories import users as users_repo
 from webmacs.schemas import NO_NUL
 from webmacs.security import hash_api_token, new_api_token
@@ -19,6 +21,10 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 class TokenCreate(BaseModel):
     name: str = Field(min_length=1, max_length=255, pattern=NO_NUL)  # PostgreSQL text cannot hold NUL
     expires_at: datetime | None = None
+    #: "full": the token acts as its user; "write": ingest only (REST, WebSocket, MQTT, line protocol).
+    scope: Literal["full", "write"] = "full"
+    #: Limit ingest to the events mapped to this plugin instance (points for other events are rejected).
+    plugin_instance_public_id: str | None = Field(default=None, min_length=1, max_length=100, pattern=NO_NUL)
 
     @field_validator("expires_at")
     @classmethod
@@ -38,6 +44,8 @@ class TokenCreated(BaseModel):
     token: str
     expires_at: datetime | None
     created_at: datetime
+    scope: str = "full"
+    plugin_instance_public_id: str | None = None
 
 
 class TokenResponse(BaseModel):
@@ -47,6 +55,8 @@ class TokenResponse(BaseModel):
     expires_at: datetime | None
     created_at: datetime
     user_public_id: str
+    scope: str
+    plugin_instance_public_id: str | None
 
 
 @router.get("", response_model=Page[TokenResponse])
@@ -59,9 +69,21 @@ async def list_tokens(user: CurrentUser, conn: Conn, paging: Paging) -> Page[Tok
 
 @router.post("", response_model=TokenCreated, status_code=201)
 async def create_token(body: TokenCreate, user: CurrentUser, conn: Conn) -> TokenCreated:
+    instance_id = None
+    if body.plugin_instance_public_id is not None:
+        instance = await plugins_repo.find(conn, public_id=body.plugin_instance_public_id)
+        if instance is None:
+            raise HTTPException(404, "Plugin instance not found.")
+        instance_id = instance["id"]
     token = new_api_token()
     row = await users_repo.create_token(
-        conn, user_id=user.id, name=body.name, token_hash=hash_api_token(token), expires_at=body.expires_at
+        conn,
+        user_id=user.id,
+        name=body.name,
+        token_hash=hash_api_token(token),
+        expires_at=body.expires_at,
+        scope=body.scope,
+        plugin_instance_id=instance_id,
     )
     # Echo expires_at as given (a naive value stays naive on create, as the reference does).
     return TokenCreated(
@@ -70,6 +92,8 @@ async def create_token(body: TokenCreate, user: CurrentUser, conn: Conn) -> Toke
         token=token,
         expires_at=body.expires_at,
         created_at=row["created_at"],
+        scope=row["scope"],
+        plugin_instance_public_id=body.plugin_instance_public_id,
     )
 
 
