@@ -4,6 +4,62 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::frame::Reject;
 
+/// The path a frame came in by, for the per-protocol counters (`Stats::by_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `POST /api/v1/datapoints` and `/batch`.
+    Rest,
+    /// `/ws/controller/telemetry`, on the API's port or the engine's own (one implementation).
+    WebSocket,
+    Mqtt,
+    LineProtocol,
+}
+
+/// The `source` the MQTT adapter submits as (one sender for the queue's fair shares).
+pub const MQTT_SOURCE: u64 = u64::MAX - 1;
+
+impl Protocol {
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Rest,
+        Protocol::WebSocket,
+        Protocol::Mqtt,
+        Protocol::LineProtocol,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Rest => "rest",
+            Protocol::WebSocket => "websocket",
+            Protocol::Mqtt => "mqtt",
+            Protocol::LineProtocol => "line_protocol",
+        }
+    }
+
+    /// The protocol of a frame submitted as `source`: WebSocket connections carry the high bit, the MQTT
+    /// adapter its own source, everything else is a REST sender (a token or a user).
+    pub fn of_source(source: u64) -> Protocol {
+        if source == MQTT_SOURCE {
+            Protocol::Mqtt
+        } else if source >> 63 == 1 {
+            Protocol::WebSocket
+        } else {
+            Protocol::Rest
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Frames and datapoints of one protocol, as the engine's pipeline saw them.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub frames: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub frames: AtomicU64,
@@ -26,6 +82,7 @@ pub struct Stats {
     pub queue_depth: AtomicU64,
     pub broadcast_dropped: AtomicU64,
     pub mqtt: ProtocolStats,
+    pub by_protocol: [IngestCounters; Protocol::ALL.len()],
 }
 
 /// Counters of one protocol adapter (MQTT): messages, points and why points were rejected.
@@ -93,11 +150,21 @@ pub struct StatsSnapshot {
     pub rejected: Vec<(&'static str, u64)>,
     /// Per protocol adapter: ("mqtt", its counters).
     pub protocols: Vec<(&'static str, ProtocolSnapshot)>,
+    /// Per ingest path ("rest", "websocket", "mqtt", "line_protocol"): frames, accepted, rejected.
+    pub by_protocol: Vec<(&'static str, Vec<(&'static str, u64)>)>,
 }
 
 impl Stats {
     pub fn reject(&self, r: Reject) {
         self.rejected[r.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A frame of `protocol` went through the pipeline with `accepted` and `rejected` datapoints.
+    pub fn ingested(&self, protocol: Protocol, accepted: usize, rejected: usize) {
+        let c = &self.by_protocol[protocol.index()];
+        c.frames.fetch_add(1, Relaxed);
+        c.accepted.fetch_add(accepted as u64, Relaxed);
+        c.rejected.fetch_add(rejected as u64, Relaxed);
     }
 
     pub fn flushed(&self, flush_us: u64) {
@@ -141,6 +208,20 @@ impl Stats {
             counters,
             rejected,
             protocols: vec![("mqtt", self.mqtt.snapshot())],
+            by_protocol: Protocol::ALL
+                .iter()
+                .map(|p| {
+                    let c = &self.by_protocol[p.index()];
+                    (
+                        p.name(),
+                        vec![
+                            ("frames", c.frames.load(Relaxed)),
+                            ("accepted", c.accepted.load(Relaxed)),
+                            ("rejected", c.rejected.load(Relaxed)),
+                        ],
+                    )
+                })
+                .collect(),
         }
     }
 }

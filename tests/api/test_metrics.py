@@ -44,6 +44,21 @@ def test_engine_counters_move_by_exactly_the_points_sent_and_rejected(
         before, "webmacs_engine_rejected_total", reason="unknown_event"
     )
     assert delta == 3
+    # The same frame, by the path it came in on.
+    rest = {"protocol": "rest"}
+    assert (
+        value(after, "webmacs_ingest_frames_total", **rest) - value(before, "webmacs_ingest_frames_total", **rest) == 1
+    )
+    for outcome, n in (("accepted", 7), ("rejected", 3)):
+        key = {"protocol": "rest", "outcome": outcome}
+        moved = value(after, "webmacs_ingest_datapoints_total", **key) - value(
+            before, "webmacs_ingest_datapoints_total", **key
+        )
+        assert moved == n
+    ws = {"protocol": "websocket", "outcome": "accepted"}
+    assert value(after, "webmacs_ingest_datapoints_total", **ws) == value(
+        before, "webmacs_ingest_datapoints_total", **ws
+    )
     assert value(after, "webmacs_engine_copy_seconds_count") > value(before, "webmacs_engine_copy_seconds_count")
     assert value(after, "webmacs_engine_queue_depth") == 0
     assert ("webmacs_db_pool_connections", (("state", "size"),)) in after
@@ -91,3 +106,29 @@ def test_bearer_token_and_no_rate_limit(guarded: Server) -> None:
         for _ in range(5):
             r = c.get("/metrics", headers={"Authorization": "Bearer scrape-secret", "X-Forwarded-For": "8.8.8.8"})
             assert r.status_code == 200
+
+
+def test_websocket_frames_are_counted_as_websocket(
+    server: Server, client: httpx.Client, operator: dict[str, str], make_active_event: Callable[..., ActiveEvent]
+) -> None:
+    import orjson
+    from websockets.sync.client import connect
+
+    ev = make_active_event()
+    token = operator["Authorization"].split(" ", 1)[1]
+    before = scrape(client)
+    url = server.url.replace("http://", "ws://") + f"/ws/controller/telemetry?token={token}"
+    with connect(url, open_timeout=10, proxy=None) as ws:
+        points = [{"value": 1.0, "event_public_id": ev.public_id}] * 4 + [{"value": 1.0, "event_public_id": "nope"}]
+        ws.send(orjson.dumps({"seq": 1, "datapoints": points}))
+        while True:
+            reply = orjson.loads(ws.recv(timeout=30))
+            if reply.get("seq") == 1:
+                break
+    after = scrape(client)
+    for outcome, n in (("accepted", 4), ("rejected", 1)):
+        key = {"protocol": "websocket", "outcome": outcome}
+        moved = value(after, "webmacs_ingest_datapoints_total", **key) - value(
+            before, "webmacs_ingest_datapoints_total", **key
+        )
+        assert moved == n

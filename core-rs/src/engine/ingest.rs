@@ -12,7 +12,7 @@ use crate::catalog::{Catalog, EventEntry};
 use crate::error::CoreError;
 use crate::frame::{ParsedFrame, ParsedPoint, Reject};
 use crate::rules;
-use crate::stats::Stats;
+use crate::stats::{Protocol, Stats};
 use crate::writer::Row;
 
 /// What every point of one frame shares while it is applied.
@@ -35,6 +35,7 @@ impl Shared {
         strict: bool,
         source: u64,
         instance: Option<i32>,
+        protocol: Protocol,
     ) -> Result<Receipt, CoreError> {
         let ParsedFrame {
             points,
@@ -51,6 +52,7 @@ impl Shared {
         };
         if strict && rejects.iter().any(|r| r.1.is_shape_error()) {
             rejects.iter().for_each(|r| self.stats.reject(r.1));
+            self.stats.ingested(protocol, 0, rejects.len());
             receipt.rejects = rejects;
             return Ok(receipt);
         }
@@ -62,6 +64,7 @@ impl Shared {
             self.admit(&st.queue, source, resolved.len())?;
         }
         rejects.iter().for_each(|r| self.stats.reject(r.1));
+        self.stats.ingested(protocol, resolved.len(), rejects.len());
         receipt.accepted = resolved.len();
         receipt.rejects = rejects;
         if resolved.is_empty() {

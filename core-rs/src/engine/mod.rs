@@ -34,6 +34,7 @@ use crate::error::CoreError;
 use crate::frame::{self, ParsedFrame, ParsedPoint, Reject};
 use crate::lineproto::LineBatch;
 use crate::rules::Rule;
+use crate::stats::Protocol;
 use crate::stats::{Stats, StatsSnapshot};
 
 /// What happened to one frame.
@@ -252,7 +253,13 @@ impl Engine {
             .inspect_err(|_| {
                 s.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
             })?;
-        self.shared.ingest(parsed, strict, source, instance)
+        self.shared.ingest(
+            parsed,
+            strict,
+            source,
+            instance,
+            Protocol::of_source(source),
+        )
     }
 
     /// Queue points `range` of a parsed line-protocol body. `events[s]` is the event public id of series `s`
@@ -298,7 +305,8 @@ impl Engine {
         if with_rejects {
             batch.rejects.iter().for_each(|r| s.stats.reject(r.1));
         }
-        self.shared.ingest(parsed, false, source, instance)
+        self.shared
+            .ingest(parsed, false, source, instance, Protocol::LineProtocol)
     }
 
     fn check_open(&self) -> Result<(), CoreError> {

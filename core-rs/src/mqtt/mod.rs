@@ -25,10 +25,9 @@ use crate::engine::{Engine, Receipt};
 use crate::error::CoreError;
 use crate::frame::Reject;
 use crate::pg::{self, PgClient};
-use crate::stats::ProtocolStats;
+// The queue-share source of all MQTT traffic (connections and tokens use small numbers).
+use crate::stats::{ProtocolStats, MQTT_SOURCE};
 
-/// The queue-share source of all MQTT traffic (connections and tokens use small numbers).
-const MQTT_SOURCE: u64 = u64::MAX - 1;
 /// How often the writer's token is checked again (deletion, expiry, role or scope change).
 const TOKEN_RECHECK: Duration = Duration::from_secs(5);
 /// Log lines kept for Python to drain; at most one is added per `LOG_INTERVAL`.

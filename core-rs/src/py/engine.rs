@@ -489,6 +489,15 @@ impl Engine {
             pd.set_item("rejected", rejected)?;
             d.set_item(name, pd)?;
         }
+        let by_protocol = PyDict::new(py);
+        for (name, counters) in snap.by_protocol {
+            let pd = PyDict::new(py);
+            for (k, v) in counters {
+                pd.set_item(k, v)?;
+            }
+            by_protocol.set_item(name, pd)?;
+        }
+        d.set_item("by_protocol", by_protocol)?;
         Ok(d)
     }
 

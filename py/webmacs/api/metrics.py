@@ -66,6 +66,22 @@ class ScrapeCollector(Collector):
         for name, doc in _ENGINE_COUNTERS.items():
             if name in s.engine:
                 yield CounterMetricFamily(f"webmacs_engine_{name}", doc, value=s.engine[name])
+        by_protocol = s.engine.get("by_protocol", {})
+        if by_protocol:
+            frames = CounterMetricFamily(
+                "webmacs_ingest_frames", "Frames through the engine's pipeline, by protocol", labels=["protocol"]
+            )
+            points = CounterMetricFamily(
+                "webmacs_ingest_datapoints",
+                "Datapoints accepted or rejected, by protocol (rest, websocket, mqtt, line_protocol)",
+                labels=["protocol", "outcome"],
+            )
+            for protocol, c in sorted(by_protocol.items()):
+                frames.add_metric([protocol], c["frames"])
+                points.add_metric([protocol, "accepted"], c["accepted"])
+                points.add_metric([protocol, "rejected"], c["rejected"])
+            yield frames
+            yield points
         rejected = CounterMetricFamily(
             "webmacs_engine_rejected", "Datapoints rejected, by reason (every protocol)", labels=["reason"]
         )
