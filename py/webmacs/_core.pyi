@@ -145,7 +145,12 @@ _Columns = tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]
 class CopyReader:
     def __new__(cls, dsn: str) -> CopyReader: ...
     def start(
-        self, statement: str, max_rows: int, ties_by_event: bool = False, prefetch: str | None = None
+        self,
+        statement: str,
+        max_rows: int,
+        ties_by_event: bool = False,
+        prefetch: str | None = None,
+        sort: bool = False,
     ) -> None: ...
     def next_frame(self) -> _Columns | None: ...
     def close(self) -> None: ...

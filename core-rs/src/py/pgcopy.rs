@@ -91,9 +91,10 @@ impl CopyReader {
 
     /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement,
     /// read ahead in frames of at most `max_rows` rows (errors surface from `next_frame`). With
-    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here. `prefetch`
-    /// starts the statement expected next on a second connection.
-    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None))]
+    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here. With `sort`,
+    /// the statement has no ORDER BY: all its rows are collected and handed out by (time, event) (memory grows
+    /// with the statement's rows). `prefetch` starts the statement expected next on a second connection.
+    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None, sort = false))]
     fn start(
         &self,
         py: Python<'_>,
@@ -101,9 +102,15 @@ impl CopyReader {
         max_rows: usize,
         ties_by_event: bool,
         prefetch: Option<String>,
+        sort: bool,
     ) -> PyResult<()> {
+        let order = match (sort, ties_by_event) {
+            (true, _) => pgcopy::Order::Sort,
+            (false, true) => pgcopy::Order::TiesByEvent,
+            (false, false) => pgcopy::Order::Statement,
+        };
         self.with(py, move |r| {
-            r.start(&statement, max_rows, ties_by_event, prefetch.as_deref())
+            r.start(&statement, max_rows, order, prefetch.as_deref())
         })
     }
 

@@ -26,7 +26,8 @@ COLUMNS = ("time", "event_public_id", "event_name", "unit", "value", "experiment
 # Each hypertable chunk is one window, read with one COPY ordered by time: PostgreSQL sorts one chunk at a time
 # (never the whole range) and each chunk is read once. Memory is bounded by the frame size, not the chunk size.
 _CHUNKS = (
-    "SELECT range_start, range_end FROM timescaledb_information.chunks"
+    "SELECT range_start, range_end, pg_relation_size(format('%%I.%%I', chunk_schema, chunk_name)::regclass)"
+    " FROM timescaledb_information.chunks"
     " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
     " AND (%(end)s::timestamptz IS NULL OR range_start < %(end)s)"
     " AND (%(start)s::timestamptz IS NULL OR range_end > %(start)s)"
@@ -47,6 +48,15 @@ EXPERIMENT_QUERY = (
 )
 EVENTS_COPY = "COPY (" + EVENTS_QUERY + ") TO STDOUT (FORMAT binary)"
 EXPERIMENT_COPY = "COPY (" + EXPERIMENT_QUERY + ") TO STDOUT (FORMAT binary)"
+# The same rows unordered, for chunks small enough to be sorted by the Rust reader (`sort=True`): PostgreSQL
+# streams a chunk about 3× faster when it does not sort it.
+EVENTS_QUERY_UNORDERED = _SELECT + " WHERE event_id = ANY(%(events)s) AND time >= %(start)s AND time < %(end)s"
+EXPERIMENT_QUERY_UNORDERED = _SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s"
+EVENTS_COPY_UNORDERED = "COPY (" + EVENTS_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
+EXPERIMENT_COPY_UNORDERED = "COPY (" + EXPERIMENT_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
+#: No heap tuple of `datapoints` is smaller: 24 bytes of header, 20 or 24 of data (MAXALIGNed to 48) and a
+#: 4-byte line pointer. A chunk's size / this bounds its rows from above.
+MIN_ROW_BYTES = 52
 #: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
 CSV_SLICE_ROWS = 20_000
 #: zstd level 1: a fraction of the default level's CPU for a file a few per cent larger.
@@ -181,15 +191,16 @@ class _Lookups:
         return table
 
 
-def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime]]:
-    """The chunks' time windows within the selection, in time order (empty when nothing can match)."""
+def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime, int]]:
+    """The chunks' time windows within the selection, in time order (empty when nothing can match), each with
+    an upper bound of the chunk's rows (from its size on disk)."""
     rows = conn.execute(_CHUNKS, {"start": sel.start, "end": sel.end}).fetchall()
     windows = []
-    for lo, hi in rows:
+    for lo, hi, size in rows:
         lo = max(lo, sel.start) if sel.start else lo
         hi = min(hi, sel.end) if sel.end else hi
         if lo < hi:
-            windows.append((lo, hi))
+            windows.append((lo, hi, (size or 0) // MIN_ROW_BYTES))
     return windows
 
 
@@ -199,36 +210,41 @@ def frames(
     *,
     dsn: str,
     chunk_rows: int,
+    sort_rows: int = 0,
     progress: Callable[[float, int], None] | None = None,
 ) -> Iterator[pa.Table]:
     """The selection as Arrow tables of about `chunk_rows` rows (schema `frame_schema()`), ordered by time then
-    event (a frame ends between two times, so it may exceed `chunk_rows` by one row per event).
+    event (where PostgreSQL sorts, a frame ends between two times, so it may exceed `chunk_rows` by one row per
+    event).
 
     `conn` reads the lookups; the COPYs run on connections of their own to `dsn`, read and decoded in Rust a
-    couple of frames ahead (PostgreSQL streams while this thread encodes). `progress(fraction of the chunks
-    done, rows so far)` is called after every frame."""
+    couple of frames ahead (PostgreSQL streams while this thread encodes). Chunks of at most `sort_rows` rows
+    are read unordered and sorted by the reader; larger ones are sorted by PostgreSQL. `progress(fraction of
+    the chunks done, rows so far)` is called after every frame."""
     lookups = _Lookups(conn)
     windows = _bounds(conn, sel)
     if not windows:
         return
-    statements: list[tuple[str, dict[str, Any]]]
-    if sel.experiment_id is not None:
-        statements = [
-            (EXPERIMENT_COPY, {"experiment": sel.experiment_id, "start": lo, "end": hi}) for lo, hi in windows
-        ]
-    else:
-        events = list(dict.fromkeys(sel.event_ids))
-        statements = [(EVENTS_COPY, {"events": events, "start": lo, "end": hi}) for lo, hi in windows]
+    statements: list[tuple[str, dict[str, Any], bool]] = []
+    events = list(dict.fromkeys(sel.event_ids))
+    for lo, hi, most in windows:
+        sort = most <= sort_rows
+        if sel.experiment_id is not None:
+            query = EXPERIMENT_COPY_UNORDERED if sort else EXPERIMENT_COPY
+            statements.append((query, {"experiment": sel.experiment_id, "start": lo, "end": hi}, sort))
+        else:
+            query = EVENTS_COPY_UNORDERED if sort else EVENTS_COPY
+            statements.append((query, {"events": events, "start": lo, "end": hi}, sort))
     # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
     mogrify = psycopg.ClientCursor(conn).mogrify
     reader = _core.CopyReader(dsn)
     rows_done = 0
-    copies = [mogrify(query, params) for query, params in statements]
+    copies = [(mogrify(query, params), sort) for query, params, sort in statements]
     try:
-        for done, copy in enumerate(copies):
-            # The next chunk's COPY starts on a second connection: PostgreSQL sorts it while this one streams.
-            following = copies[done + 1] if done + 1 < len(copies) else None
-            reader.start(copy, chunk_rows, ties_by_event=True, prefetch=following)
+        for done, (copy, sort) in enumerate(copies):
+            # The next chunk's COPY starts on a second connection: PostgreSQL reads it while this one streams.
+            following = copies[done + 1][0] if done + 1 < len(copies) else None
+            reader.start(copy, chunk_rows, ties_by_event=not sort, prefetch=following, sort=sort)
             while (columns := reader.next_frame()) is not None:
                 frame = lookups.frame(columns)
                 if frame.num_rows:
@@ -323,11 +339,12 @@ def export(
     dsn: str,
     tz: str | None = None,
     chunk_rows: int = 100_000,
+    sort_rows: int = 0,
     progress: Callable[[float, int], None] | None = None,
     guard: bool = True,
 ) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
-    rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
+    rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, sort_rows=sort_rows, progress=progress)
     return encode_csv(rows, tz=tz, guard=guard) if fmt == "csv" else encode_parquet(rows)
 
 
@@ -360,8 +377,15 @@ def connect(url: str) -> psycopg.Connection:
 
 
 def stream(
-    url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000, guard: bool = True
+    url: str,
+    sel: Selection,
+    fmt: Format,
+    *,
+    tz: str | None = None,
+    chunk_rows: int = 100_000,
+    sort_rows: int = 0,
+    guard: bool = True,
 ) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
-        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows, guard=guard)
+        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows, sort_rows=sort_rows, guard=guard)
