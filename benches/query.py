@@ -229,8 +229,12 @@ def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: 
     return rows / elapsed, received, elapsed
 
 
+COPY_CPU: list[float] = []  # client CPU seconds of each bench_copy_to
+
+
 def bench_copy_to(url: str, rows: int) -> float:
     with psycopg.connect(url) as db, db.cursor() as cur:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         n = 0
         with cur.copy(
@@ -239,6 +243,7 @@ def bench_copy_to(url: str, rows: int) -> float:
             for _ in copy:
                 n += 1
         elapsed = time.perf_counter() - t0
+        COPY_CPU.append(time.process_time() - c0)
     assert n >= rows  # one message per row, plus header/trailer
     return rows / elapsed
 
@@ -309,12 +314,14 @@ def main() -> int:
             long_speedup = min(sql_l / api_l for api_l, sql_l, _, _ in long.values())
             idle = server.peak_rss_mb()
             server.reset_peak_rss()
+            cpu0 = server.cpu_seconds()
             parquet, parquet_bytes, parquet_s = bench_export(server, events, "parquet", total)
             peak = server.peak_rss_mb()
+            parquet_cpu_us = (server.cpu_seconds() - cpu0) / total * 1e6
             print(
                 f"parquet      {parquet:>12,.0f} rows/s ({parquet_bytes / 1e6:,.1f} MB,"
                 f" {parquet_bytes / 1e6 / parquet_s:,.1f} MB/s over HTTP; server peak RSS {peak:.0f} MB,"
-                f" {idle:.0f} MB before)",
+                f" {idle:.0f} MB before; server CPU {parquet_cpu_us:.2f} µs/row)",
                 flush=True,
             )
             server.reset_peak_rss()
@@ -328,10 +335,31 @@ def main() -> int:
         finally:
             server.stop()
         copy_after = bench_copy_to(url, total)
+        covering = ""
+        if os.environ.get("BENCH_COVERING") == "1":
+            # Not the schema: what an index covering `value` would change for long ranges (both sides).
+            with psycopg.connect(url, autocommit=True) as db:
+                t0 = time.perf_counter()
+                db.execute("CREATE INDEX bench_covering ON datapoints (event_id, time) INCLUDE (value)")
+                db.execute("VACUUM ANALYZE datapoints")
+                built = time.perf_counter() - t0
+            server = Server(url, home)
+            try:
+                api_c, sql_c, _, _ = bench_series_long(
+                    url, server, events[0], end - timedelta(days=DAYS), end, repeat, "m4"
+                )
+            finally:
+                server.stop()
+            print(
+                f"covering     with (event_id, time) INCLUDE (value) (built in {built:.0f} s): series_long m4 API"
+                f" {api_c:.1f} ms vs raw SQL {sql_c:.1f} ms (speedup {sql_c / api_c:.2f})",
+                flush=True,
+            )
+            covering = f" series_long_speedup_covering_index={sql_c / api_c:.2f}"
         copy_to = max(copy_before, copy_after)
         print(
             f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg; before/after the"
-            f" exports {copy_before:,.0f} / {copy_after:,.0f})",
+            f" exports {copy_before:,.0f} / {copy_after:,.0f}; client CPU {min(COPY_CPU) / total * 1e6:.2f} µs/row)",
             flush=True,
         )
         print(
@@ -340,7 +368,7 @@ def main() -> int:
             f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"
             f" export_peak_rss_mb={peak:.0f} series_long_api_ms={long['m4'][0]:.1f}"
             f" series_long_sql_ms={long['m4'][1]:.1f} series_long_speedup={long_speedup:.2f}"
-            f" csv_peak_rss_mb={csv_peak:.0f}",
+            f" csv_peak_rss_mb={csv_peak:.0f}{covering}",
             flush=True,
         )
         return 0
