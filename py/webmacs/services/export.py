@@ -26,7 +26,8 @@ COLUMNS = ("time", "event_public_id", "event_name", "unit", "value", "experiment
 # Each hypertable chunk is one window, read with one COPY ordered by time: PostgreSQL sorts one chunk at a time
 # (never the whole range) and each chunk is read once. Memory is bounded by the frame size, not the chunk size.
 _CHUNKS = (
-    "SELECT range_start, range_end, pg_relation_size(format('%%I.%%I', chunk_schema, chunk_name)::regclass)"
+    "SELECT range_start, range_end, CASE WHEN NOT is_compressed"
+    " THEN pg_relation_size(format('%%I.%%I', chunk_schema, chunk_name)::regclass) END"
     " FROM timescaledb_information.chunks"
     " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
     " AND (%(end)s::timestamptz IS NULL OR range_start < %(end)s)"
@@ -57,6 +58,8 @@ EXPERIMENT_COPY_UNORDERED = "COPY (" + EXPERIMENT_QUERY_UNORDERED + ") TO STDOUT
 #: No heap tuple of `datapoints` is smaller: 24 bytes of header, 20 or 24 of data (MAXALIGNed to 48) and a
 #: 4-byte line pointer. A chunk's size / this bounds its rows from above.
 MIN_ROW_BYTES = 52
+#: The row bound of a chunk whose size says nothing about its rows (compressed).
+UNBOUNDED = 2**62
 #: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
 CSV_SLICE_ROWS = 20_000
 #: zstd level 1: a fraction of the default level's CPU for a file a few per cent larger.
@@ -193,14 +196,15 @@ class _Lookups:
 
 def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime, int]]:
     """The chunks' time windows within the selection, in time order (empty when nothing can match), each with
-    an upper bound of the chunk's rows (from its size on disk)."""
+    an upper bound of the chunk's rows (from its size on disk; UNBOUNDED for a compressed chunk)."""
     rows = conn.execute(_CHUNKS, {"start": sel.start, "end": sel.end}).fetchall()
     windows = []
     for lo, hi, size in rows:
         lo = max(lo, sel.start) if sel.start else lo
         hi = min(hi, sel.end) if sel.end else hi
         if lo < hi:
-            windows.append((lo, hi, (size or 0) // MIN_ROW_BYTES))
+            # A compressed chunk's rows are not in its heap: no bound, PostgreSQL sorts it.
+            windows.append((lo, hi, size // MIN_ROW_BYTES if size is not None else UNBOUNDED))
     return windows
 
 
