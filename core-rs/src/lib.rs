@@ -11,6 +11,7 @@ pub mod error;
 pub mod fanout;
 pub mod frame;
 pub mod import;
+pub mod parquet_export;
 pub mod pg;
 pub mod pgcopy;
 pub mod rules;

@@ -41,6 +41,9 @@ pub enum PgCopyError {
     AfterTrailer(usize),
     #[error("database error: {0}")]
     Database(String),
+    /// The export's encoder (Parquet) failed: an internal error, not bad input.
+    #[error("export encoding failed: {0}")]
+    Encode(String),
 }
 
 impl From<tokio_postgres::Error> for PgCopyError {

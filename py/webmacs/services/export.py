@@ -62,8 +62,8 @@ MIN_ROW_BYTES = 52
 UNBOUNDED = 2**62
 #: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
 CSV_SLICE_ROWS = 20_000
-#: zstd level 1: a fraction of the default level's CPU for a file a few per cent larger.
-ZSTD_LEVEL = 1
+#: Rows per Parquet row group: about 3 MB of buffered columns while one fills.
+ROW_GROUP_ROWS = 131_072
 
 
 def parquet_schema() -> pa.Schema:
@@ -116,37 +116,6 @@ _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
 def content_disposition(stem: str, fmt: Format) -> str:
     """`attachment; filename="<stem>.<ext>"` with everything but [A-Za-z0-9._-] replaced by `_`."""
     return f'attachment; filename="{_UNSAFE_FILENAME.sub("_", stem)}.{fmt}"'
-
-
-class _Sink:
-    """A write-only file for pyarrow's ParquetWriter that hands out what was written since the last take."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._written = 0
-        self.closed = False
-
-    def write(self, data: bytes | memoryview) -> int:
-        self._parts.append(bytes(data))
-        self._written += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._written
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def writable(self) -> bool:
-        return True
-
-    def take(self) -> bytes:
-        out = b"".join(self._parts)
-        self._parts.clear()
-        return out
 
 
 class _Lookups:
@@ -208,6 +177,24 @@ def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, da
     return windows
 
 
+def _copies(conn: psycopg.Connection, sel: Selection, sort_rows: int) -> list[tuple[str, bool]]:
+    """One binary COPY statement per chunk window of the selection, each with whether it is read unordered and
+    sorted by the reader (chunks of at most `sort_rows` rows) rather than sorted by PostgreSQL."""
+    statements: list[tuple[str, dict[str, Any], bool]] = []
+    events = list(dict.fromkeys(sel.event_ids))
+    for lo, hi, most in _bounds(conn, sel):
+        sort = most <= sort_rows
+        if sel.experiment_id is not None:
+            query = EXPERIMENT_COPY_UNORDERED if sort else EXPERIMENT_COPY
+            statements.append((query, {"experiment": sel.experiment_id, "start": lo, "end": hi}, sort))
+        else:
+            query = EVENTS_COPY_UNORDERED if sort else EVENTS_COPY
+            statements.append((query, {"events": events, "start": lo, "end": hi}, sort))
+    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
+    mogrify = psycopg.ClientCursor(conn).mogrify
+    return [(mogrify(query, params), sort) for query, params, sort in statements]
+
+
 def frames(
     conn: psycopg.Connection,
     sel: Selection,
@@ -226,24 +213,11 @@ def frames(
     are read unordered and sorted by the reader; larger ones are sorted by PostgreSQL. `progress(fraction of
     the chunks done, rows so far)` is called after every frame."""
     lookups = _Lookups(conn)
-    windows = _bounds(conn, sel)
-    if not windows:
+    copies = _copies(conn, sel, sort_rows)
+    if not copies:
         return
-    statements: list[tuple[str, dict[str, Any], bool]] = []
-    events = list(dict.fromkeys(sel.event_ids))
-    for lo, hi, most in windows:
-        sort = most <= sort_rows
-        if sel.experiment_id is not None:
-            query = EXPERIMENT_COPY_UNORDERED if sort else EXPERIMENT_COPY
-            statements.append((query, {"experiment": sel.experiment_id, "start": lo, "end": hi}, sort))
-        else:
-            query = EVENTS_COPY_UNORDERED if sort else EVENTS_COPY
-            statements.append((query, {"events": events, "start": lo, "end": hi}, sort))
-    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
-    mogrify = psycopg.ClientCursor(conn).mogrify
     reader = _core.CopyReader(dsn)
     rows_done = 0
-    copies = [(mogrify(query, params), sort) for query, params, sort in statements]
     try:
         for done, (copy, sort) in enumerate(copies):
             # The next chunk's COPY starts on a second connection: PostgreSQL reads it while this one streams.
@@ -255,9 +229,9 @@ def frames(
                     rows_done += frame.num_rows
                     yield frame
                     if progress:
-                        progress(done / len(statements), rows_done)
+                        progress(done / len(copies), rows_done)
             if progress:
-                progress((done + 1) / len(statements), rows_done)
+                progress((done + 1) / len(copies), rows_done)
     finally:
         reader.close()
 
@@ -315,24 +289,39 @@ def encode_csv(frames: Iterator[pa.Table], *, tz: str | None = None, guard: bool
             yield buf.getvalue()
 
 
-def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
-    """One zstd-compressed Parquet row group per frame, each yielded as soon as it is written; the footer last.
-
-    Dictionary columns are written as Parquet dictionary pages directly; the Arrow schema is not stored, so
-    readers see plain strings (and `time` as timestamp[us, UTC] from the Parquet logical type)."""
-    import pyarrow.parquet as pq
-
-    sink = _Sink()
-    writer = pq.ParquetWriter(
-        sink, frame_schema(), compression="zstd", compression_level=ZSTD_LEVEL, store_schema=False
-    )
+def encode_parquet(
+    conn: psycopg.Connection,
+    sel: Selection,
+    *,
+    dsn: str,
+    chunk_rows: int,
+    sort_rows: int = 0,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    progress: Callable[[float, int], None] | None = None,
+) -> Iterator[bytes]:
+    """The selection as a Parquet file (schema `parquet_schema()`, rows ordered as `frames` orders them), encoded
+    in Rust (`webmacs._core.ParquetExport`): the COPY frames never become Python or Arrow objects, pyarrow is
+    not imported, and each row group of `row_group_rows` rows is yielded as soon as it is written (snappy,
+    dictionary-encoded strings, delta-coded times); the footer last. An empty selection gives a file with the
+    schema and no row group."""
+    events = conn.execute("SELECT id, public_id, name, unit FROM events ORDER BY id").fetchall()
+    experiments = conn.execute("SELECT id, public_id FROM experiments ORDER BY id").fetchall()
+    copies = _copies(conn, sel, sort_rows)
+    writer = _core.ParquetExport(dsn, events, experiments, row_group_rows)
     try:
-        for frame in frames:
-            writer.write_table(frame, row_group_size=max(frame.num_rows, 1))
-            yield sink.take()
+        for done, (copy, sort) in enumerate(copies):
+            # The next chunk's COPY starts on a second connection: PostgreSQL reads it while this one streams.
+            following = copies[done + 1][0] if done + 1 < len(copies) else None
+            writer.start(copy, chunk_rows, ties_by_event=not sort, prefetch=following, sort=sort)
+            while (chunk := writer.next_chunk()) is not None:
+                yield chunk
+                if progress:
+                    progress(done / len(copies), writer.rows)
+            if progress:
+                progress((done + 1) / len(copies), writer.rows)
+        yield writer.finish()
     finally:
         writer.close()
-    yield sink.take()
 
 
 def export(
@@ -348,8 +337,10 @@ def export(
     guard: bool = True,
 ) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
+    if fmt == "parquet":
+        return encode_parquet(conn, sel, dsn=dsn, chunk_rows=chunk_rows, sort_rows=sort_rows, progress=progress)
     rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, sort_rows=sort_rows, progress=progress)
-    return encode_csv(rows, tz=tz, guard=guard) if fmt == "csv" else encode_parquet(rows)
+    return encode_csv(rows, tz=tz, guard=guard)
 
 
 class ExportSlots:
