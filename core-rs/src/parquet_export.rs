@@ -92,6 +92,9 @@ fn properties() -> WriterProperties {
         .build()
 }
 
+/// Rows handed to a string column writer at a time.
+const BATCH: usize = 8192;
+
 /// Writes datapoint frames as a Parquet file into memory, a row group at a time (see the module docs).
 pub struct ParquetEncoder {
     writer: Option<SerializedFileWriter<Vec<u8>>>,
@@ -248,50 +251,44 @@ impl ParquetEncoder {
                     col.typed::<Int64Type>()
                         .write_batch(&self.times, Some(&ones), None)?;
                 }
-                1 | 2 => {
-                    let table = if column == 1 {
-                        &self.event_public_ids
-                    } else {
-                        &self.event_names
-                    };
-                    let words: Vec<ByteArray> = self
-                        .event_index
-                        .iter()
-                        .map(|&e| table[e as usize].clone())
-                        .collect();
-                    col.typed::<ByteArrayType>()
-                        .write_batch(&words, Some(&ones), None)?;
-                }
-                3 => {
-                    let mut defined = Vec::with_capacity(n);
-                    let words: Vec<ByteArray> = self
-                        .event_index
-                        .iter()
-                        .filter_map(|&e| {
-                            let unit = self.units[e as usize].clone();
-                            defined.push(i16::from(unit.is_some()));
-                            unit
-                        })
-                        .collect();
-                    col.typed::<ByteArrayType>()
-                        .write_batch(&words, Some(&defined), None)?;
+                1..=3 => {
+                    // A batch at a time: the strings are shared (`Bytes`), but a `ByteArray` per row of the
+                    // whole row group would cost 32 B a row.
+                    let writer = col.typed::<ByteArrayType>();
+                    let mut words = Vec::with_capacity(BATCH);
+                    let mut defined = Vec::with_capacity(BATCH);
+                    for batch in self.event_index.chunks(BATCH) {
+                        words.clear();
+                        defined.clear();
+                        for &e in batch {
+                            let word = match column {
+                                1 => Some(&self.event_public_ids[e as usize]),
+                                2 => Some(&self.event_names[e as usize]),
+                                _ => self.units[e as usize].as_ref(),
+                            };
+                            defined.push(i16::from(word.is_some()));
+                            words.extend(word.cloned());
+                        }
+                        writer.write_batch(&words, Some(&defined), None)?;
+                    }
                 }
                 4 => {
                     col.typed::<DoubleType>()
                         .write_batch(&self.values, Some(&ones), None)?;
                 }
                 5 => {
-                    let mut defined = Vec::with_capacity(n);
-                    let words: Vec<ByteArray> = self
-                        .experiment_index
-                        .iter()
-                        .filter_map(|x| {
+                    let writer = col.typed::<ByteArrayType>();
+                    let mut words = Vec::with_capacity(BATCH);
+                    let mut defined = Vec::with_capacity(BATCH);
+                    for batch in self.experiment_index.chunks(BATCH) {
+                        words.clear();
+                        defined.clear();
+                        for x in batch {
                             defined.push(i16::from(x.is_some()));
-                            x.map(|x| self.experiments[x as usize].1.clone())
-                        })
-                        .collect();
-                    col.typed::<ByteArrayType>()
-                        .write_batch(&words, Some(&defined), None)?;
+                            words.extend(x.map(|x| self.experiments[x as usize].1.clone()));
+                        }
+                        writer.write_batch(&words, Some(&defined), None)?;
+                    }
                 }
                 _ => return Err(PgCopyError::Encode("unexpected column".into())),
             }
