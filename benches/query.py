@@ -7,9 +7,15 @@ Data: every event gets BENCH_POINTS datapoints evenly over the last 30 days, gen
 Phases:
   series      GET /api/v1/series, one event, 30 days in 2592 s buckets (1,000 points), median of BENCH_REPEAT
               vs the same time_bucket SQL (checked identical) on one psycopg connection, interleaved (ratio = API / SQL)
+  series_long GET /api/v1/series without a bucket, one event's 30 days (BENCH_POINTS raw datapoints,
+              100 × max_points by default) thinned to max_points=1000 by m4, minmax and lttb (input pre-selected
+              in SQL), median of BENCH_REPEAT each, vs the raw SQL an analyst would run for the same data
+              (`SELECT time, value … ORDER BY time`, fetched by psycopg), interleaved; m4 and minmax are checked
+              equal to the downsample of the raw rows. speedup = SQL / API, the smallest of the three modes
   export      the whole table through GET /api/v1/export as Parquet and as CSV (the server is a subprocess;
-              its peak RSS during the exports is reported) vs `COPY … TO STDOUT` read by psycopg, timed before and
-              after the exports (the faster of the two is the baseline)
+              its peak RSS during each export is reported: export_peak_rss_mb is the Parquet export's,
+              csv_peak_rss_mb the CSV export's) vs `COPY … TO STDOUT` read by psycopg, timed before and after
+              the exports (the faster of the two is the baseline)
 The last line is machine-readable.
 """
 
@@ -148,8 +154,57 @@ def bench_series(
     return statistics.median(api_ms), statistics.median(sql_ms), points
 
 
-def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: int) -> tuple[float, int]:
-    """Rows/s of one whole-table export; checks that every row arrived (CSV lines, Parquet metadata)."""
+RAW_SQL = "SELECT time, value FROM datapoints WHERE event_id = %s AND time >= %s AND time < %s ORDER BY time"
+LONG_MAX_POINTS = 1000
+
+
+def bench_series_long(
+    url: str, server: Server, event: tuple[int, str], start: datetime, end: datetime, repeat: int, mode: str
+) -> tuple[float, float, int, int]:
+    """Medians of `repeat` thinned API requests without a bucket and `repeat` raw-SQL reads of the same
+    datapoints, interleaved after two warm-ups of each; returns (API ms, SQL ms, points, raw rows)."""
+    from webmacs.services import series as series_service
+
+    params = {
+        "events": event[1],
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "mode": mode,
+        "max_points": str(LONG_MAX_POINTS),
+    }
+    api_ms: list[float] = []
+    sql_ms: list[float] = []
+    got: list[list[object]] = []
+    rows: list[tuple[datetime, float]] = []
+    with (
+        httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {server.token}"}, timeout=60) as c,
+        psycopg.connect(url, options="-c timezone=UTC") as db,
+    ):
+        for i in range(repeat + 2):
+            t0 = time.perf_counter()
+            r = c.get("/api/v1/series", params=params)
+            elapsed = (time.perf_counter() - t0) * 1000
+            r.raise_for_status()
+            got = r.json()["events"][event[1]]["points"]
+            if i >= 2:
+                api_ms.append(elapsed)
+            t0 = time.perf_counter()
+            rows = db.cursor(binary=True).execute(RAW_SQL, (event[0], start, end)).fetchall()
+            elapsed = (time.perf_counter() - t0) * 1000
+            if i >= 2:
+                sql_ms.append(elapsed)
+    if mode in ("m4", "minmax"):
+        # The pre-selected answer is the downsample of every raw row.
+        whole = series_service.downsample(series_service.packed(rows), LONG_MAX_POINTS, mode)  # type: ignore[arg-type]
+        expected = [[p.time.isoformat(), p.value] for p in whole]
+        if [[datetime.fromisoformat(str(t)).isoformat(), v] for t, v in got] != expected:
+            raise RuntimeError(f"series {mode}: the API's points differ from the downsample of the raw rows")
+    return statistics.median(api_ms), statistics.median(sql_ms), len(got), len(rows)
+
+
+def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: int) -> tuple[float, int, float]:
+    """Rows/s, bytes and seconds of one whole-table export as the client downloads it; checks that every row
+    arrived (CSV lines, Parquet metadata)."""
     import io
 
     import pyarrow.parquet as pq
@@ -171,11 +226,15 @@ def bench_export(server: Server, events: list[tuple[int, str]], fmt: str, rows: 
     got = lines - 1 if fmt == "csv" else pq.ParquetFile(io.BytesIO(bytes(parquet))).metadata.num_rows
     if got != rows:
         raise RuntimeError(f"{fmt} export returned {got:,} rows, expected {rows:,}")
-    return rows / elapsed, received
+    return rows / elapsed, received, elapsed
+
+
+COPY_CPU: list[float] = []  # client CPU seconds of each bench_copy_to
 
 
 def bench_copy_to(url: str, rows: int) -> float:
     with psycopg.connect(url) as db, db.cursor() as cur:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         n = 0
         with cur.copy(
@@ -184,6 +243,7 @@ def bench_copy_to(url: str, rows: int) -> float:
             for _ in copy:
                 n += 1
         elapsed = time.perf_counter() - t0
+        COPY_CPU.append(time.process_time() - c0)
     assert n >= rows  # one message per row, plus header/trailer
     return rows / elapsed
 
@@ -242,26 +302,73 @@ def main() -> int:
                 f" {repeat})",
                 flush=True,
             )
+            long: dict[str, tuple[float, float, int, int]] = {}
+            for mode in ("m4", "minmax", "lttb"):
+                long[mode] = bench_series_long(url, server, events[0], end - timedelta(days=DAYS), end, repeat, mode)
+                api_l, sql_l, n_l, raw_l = long[mode]
+                print(
+                    f"series_long  {mode:<6} API {api_l:.1f} ms vs raw SQL {sql_l:.1f} ms ({raw_l:,} datapoints"
+                    f" → {n_l} points, {raw_l / LONG_MAX_POINTS:.0f} × max_points; speedup {sql_l / api_l:.2f})",
+                    flush=True,
+                )
+            long_speedup = min(sql_l / api_l for api_l, sql_l, _, _ in long.values())
+            idle = server.peak_rss_mb()
             server.reset_peak_rss()
-            parquet, parquet_bytes = bench_export(server, events, "parquet", total)
-            print(f"parquet      {parquet:>12,.0f} rows/s ({parquet_bytes / 1e6:,.0f} MB)", flush=True)
-            csv, csv_bytes = bench_export(server, events, "csv", total)
-            print(f"csv          {csv:>12,.0f} rows/s ({csv_bytes / 1e6:,.0f} MB)", flush=True)
+            cpu0 = server.cpu_seconds()
+            parquet, parquet_bytes, parquet_s = bench_export(server, events, "parquet", total)
             peak = server.peak_rss_mb()
+            parquet_cpu_us = (server.cpu_seconds() - cpu0) / total * 1e6
+            print(
+                f"parquet      {parquet:>12,.0f} rows/s ({parquet_bytes / 1e6:,.1f} MB,"
+                f" {parquet_bytes / 1e6 / parquet_s:,.1f} MB/s over HTTP; server peak RSS {peak:.0f} MB,"
+                f" {idle:.0f} MB before; server CPU {parquet_cpu_us:.2f} µs/row)",
+                flush=True,
+            )
+            server.reset_peak_rss()
+            csv, csv_bytes, csv_s = bench_export(server, events, "csv", total)
+            csv_peak = server.peak_rss_mb()
+            print(
+                f"csv          {csv:>12,.0f} rows/s ({csv_bytes / 1e6:,.0f} MB, {csv_bytes / 1e6 / csv_s:,.1f} MB/s;"
+                f" server peak RSS {csv_peak:.0f} MB)",
+                flush=True,
+            )
         finally:
             server.stop()
         copy_after = bench_copy_to(url, total)
+        covering = ""
+        if os.environ.get("BENCH_COVERING") == "1":
+            # Not the schema: what an index covering `value` would change for long ranges (both sides).
+            with psycopg.connect(url, autocommit=True) as db:
+                t0 = time.perf_counter()
+                db.execute("CREATE INDEX bench_covering ON datapoints (event_id, time) INCLUDE (value)")
+                db.execute("VACUUM ANALYZE datapoints")
+                built = time.perf_counter() - t0
+            server = Server(url, home)
+            try:
+                api_c, sql_c, _, _ = bench_series_long(
+                    url, server, events[0], end - timedelta(days=DAYS), end, repeat, "m4"
+                )
+            finally:
+                server.stop()
+            print(
+                f"covering     with (event_id, time) INCLUDE (value) (built in {built:.0f} s): series_long m4 API"
+                f" {api_c:.1f} ms vs raw SQL {sql_c:.1f} ms (speedup {sql_c / api_c:.2f})",
+                flush=True,
+            )
+            covering = f" series_long_speedup_covering_index={sql_c / api_c:.2f}"
         copy_to = max(copy_before, copy_after)
         print(
             f"copy_to      {copy_to:>12,.0f} rows/s (binary COPY TO STDOUT read by psycopg; before/after the"
-            f" exports {copy_before:,.0f} / {copy_after:,.0f})",
+            f" exports {copy_before:,.0f} / {copy_after:,.0f}; client CPU {min(COPY_CPU) / total * 1e6:.2f} µs/row)",
             flush=True,
         )
         print(
             f"query series_ms={series_ms:.1f} series_sql_ms={series_sql_ms:.1f}"
             f" series_ratio={series_ms / series_sql_ms:.2f} parquet_rows_per_s={parquet:.0f}"
             f" csv_rows_per_s={csv:.0f} copy_to_rows_per_s={copy_to:.0f} parquet_ratio={parquet / copy_to:.2f}"
-            f" export_peak_rss_mb={peak:.0f}",
+            f" export_peak_rss_mb={peak:.0f} series_long_api_ms={long['m4'][0]:.1f}"
+            f" series_long_sql_ms={long['m4'][1]:.1f} series_long_speedup={long_speedup:.2f}"
+            f" csv_peak_rss_mb={csv_peak:.0f}{covering}",
             flush=True,
         )
         return 0

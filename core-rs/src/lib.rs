@@ -13,6 +13,7 @@ pub mod frame;
 pub mod import;
 pub mod lineproto;
 pub mod mqtt;
+pub mod parquet_export;
 pub mod pg;
 pub mod pgcopy;
 pub mod rules;

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidFrameError",
     "LineBatch",
     "LineProtocolError",
+    "ParquetExport",
     "QueueFullError",
     "Receipt",
     "WebmacsTransfer",
@@ -193,9 +194,38 @@ _Columns = tuple[int, bytes, bytes, bytes, bytes, bytes, int, bool]
 class CopyReader:
     def __new__(cls, dsn: str) -> CopyReader: ...
     def start(
-        self, statement: str, max_rows: int, ties_by_event: bool = False, prefetch: str | None = None
+        self,
+        statement: str,
+        max_rows: int,
+        ties_by_event: bool = False,
+        prefetch: str | None = None,
+        sort: bool = False,
     ) -> None: ...
     def next_frame(self) -> _Columns | None: ...
+    def close(self) -> None: ...
+
+# A Parquet export encoded in Rust (`core-rs/src/parquet_export.rs`): COPY frames become row groups in memory.
+@final
+class ParquetExport:
+    def __new__(
+        cls,
+        dsn: str,
+        events: list[tuple[int, str, str, str | None]],
+        experiments: list[tuple[int, str]],
+        row_group_rows: int,
+    ) -> ParquetExport: ...
+    def start(
+        self,
+        statement: str,
+        max_rows: int,
+        ties_by_event: bool = False,
+        prefetch: str | None = None,
+        sort: bool = False,
+    ) -> None: ...
+    def next_chunk(self) -> bytes | None: ...
+    def finish(self) -> bytes: ...
+    @property
+    def rows(self) -> int: ...
     def close(self) -> None: ...
 
 # History import (`core-rs/src/py/import.rs`): WebMACS's datapoints streamed into the hypertable with a checkpoint

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             dsn=url,
             tz=args.tz,
             chunk_rows=args.chunk_rows or settings.webmacs_export_chunk_rows,
+            sort_rows=settings.webmacs_export_sort_rows,
             progress=progress,
             guard=settings.webmacs_csv_formula_guard,
         )

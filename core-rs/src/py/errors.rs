@@ -136,6 +136,10 @@ impl From<CoreError> for PyErr {
                 DatabaseError::new_err(msg)
             }
             CoreError::Config(_) => ConfigError::new_err(msg),
+            // The Parquet writer failed on data that decoded fine: ours, not the caller's.
+            CoreError::Copy(e @ PgCopyError::Encode(_)) => {
+                with_attrs(CoreException::new_err(msg), &[], Some(e.code()))
+            }
             CoreError::Copy(e) => with_attrs(InvalidDataError::new_err(msg), &[], Some(e.code())),
             CoreError::Downsample(e) => {
                 with_attrs(InvalidDataError::new_err(msg), &[], Some(e.code()))

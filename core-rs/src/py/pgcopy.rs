@@ -8,6 +8,7 @@ use pyo3::types::PyBytes;
 
 use super::detached;
 use crate::error::CoreError;
+use crate::parquet_export::{self, EventAttrs};
 use crate::pgcopy::{self, PgCopyError};
 
 fn value_error(e: PgCopyError) -> PyErr {
@@ -88,9 +89,10 @@ impl CopyReader {
 
     /// Start a `COPY (SELECT time, event_id, value, experiment_id …) TO STDOUT (FORMAT binary)` statement,
     /// read ahead in frames of at most `max_rows` rows (errors surface from `next_frame`). With
-    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here. `prefetch`
-    /// starts the statement expected next on a second connection.
-    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None))]
+    /// `ties_by_event`, rows come ordered by time and equal times are put in event order here. With `sort`,
+    /// the statement has no ORDER BY: all its rows are collected and handed out by (time, event) (memory grows
+    /// with the statement's rows). `prefetch` starts the statement expected next on a second connection.
+    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None, sort = false))]
     fn start(
         &self,
         py: Python<'_>,
@@ -98,9 +100,11 @@ impl CopyReader {
         max_rows: usize,
         ties_by_event: bool,
         prefetch: Option<String>,
+        sort: bool,
     ) -> PyResult<()> {
+        let order = order(ties_by_event, sort);
         self.with(py, move |r| {
-            r.start(&statement, max_rows, ties_by_event, prefetch.as_deref())
+            r.start(&statement, max_rows, order, prefetch.as_deref())
         })
     }
 
@@ -119,8 +123,116 @@ impl CopyReader {
     }
 }
 
+fn order(ties_by_event: bool, sort: bool) -> pgcopy::Order {
+    match (sort, ties_by_event) {
+        (true, _) => pgcopy::Order::Sort,
+        (false, true) => pgcopy::Order::TiesByEvent,
+        (false, false) => pgcopy::Order::Statement,
+    }
+}
+
+/// A Parquet export encoded in Rust: binary COPYs of datapoints on connections of its own, decoded and
+/// written as Parquet row groups of `row_group_rows` rows into memory, drained by `next_chunk` (no pyarrow).
+#[pyclass(frozen, module = "webmacs._core")]
+struct ParquetExport {
+    inner: Mutex<Option<parquet_export::ParquetExport>>,
+}
+
+impl ParquetExport {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl Send + FnOnce(&mut parquet_export::ParquetExport) -> Result<T, PgCopyError>,
+    ) -> PyResult<T> {
+        detached(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            match guard.as_mut() {
+                Some(export) => f(export),
+                None => Err(PgCopyError::Database("the export is closed".into())),
+            }
+        })
+        .map_err(value_error)
+    }
+}
+
+#[pymethods]
+impl ParquetExport {
+    /// `events`: (internal id, public id, name, unit) of every event rows may refer to (rows of others are
+    /// left out); `experiments`: (internal id, public id) (others are written as null).
+    #[new]
+    fn new(
+        py: Python<'_>,
+        dsn: String,
+        events: Vec<(i32, String, String, Option<String>)>,
+        experiments: Vec<(i32, String)>,
+        row_group_rows: usize,
+    ) -> PyResult<Self> {
+        let events = events
+            .into_iter()
+            .map(|(id, public_id, name, unit)| EventAttrs {
+                id,
+                public_id,
+                name,
+                unit,
+            })
+            .collect();
+        let export = detached(py, || {
+            parquet_export::ParquetExport::connect(&dsn, events, experiments, row_group_rows)
+        })
+        .map_err(value_error)?;
+        Ok(ParquetExport {
+            inner: Mutex::new(Some(export)),
+        })
+    }
+
+    /// Start a COPY statement, as `CopyReader.start` (`max_rows`: rows decoded at a time).
+    #[pyo3(signature = (statement, max_rows, ties_by_event = false, prefetch = None, sort = false))]
+    fn start(
+        &self,
+        py: Python<'_>,
+        statement: String,
+        max_rows: usize,
+        ties_by_event: bool,
+        prefetch: Option<String>,
+        sort: bool,
+    ) -> PyResult<()> {
+        let order = order(ties_by_event, sort);
+        self.with(py, move |e| {
+            e.start(&statement, max_rows, order, prefetch.as_deref())
+        })
+    }
+
+    /// The next encoded bytes (at least one row group's) of the running COPY; None once it has ended (a
+    /// partial row group waits for the next statement or `finish`).
+    fn next_chunk<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let chunk = self.with(py, |e| e.next_chunk())?;
+        Ok(chunk.map(|c| PyBytes::new(py, &c)))
+    }
+
+    /// The last row group and the footer: the end of the file.
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let rest = self.with(py, |e| e.finish())?;
+        Ok(PyBytes::new(py, &rest))
+    }
+
+    /// Rows encoded so far.
+    #[getter]
+    fn rows(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |e| Ok(e.rows()))
+    }
+
+    /// Close the connections (a running COPY is abandoned).
+    fn close(&self, py: Python<'_>) {
+        detached(py, || {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            guard.take();
+        });
+    }
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_datapoints, m)?)?;
     m.add_class::<CopyReader>()?;
+    m.add_class::<ParquetExport>()?;
     Ok(())
 }

@@ -32,7 +32,9 @@ COLUMNS = ("time", "event_public_id", "event_name", "unit", "value", "experiment
 # Each hypertable chunk is one window, read with one COPY ordered by time: PostgreSQL sorts one chunk at a time
 # (never the whole range) and each chunk is read once. Memory is bounded by the frame size, not the chunk size.
 _CHUNKS = (
-    "SELECT range_start, range_end FROM timescaledb_information.chunks"
+    "SELECT range_start, range_end, CASE WHEN NOT is_compressed"
+    " THEN pg_relation_size(format('%%I.%%I', chunk_schema, chunk_name)::regclass) END"
+    " FROM timescaledb_information.chunks"
     " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
     " AND (%(end)s::timestamptz IS NULL OR range_start < %(end)s)"
     " AND (%(start)s::timestamptz IS NULL OR range_end > %(start)s)"
@@ -53,10 +55,21 @@ EXPERIMENT_QUERY = (
 )
 EVENTS_COPY = "COPY (" + EVENTS_QUERY + ") TO STDOUT (FORMAT binary)"
 EXPERIMENT_COPY = "COPY (" + EXPERIMENT_QUERY + ") TO STDOUT (FORMAT binary)"
+# The same rows unordered, for chunks small enough to be sorted by the Rust reader (`sort=True`): PostgreSQL
+# streams a chunk about 3× faster when it does not sort it.
+EVENTS_QUERY_UNORDERED = _SELECT + " WHERE event_id = ANY(%(events)s) AND time >= %(start)s AND time < %(end)s"
+EXPERIMENT_QUERY_UNORDERED = _SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s"
+EVENTS_COPY_UNORDERED = "COPY (" + EVENTS_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
+EXPERIMENT_COPY_UNORDERED = "COPY (" + EXPERIMENT_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
+#: No heap tuple of `datapoints` is smaller: 24 bytes of header, 20 or 24 of data (MAXALIGNed to 48) and a
+#: 4-byte line pointer. A chunk's size / this bounds its rows from above.
+MIN_ROW_BYTES = 52
+#: The row bound of a chunk whose size says nothing about its rows (compressed).
+UNBOUNDED = 2**62
 #: CSV is formatted this many rows at a time: polars' intermediate string columns stay small.
 CSV_SLICE_ROWS = 20_000
-#: zstd level 1: a fraction of the default level's CPU for a file a few per cent larger.
-ZSTD_LEVEL = 1
+#: Rows per Parquet row group: about 3 MB of buffered columns while one fills.
+ROW_GROUP_ROWS = 131_072
 
 
 def parquet_schema() -> pa.Schema:
@@ -112,7 +125,7 @@ def content_disposition(stem: str, fmt: Format) -> str:
 
 
 class _Sink:
-    """A write-only file for pyarrow's ParquetWriter that hands out what was written since the last take."""
+    """A write-only file for pyarrow's IPC writer that hands out what was written since the last take."""
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
@@ -187,16 +200,36 @@ class _Lookups:
         return table
 
 
-def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime]]:
-    """The chunks' time windows within the selection, in time order (empty when nothing can match)."""
+def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime, int]]:
+    """The chunks' time windows within the selection, in time order (empty when nothing can match), each with
+    an upper bound of the chunk's rows (from its size on disk; UNBOUNDED for a compressed chunk)."""
     rows = conn.execute(_CHUNKS, {"start": sel.start, "end": sel.end}).fetchall()
     windows = []
-    for lo, hi in rows:
+    for lo, hi, size in rows:
         lo = max(lo, sel.start) if sel.start else lo
         hi = min(hi, sel.end) if sel.end else hi
         if lo < hi:
-            windows.append((lo, hi))
+            # A compressed chunk's rows are not in its heap: no bound, PostgreSQL sorts it.
+            windows.append((lo, hi, size // MIN_ROW_BYTES if size is not None else UNBOUNDED))
     return windows
+
+
+def _copies(conn: psycopg.Connection, sel: Selection, sort_rows: int) -> list[tuple[str, bool]]:
+    """One binary COPY statement per chunk window of the selection, each with whether it is read unordered and
+    sorted by the reader (chunks of at most `sort_rows` rows) rather than sorted by PostgreSQL."""
+    statements: list[tuple[str, dict[str, Any], bool]] = []
+    events = list(dict.fromkeys(sel.event_ids))
+    for lo, hi, most in _bounds(conn, sel):
+        sort = most <= sort_rows
+        if sel.experiment_id is not None:
+            query = EXPERIMENT_COPY_UNORDERED if sort else EXPERIMENT_COPY
+            statements.append((query, {"experiment": sel.experiment_id, "start": lo, "end": hi}, sort))
+        else:
+            query = EVENTS_COPY_UNORDERED if sort else EVENTS_COPY
+            statements.append((query, {"events": events, "start": lo, "end": hi}, sort))
+    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
+    mogrify = psycopg.ClientCursor(conn).mogrify
+    return [(mogrify(query, params), sort) for query, params, sort in statements]
 
 
 def frames(
@@ -205,45 +238,37 @@ def frames(
     *,
     dsn: str,
     chunk_rows: int,
+    sort_rows: int = 0,
     progress: Callable[[float, int], None] | None = None,
 ) -> Iterator[pa.Table]:
     """The selection as Arrow tables of about `chunk_rows` rows (schema `frame_schema()`), ordered by time then
-    event (a frame ends between two times, so it may exceed `chunk_rows` by one row per event).
+    event (where PostgreSQL sorts, a frame ends between two times, so it may exceed `chunk_rows` by one row per
+    event).
 
     `conn` reads the lookups; the COPYs run on connections of their own to `dsn`, read and decoded in Rust a
-    couple of frames ahead (PostgreSQL streams while this thread encodes). `progress(fraction of the chunks
-    done, rows so far)` is called after every frame."""
+    couple of frames ahead (PostgreSQL streams while this thread encodes). Chunks of at most `sort_rows` rows
+    are read unordered and sorted by the reader; larger ones are sorted by PostgreSQL. `progress(fraction of
+    the chunks done, rows so far)` is called after every frame."""
     lookups = _Lookups(conn)
-    windows = _bounds(conn, sel)
-    if not windows:
+    copies = _copies(conn, sel, sort_rows)
+    if not copies:
         return
-    statements: list[tuple[str, dict[str, Any]]]
-    if sel.experiment_id is not None:
-        statements = [
-            (EXPERIMENT_COPY, {"experiment": sel.experiment_id, "start": lo, "end": hi}) for lo, hi in windows
-        ]
-    else:
-        events = list(dict.fromkeys(sel.event_ids))
-        statements = [(EVENTS_COPY, {"events": events, "start": lo, "end": hi}) for lo, hi in windows]
-    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
-    mogrify = psycopg.ClientCursor(conn).mogrify
     reader = _core.CopyReader(dsn)
     rows_done = 0
-    copies = [mogrify(query, params) for query, params in statements]
     try:
-        for done, copy in enumerate(copies):
-            # The next chunk's COPY starts on a second connection: PostgreSQL sorts it while this one streams.
-            following = copies[done + 1] if done + 1 < len(copies) else None
-            reader.start(copy, chunk_rows, ties_by_event=True, prefetch=following)
+        for done, (copy, sort) in enumerate(copies):
+            # The next chunk's COPY starts on a second connection: PostgreSQL reads it while this one streams.
+            following = copies[done + 1][0] if done + 1 < len(copies) else None
+            reader.start(copy, chunk_rows, ties_by_event=not sort, prefetch=following, sort=sort)
             while (columns := reader.next_frame()) is not None:
                 frame = lookups.frame(columns)
                 if frame.num_rows:
                     rows_done += frame.num_rows
                     yield frame
                     if progress:
-                        progress(done / len(statements), rows_done)
+                        progress(done / len(copies), rows_done)
             if progress:
-                progress((done + 1) / len(statements), rows_done)
+                progress((done + 1) / len(copies), rows_done)
     finally:
         reader.close()
 
@@ -301,24 +326,39 @@ def encode_csv(frames: Iterator[pa.Table], *, tz: str | None = None, guard: bool
             yield buf.getvalue()
 
 
-def encode_parquet(frames: Iterator[pa.Table]) -> Iterator[bytes]:
-    """One zstd-compressed Parquet row group per frame, each yielded as soon as it is written; the footer last.
-
-    Dictionary columns are written as Parquet dictionary pages directly; the Arrow schema is not stored, so
-    readers see plain strings (and `time` as timestamp[us, UTC] from the Parquet logical type)."""
-    import pyarrow.parquet as pq
-
-    sink = _Sink()
-    writer = pq.ParquetWriter(
-        sink, frame_schema(), compression="zstd", compression_level=ZSTD_LEVEL, store_schema=False
-    )
+def encode_parquet(
+    conn: psycopg.Connection,
+    sel: Selection,
+    *,
+    dsn: str,
+    chunk_rows: int,
+    sort_rows: int = 0,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    progress: Callable[[float, int], None] | None = None,
+) -> Iterator[bytes]:
+    """The selection as a Parquet file (schema `parquet_schema()`, rows ordered as `frames` orders them), encoded
+    in Rust (`webmacs._core.ParquetExport`): the COPY frames never become Python or Arrow objects, pyarrow is
+    not imported, and each row group of `row_group_rows` rows is yielded as soon as it is written (snappy,
+    dictionary-encoded strings, delta-coded times); the footer last. An empty selection gives a file with the
+    schema and no row group."""
+    events = conn.execute("SELECT id, public_id, name, unit FROM events ORDER BY id").fetchall()
+    experiments = conn.execute("SELECT id, public_id FROM experiments ORDER BY id").fetchall()
+    copies = _copies(conn, sel, sort_rows)
+    writer = _core.ParquetExport(dsn, events, experiments, row_group_rows)
     try:
-        for frame in frames:
-            writer.write_table(frame, row_group_size=max(frame.num_rows, 1))
-            yield sink.take()
+        for done, (copy, sort) in enumerate(copies):
+            # The next chunk's COPY starts on a second connection: PostgreSQL reads it while this one streams.
+            following = copies[done + 1][0] if done + 1 < len(copies) else None
+            writer.start(copy, chunk_rows, ties_by_event=not sort, prefetch=following, sort=sort)
+            while (chunk := writer.next_chunk()) is not None:
+                yield chunk
+                if progress:
+                    progress(done / len(copies), writer.rows)
+            if progress:
+                progress((done + 1) / len(copies), writer.rows)
+        yield writer.finish()
     finally:
         writer.close()
-    yield sink.take()
 
 
 def encode_arrow(frames: Iterator[pa.Table]) -> Iterator[bytes]:
@@ -338,12 +378,6 @@ def encode_arrow(frames: Iterator[pa.Table]) -> Iterator[bytes]:
     yield sink.take()
 
 
-ENCODERS: dict[str, Callable[[Iterator[pa.Table]], Iterator[bytes]]] = {
-    "parquet": encode_parquet,
-    "arrow": encode_arrow,
-}
-
-
 def export(
     conn: psycopg.Connection,
     sel: Selection,
@@ -352,14 +386,17 @@ def export(
     dsn: str,
     tz: str | None = None,
     chunk_rows: int = 100_000,
+    sort_rows: int = 0,
     progress: Callable[[float, int], None] | None = None,
     guard: bool = True,
 ) -> Iterator[bytes]:
     """The encoded export body, piece by piece (`dsn`: where the COPYs connect, the database of `conn`)."""
-    rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, progress=progress)
+    if fmt == "parquet":
+        return encode_parquet(conn, sel, dsn=dsn, chunk_rows=chunk_rows, sort_rows=sort_rows, progress=progress)
+    rows = frames(conn, sel, dsn=dsn, chunk_rows=chunk_rows, sort_rows=sort_rows, progress=progress)
     if fmt == "csv":
         return encode_csv(rows, tz=tz, guard=guard)
-    return ENCODERS[fmt](rows)
+    return encode_arrow(rows)
 
 
 class ExportSlots:
@@ -391,8 +428,15 @@ def connect(url: str) -> psycopg.Connection:
 
 
 def stream(
-    url: str, sel: Selection, fmt: Format, *, tz: str | None = None, chunk_rows: int = 100_000, guard: bool = True
+    url: str,
+    sel: Selection,
+    fmt: Format,
+    *,
+    tz: str | None = None,
+    chunk_rows: int = 100_000,
+    sort_rows: int = 0,
+    guard: bool = True,
 ) -> Generator[bytes, None, None]:
     """`export` over a connection of its own, closed when the body ends or the consumer stops early."""
     with connect(url) as conn:
-        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows, guard=guard)
+        yield from export(conn, sel, fmt, dsn=url, tz=tz, chunk_rows=chunk_rows, sort_rows=sort_rows, guard=guard)

@@ -167,6 +167,18 @@ async def series(
     for public_id in dict.fromkeys(events):
         event = known[public_id]
         rows: list[tuple[datetime, float]] | None = None
+        if parsed is None and thin:
+            # A long range's m4/minmax/lttb input is pre-selected in SQL: only slices' extremes cross the wire.
+            points = await series_service.preselected(
+                conn, event_id=event["id"], start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
+            )
+            if points is not None:
+                out[public_id] = {
+                    "name": event["name"],
+                    "unit": event["unit"],
+                    "points": [[p.time.astimezone(zone_info), p.value] for p in points],
+                }
+                continue
         try:
             if parsed is None:
                 packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
@@ -271,6 +283,7 @@ def _export_response(
         fmt,
         tz=tz,
         chunk_rows=settings.webmacs_export_chunk_rows,
+        sort_rows=settings.webmacs_export_sort_rows,
         guard=settings.webmacs_csv_formula_guard,
     )
     return StreamingResponse(

@@ -1,0 +1,164 @@
+"""`GET /api/v1/series` over long ranges: m4/minmax/lttb input pre-selected in SQL (slices' extremes only)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests.analyst.conftest import load
+from webmacs.services import series as series_service
+
+T0 = datetime(2026, 7, 1, tzinfo=UTC)
+MAX_POINTS = 40
+
+
+def _series(
+    client: httpx.Client, headers: dict[str, str], public_id: str, **params: Any
+) -> list[tuple[datetime, float]]:
+    query = {"events": public_id, "start": T0.isoformat(), "end": (T0 + timedelta(days=30)).isoformat()} | params
+    r = client.get("/api/v1/series", headers=headers, params=query)
+    assert r.status_code == 200, r.text
+    return [(datetime.fromisoformat(t), v) for t, v in r.json()["events"][public_id]["points"]]
+
+
+def _whole(db: psycopg.Connection, event_id: int, max_points: int, mode: series_service.Mode) -> list[Any]:
+    """The downsample of every datapoint of the range, read with the unselected query."""
+    row = db.cursor(binary=True).execute(series_service.RANGE_SQL, (event_id, T0, T0 + timedelta(days=30))).fetchone()
+    assert row is not None
+    packed = series_service.PackedSeries(bytes(row[0] or b""), bytes(row[1] or b""))
+    return [(p.time, p.value) for p in series_service.downsample(packed, max_points, mode)]
+
+
+def _preselected(db_url: str, event_id: int, max_points: int, mode: series_service.Mode) -> Any:
+    async def run() -> Any:
+        async with await psycopg.AsyncConnection.connect(db_url, options="-c timezone=UTC") as conn:
+            return await series_service.preselected(
+                conn, event_id=event_id, start=T0, end=T0 + timedelta(days=30), max_points=max_points, mode=mode
+            )
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def long_event(db: psycopg.Connection, make_event: Any) -> tuple[Any, list[tuple[datetime, float]]]:
+    """20,000 irregular datapoints (gaps, bursts a microsecond apart) over 25 days; values from a small set, so
+    slices hold many equal minima and maxima, plus one global minimum and maximum in the middle."""
+    ev = make_event()
+    rng = random.Random(13)  # noqa: S311 - reproducible test data, not secrets
+    t = T0 + timedelta(hours=3)
+    rows = []
+    for i in range(20_000):
+        t += timedelta(microseconds=1) if i % 97 < 3 else timedelta(seconds=rng.randrange(1, 200))
+        if i == 9_000:
+            t += timedelta(days=2)  # a gap several slices wide
+        rows.append((t, float(rng.randrange(0, 9))))
+    rows[12_345] = (rows[12_345][0], -1e300)
+    rows[4_321] = (rows[4_321][0], 1e300)
+    load(db, [(t, ev.id, None, v) for t, v in rows])
+    return ev, rows
+
+
+def test_slice_edges_cut_like_the_rust_downsamplers() -> None:
+    rng = random.Random(5)  # noqa: S311 - reproducible test data, not secrets
+    for _ in range(300):
+        t_first = rng.randrange(-(2**62), 2**62)
+        span = rng.choice([1, 2, 3, 7, rng.randrange(1, 10**6), rng.randrange(1, 2**62)])
+        slices = rng.randrange(1, 300)
+        edges = series_service.slice_edges(t_first, t_first + span, slices)
+        assert len(edges) == slices - 1 and edges == sorted(edges)
+        for t in [t_first, t_first + span, *(t_first + rng.randrange(0, span + 1) for _ in range(50))]:
+            rust = min((t - t_first) * slices // span, slices - 1)
+            assert sum(e <= t for e in edges) == rust  # what width_bucket returns
+
+
+@pytest.mark.parametrize("mode", ["m4", "minmax"])
+@pytest.mark.parametrize("max_points", [MAX_POINTS, 41, 1000])
+def test_preselection_equals_the_downsample_of_every_row(
+    client: httpx.Client,
+    viewer: dict[str, str],
+    db: psycopg.Connection,
+    db_url: str,
+    long_event: tuple[Any, list[tuple[datetime, float]]],
+    mode: series_service.Mode,
+    max_points: int,
+) -> None:
+    ev, rows = long_event
+    assert _preselected(db_url, ev.id, max_points, mode) is not None  # the long-range path, not a fallback
+    got = _series(client, viewer, ev.public_id, mode=mode, max_points=max_points)
+    assert got == _whole(db, ev.id, max_points, mode)
+    assert len(got) <= max_points
+    # The global extremes and both ends survive.
+    assert got[0] == rows[0] and got[-1] == rows[-1]
+    assert {v for _, v in got} >= {-1e300, 1e300}
+
+
+def test_lttb_on_preselected_points_keeps_the_ends_and_stays_within_max_points(
+    client: httpx.Client, viewer: dict[str, str], db_url: str, long_event: tuple[Any, list[tuple[datetime, float]]]
+) -> None:
+    ev, rows = long_event
+    assert _preselected(db_url, ev.id, MAX_POINTS, "lttb") is not None
+    got = _series(client, viewer, ev.public_id, mode="lttb", max_points=MAX_POINTS)
+    assert len(got) == MAX_POINTS
+    assert got[0] == rows[0] and got[-1] == rows[-1]
+    assert [t for t, _ in got] == sorted({t for t, _ in got})
+    assert set(got) <= set(rows)  # datapoints, not synthesised
+
+
+@pytest.mark.parametrize("mode", ["m4", "minmax", "lttb"])
+def test_short_ranges_are_read_whole(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, db_url: str, make_event: Any, mode: Any
+) -> None:
+    """At most max_points datapoints (and, for lttb, fewer than LTTB_LONG × max_points): no pre-selection,
+    the answer is what it always was."""
+    ev = make_event()
+    n = MAX_POINTS if mode != "lttb" else MAX_POINTS * series_service.LTTB_LONG - 1
+    load(db, [(T0 + timedelta(minutes=i), ev.id, None, float(i % 5)) for i in range(n)])
+    assert _preselected(db_url, ev.id, MAX_POINTS, mode) is None
+    got = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    assert got == _whole(db, ev.id, MAX_POINTS, mode)
+
+
+def test_empty_and_single_time_ranges(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, db_url: str, make_event: Any
+) -> None:
+    ev = make_event()
+    assert _preselected(db_url, ev.id, MAX_POINTS, "m4") == []
+    assert _series(client, viewer, ev.public_id, mode="m4", max_points=MAX_POINTS) == []
+    load(db, [(T0 + timedelta(days=1), ev.id, None, 2.5)])
+    assert _preselected(db_url, ev.id, MAX_POINTS, "m4") is None
+    assert _series(client, viewer, ev.public_id, mode="minmax") == [(T0 + timedelta(days=1), 2.5)]
+
+
+def test_hostile_values_and_the_widest_range(
+    client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, make_event: Any
+) -> None:
+    """NaN and ±infinity (COPY can store them) and a range from year 1 to 9999 still give a bounded,
+    ordered answer that keeps both ends."""
+    ev = make_event()
+    specials = [math.nan, math.inf, -math.inf, 5e-324, -1.7976931348623157e308]
+    rows = [(T0 + timedelta(seconds=37 * i), specials[i % 5] if i % 11 == 0 else float(i % 13)) for i in range(5000)]
+    load(db, [(t, ev.id, None, v) for t, v in rows])
+    for mode in ("m4", "minmax", "lttb"):
+        r = client.get(
+            "/api/v1/series",
+            headers=viewer,
+            params={
+                "events": ev.public_id,
+                "start": "0001-01-01T00:00:00Z",
+                "end": "9999-12-31T00:00:00Z",
+                "mode": mode,
+                "max_points": 10,
+            },
+        )
+        assert r.status_code == 200, r.text
+        stamps = [datetime.fromisoformat(t) for t, _ in r.json()["events"][ev.public_id]["points"]]
+        assert 2 <= len(stamps) <= 10
+        assert stamps == sorted(set(stamps))
+        assert stamps[0] == rows[0][0] and stamps[-1] == rows[-1][0]
