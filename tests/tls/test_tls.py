@@ -248,8 +248,8 @@ def test_wrong_ca_fails_at_start_up_with_the_reason(tls_cluster: TlsCluster, ver
     for mode in ("verify-full", "verify-ca", "require"):
         with pytest.raises(_core.DatabaseError, match=r"(?i)certificate.*UnknownIssuer"):
             start_engine(tls_cluster.url(sslmode=mode, sslrootcert=str(tls_cluster.wrong_ca)))
-    # The exporter's reader reports database failures as RuntimeError (its own contract).
-    with pytest.raises(RuntimeError, match=r"^database error: error performing TLS handshake: .*UnknownIssuer"):
+    # The exporter's reader too: the same DatabaseError, with the reason.
+    with pytest.raises(_core.DatabaseError, match=r"^database error: error performing TLS handshake: .*UnknownIssuer"):
         _core.CopyReader(tls_cluster.url(sslmode="verify-full", sslrootcert=str(tls_cluster.wrong_ca)))
 
 
