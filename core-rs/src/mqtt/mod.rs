@@ -27,6 +27,7 @@ use crate::frame::Reject;
 use crate::pg::{self, PgClient};
 // The queue-share source of all MQTT traffic (connections and tokens use small numbers).
 use crate::stats::{ProtocolStats, MQTT_SOURCE};
+use crate::ws::auth::lookup_api_token;
 
 /// How often the writer's token is checked again (deletion, expiry, role or scope change).
 const TOKEN_RECHECK: Duration = Duration::from_secs(5);
@@ -155,35 +156,23 @@ async fn lookup_writer(c: &PgClient, token: &str) -> Result<Result<Writer, Strin
     if !token.starts_with(API_TOKEN_PREFIX) {
         return Ok(Err("WEBMACS_MQTT_TOKEN is not a wm_ API token".into()));
     }
-    let hash = hash_api_token(token);
-    let row = pg::deadline(
+    // The same lookup the WebSocket sessions use (expiry, user, role, scope; last_used_at recorded).
+    let identity = pg::deadline(
         pg::QUERY_TIMEOUT,
         "MQTT token lookup",
-        c.query_opt(
-            "SELECT t.expires_at IS NOT NULL AND t.expires_at <= now(), u.role, t.plugin_instance_id
-             FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
-            &[&hash],
-        ),
+        lookup_api_token(c, &hash_api_token(token)),
     )
     .await?;
-    let Some(row) = row else {
-        return Ok(Err("the MQTT writer's API token does not exist".into()));
-    };
-    if row.try_get::<_, bool>(0)? {
-        return Ok(Err("the MQTT writer's API token expired".into()));
+    match identity {
+        Err(failure) => Ok(Err(format!(
+            "the MQTT writer's API token: {}",
+            failure.reason()
+        ))),
+        Ok(id) if !matches!(id.role.as_str(), "operator" | "admin") => Ok(Err(
+            "the MQTT writer's API token needs role operator or admin".into(),
+        )),
+        Ok(id) => Ok(Ok(Writer { scope: id.instance })),
     }
-    match row.try_get::<_, Option<String>>(1)?.as_deref() {
-        Some("operator" | "admin") => {}
-        Some(_) => {
-            return Ok(Err(
-                "the MQTT writer's API token needs role operator or admin".into(),
-            ))
-        }
-        None => return Ok(Err("the MQTT writer's API token has no user".into())),
-    }
-    Ok(Ok(Writer {
-        scope: row.try_get(2)?,
-    }))
 }
 
 /// The lowest free client-id slot on this database, held by an advisory lock for the connection's life.

@@ -59,21 +59,31 @@ struct CopyReader {
     inner: Mutex<Option<pgcopy::CopyReader>>,
 }
 
+/// Run `f` on the object in `slot` without the GIL; a closed (taken) one is a database error naming `what`.
+fn with_open<R: Send, T: Send>(
+    py: Python<'_>,
+    slot: &Mutex<Option<R>>,
+    what: &str,
+    f: impl Send + FnOnce(&mut R) -> Result<T, PgCopyError>,
+) -> PyResult<T> {
+    detached(py, || {
+        // A panic while holding the lock would be a bug elsewhere; the object is then unusable anyway.
+        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_mut() {
+            Some(open) => f(open),
+            None => Err(PgCopyError::Database(format!("the {what} is closed"))),
+        }
+    })
+    .map_err(value_error)
+}
+
 impl CopyReader {
     fn with<T: Send>(
         &self,
         py: Python<'_>,
         f: impl Send + FnOnce(&mut pgcopy::CopyReader) -> Result<T, PgCopyError>,
     ) -> PyResult<T> {
-        detached(py, || {
-            // A panic while holding the lock would be a bug elsewhere; the reader is then unusable anyway.
-            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_mut() {
-                Some(reader) => f(reader),
-                None => Err(PgCopyError::Database("the reader is closed".into())),
-            }
-        })
-        .map_err(value_error)
+        with_open(py, &self.inner, "reader", f)
     }
 }
 
@@ -144,14 +154,7 @@ impl ParquetExport {
         py: Python<'_>,
         f: impl Send + FnOnce(&mut parquet_export::ParquetExport) -> Result<T, PgCopyError>,
     ) -> PyResult<T> {
-        detached(py, || {
-            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match guard.as_mut() {
-                Some(export) => f(export),
-                None => Err(PgCopyError::Database("the export is closed".into())),
-            }
-        })
-        .map_err(value_error)
+        with_open(py, &self.inner, "export", f)
     }
 }
 

@@ -378,7 +378,7 @@ async fn lookup_jwt(
     })
 }
 
-async fn lookup_api_token(
+pub(crate) async fn lookup_api_token(
     c: &PgClient,
     hash: &str,
 ) -> Result<Result<Identity, AuthFailure>, tokio_postgres::Error> {
