@@ -197,9 +197,8 @@ class Settings(BaseSettings):
     webmacs_export_chunk_rows: int = Field(default=100_000, ge=1)
     #: A hypertable chunk that can hold at most this many rows (judged by its size on disk) is exported with an
     #: unordered COPY and sorted in Rust (≈ 28 bytes a row held per chunk, two chunks at a time); larger chunks
-    #: are sorted by PostgreSQL. 0 (default): PostgreSQL always sorts — a clean-clone run saw the Rust sort push a
-    #: CSV export past the memory bound of tests/analyst/test_export.py; opt in once that is understood.
-    webmacs_export_sort_rows: int = Field(default=0, ge=0)
+    #: are sorted by PostgreSQL. 0: PostgreSQL always sorts.
+    webmacs_export_sort_rows: int = Field(default=500_000, ge=0)
     #: Drop datapoints older than this many days (whole chunks); unset keeps everything.
     webmacs_retention_days: int | None = Field(default=None, ge=1)
     #: Compress chunks older than this many days (Timescale-License edition only); unset disables it.

@@ -349,9 +349,11 @@ def test_large_export_streams_with_bounded_memory(
         )
     params: dict[str, Any] = {"events": [e.public_id for e in events]}
     with httpx.Client(base_url=url, headers=admin, timeout=120) as client:
-        # Warm up (imports, pools, allocator arenas) on a small slice, then measure peak RSS from here on.
-        small = client.get(EXPORT, params=params | {"end": "2025-01-01T00:01:00Z", "format": "parquet"})
-        assert small.status_code == 200, small.text
+        # Warm up each format on a small slice (the CSV encoder's first use imports polars and starts its thread
+        # pool, which Parquet, encoded in Rust, never does), then measure peak RSS from here on.
+        for fmt in ("csv", "parquet"):
+            small = client.get(EXPORT, params=params | {"end": "2025-01-01T00:01:00Z", "format": fmt})
+            assert small.status_code == 200, small.text
         for fmt in ("csv", "parquet"):
             baseline = _status_kib(pid, "VmRSS")
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -369,4 +371,4 @@ def test_large_export_streams_with_bounded_memory(
                 assert received > 100 * 1024 * 1024
                 last = datetime.fromisoformat(tail.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1].split(b",")[0].decode())
                 assert last == start + timedelta(seconds=0.05 * (per_event - 1))
-            assert growth_mib < 150, f"{fmt}: peak RSS grew by {growth_mib:.0f} MiB"
+            assert growth_mib < 100, f"{fmt}: peak RSS grew by {growth_mib:.0f} MiB"
