@@ -20,8 +20,10 @@ import psycopg
 import pytest
 import uvicorn
 
+from webmacs import runtime
 from webmacs.app import create_app
 from webmacs.db.cluster import Cluster
+from webmacs.runtime import Runtime
 from webmacs.server import uvicorn_config
 from webmacs.settings import Settings
 
@@ -76,15 +78,20 @@ class Server:
     thread: threading.Thread
     server: uvicorn.Server
 
+    @property
+    def rt(self) -> Runtime:
+        """The running app's state (pool, engine, settings…)."""
+        return runtime.of(self.app)
+
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's event loop from the test thread and return its result."""
         import asyncio
 
-        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self.rt.loop).result(timeout)
 
     def refresh_catalog(self) -> None:
         """Make the ingest engine see rows a test inserted directly with SQL."""
-        self.call(self.app.state.catalog_refresh())
+        self.call(self.rt.catalog_refresh())
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from psycopg_pool import AsyncConnectionPool
 
 import webmacs
-from webmacs import logs, openapi
+from webmacs import logs, openapi, runtime
 from webmacs.api.health import router as health_router
 from webmacs.api.lineproto import router as lineproto_router
 from webmacs.api.metrics import Metrics, MetricsMiddleware
@@ -33,13 +32,16 @@ from webmacs.middleware import (
 )
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import users as users_repo
+from webmacs.runtime import Hook, Runtime
 from webmacs.security import hash_password
 from webmacs.server import ENGINE_STATE_KEY, install_log_redaction
 from webmacs.services import dispatcher, retention
 from webmacs.services import ingest as ingest_service
 from webmacs.services import lineproto as lineproto_service
 from webmacs.services.export import ExportSlots
+from webmacs.services.ota import GithubCache
 from webmacs.services.plugins import MAX_WHEEL_BYTES
+from webmacs.services.sso import SsoState
 from webmacs.settings import DEFAULT_ADMIN_PASSWORD, DEV_SECRET_WARNING, Settings
 
 log = logging.getLogger("webmacs")
@@ -86,10 +88,6 @@ async def _purge_blacklist(pool: AsyncConnectionPool, settings: Settings) -> Non
             log.exception("blacklist purge failed")
 
 
-async def _no_catalog() -> None:
-    return None
-
-
 def database_url(settings: Settings) -> str:
     """The configured DATABASE_URL, or the project-managed local cluster (started if needed)."""
     if settings.database_url:
@@ -100,13 +98,13 @@ def database_url(settings: Settings) -> str:
     return Cluster(settings.webmacs_home, settings.webmacs_db_port, secure=settings.env == "production").up()
 
 
-# Services that hook into the lifespan: each has `install(app)` registering start/stop hooks, run in this order.
+# Services that hook into the lifespan: each has `install(runtime)` registering start/stop hooks, run in this order.
 SERVICES = [ingest_service.install, lineproto_service.install, dispatcher.install, retention.install]
 
 
-async def _stop_quietly(stop: Callable[[FastAPI], Awaitable[None]], app: FastAPI) -> None:
+async def _stop_quietly(stop: Hook, rt: Runtime) -> None:
     try:
-        await stop(app)
+        await stop(rt)
     except Exception:  # one service failing to stop must not keep the others running
         log.exception("stopping %s failed", getattr(stop, "__qualname__", stop))
 
@@ -117,6 +115,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.webmacs_log_format == "json":
         logs.configure("json")
     install_log_redaction()
+    trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
+    rt = Runtime(
+        settings=settings,
+        metrics=Metrics(),
+        trusted_proxies=trusted_proxies,
+        export_slots=ExportSlots(settings.webmacs_export_concurrency),
+        sso=SsoState(),
+        retention=retention.RetentionState(),
+        ota_github_cache=GithubCache(),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -137,8 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await pool.open(wait=True, timeout=30)
             stack.push_async_callback(pool.close)
-            app.state.pool = pool
-            app.state.database_url = url
+            rt.pool_ = pool
+            rt.database_url_ = url
             reads = ReadRouter.build(
                 pool,
                 url,
@@ -148,16 +156,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await reads.open()
             stack.push_async_callback(reads.close)
-            app.state.reads = reads
-            app.state.loop = asyncio.get_running_loop()
+            rt.reads_ = reads
+            rt.loop_ = asyncio.get_running_loop()
             await _seed(pool, settings)
             purge = asyncio.create_task(_purge_blacklist(pool, settings))
             stack.callback(purge.cancel)
-            for start, stop in app.state.lifecycle:
-                await start(app)
-                stack.push_async_callback(_stop_quietly, stop, app)
+            for start, stop in rt.lifecycle:
+                await start(rt)
+                stack.push_async_callback(_stop_quietly, stop, rt)
             # Lifespan state reaches uvicorn's protocols: the WebSocket hand-over finds the engine here.
-            yield {ENGINE_STATE_KEY: app.state.ingest.engine}
+            yield {ENGINE_STATE_KEY: rt.ingest.engine}
 
     app = FastAPI(
         title="WebMACS-TS",
@@ -165,23 +173,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Time-series-first, WebMACS-compatible backend.",
     )
-    app.state.settings = settings
-    app.state.started_at = time.monotonic()
-    # Services register (start, stop) pairs here (engine, webhook dispatcher, retention…).
-    app.state.lifecycle = []
-    # Replaced by the ingest engine at start-up: re-reads its catalog snapshot (see deps.CatalogWrites).
-    app.state.catalog_refresh = _no_catalog
+    runtime.install(app, rt)
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(metrics_router)
     app.include_router(lineproto_router)
-    app.state.metrics = Metrics()
     app.include_router(api_router())
     openapi.install(app)
     for install in SERVICES:
-        install(app)
-    app.state.trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
-    app.state.export_slots = ExportSlots(settings.webmacs_export_concurrency)
+        install(rt)
     # Outermost first per spec §15: Request-ID → CORS → rate limit → body limit → deadline → app (add_middleware
     # prepends).
     app.add_middleware(
@@ -200,7 +200,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
     )
     app.add_middleware(
-        RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute, proxies=app.state.trusted_proxies
+        RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute, proxies=trusted_proxies, rt=rt
     )
     app.add_middleware(
         CORSMiddleware,
@@ -210,7 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["*"],
         max_age=600,
     )
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(logs.AccessLogMiddleware, enabled=settings.webmacs_log_format == "json")
     return app

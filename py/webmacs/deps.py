@@ -11,35 +11,47 @@ from fastapi import Depends, HTTPException, Request
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from webmacs import runtime
 from webmacs.db.replicas import ReadRouter, ReadTarget
 from webmacs.repositories import users as users_repo
+from webmacs.runtime import Runtime
 from webmacs.security import API_TOKEN_PREFIX, MAX_TOKEN_CHARS, hash_api_token, inspect_access_token
+from webmacs.services.ingest import Ingest
 from webmacs.settings import Settings
 
 ROLE_LEVEL = {"viewer": 1, "operator": 2, "admin": 3}
 
 
-# app.state is untyped (Starlette's State): what create_app and its lifespan put there is asserted by a cast.
+def get_runtime(request: Request) -> Runtime:
+    return runtime.of(request.app)
+
+
+def get_ingest(request: Request) -> Ingest:
+    """The running ingest engine (NotStarted outside the lifespan)."""
+    return get_runtime(request).ingest
+
+
 def get_settings(request: Request) -> Settings:
-    return cast(Settings, request.app.state.settings)
+    return get_runtime(request).settings
 
 
 def get_pool(request: Request) -> AsyncConnectionPool:
-    return cast(AsyncConnectionPool, request.app.state.pool)
+    return get_runtime(request).pool
 
 
 async def _conn(request: Request) -> AsyncIterator[AsyncConnection]:
     # The transaction commits when the handler returns and before the response is sent
     # (scope="function"): a success is never reported for a write that then fails to commit.
-    async with request.app.state.pool.connection() as conn:
+    rt = get_runtime(request)
+    async with rt.pool.connection() as conn:
         yield conn
     # Committed. A handler that changed what the ingest catalog is built from asked for a refresh; doing it
     # here, before the response, means the client's next ingest already sees the change. (Other processes
     # learn of it through the `webmacs_catalog` NOTIFY the tables' triggers send.)
     if getattr(request.state, "catalog_changed", False):
-        await request.app.state.catalog_refresh()
+        await rt.catalog_refresh()
     if getattr(request.state, "datapoints_deleted", False):
-        ingest = getattr(request.app.state, "ingest", None)
+        ingest = rt.ingest_
         if ingest is not None:
             # /datapoints/latest is served from the engine's cache: reload it for what was deleted.
             await ingest.datapoints_deleted(request.state.datapoints_deleted_events)
@@ -66,6 +78,7 @@ def datapoints_deleted(request: Request, event_public_ids: list[str] | None = No
     )
 
 
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 Conn = Annotated[AsyncConnection, Depends(_conn, scope="function")]
 
@@ -233,7 +246,7 @@ async def reader_user(request: Request, settings: SettingsDep) -> User:
 
 
 def get_reads(request: Request) -> ReadRouter:
-    return cast(ReadRouter, request.app.state.reads)
+    return get_runtime(request).reads
 
 
 async def _read_conn(request: Request) -> AsyncIterator[AsyncConnection]:
@@ -247,7 +260,7 @@ async def _read_conn(request: Request) -> AsyncIterator[AsyncConnection]:
 def read_dsn(request: Request) -> str:
     """Where this request's own COPY connections read: the place its ReadConn reads, else the primary."""
     target = cast(ReadTarget | None, getattr(request.state, "read_target", None))
-    return target.url if target is not None else cast(str, request.app.state.database_url)
+    return target.url if target is not None else get_runtime(request).database_url
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

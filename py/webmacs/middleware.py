@@ -13,6 +13,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from webmacs import runtime
+
 
 class RequestIdMiddleware:
     """Every HTTP response gets a fresh `X-Request-ID` (an incoming one is ignored, as the reference)."""
@@ -76,8 +78,7 @@ class TrustedProxies:
 
 def client_address(request: Request) -> str:
     """The client's address as the rate limit and the login throttle see it."""
-    proxies: TrustedProxies = request.app.state.trusted_proxies
-    return proxies.client(request.scope)
+    return runtime.of(request.app).trusted_proxies.client(request.scope)
 
 
 class RateLimitMiddleware:
@@ -85,8 +86,9 @@ class RateLimitMiddleware:
     every server process counts the same requests (WebMACS counts per process). A database that does not
     answer lets requests through: the limit protects the API, it must not take it down."""
 
-    def __init__(self, app: ASGIApp, limit_per_minute: int, proxies: TrustedProxies) -> None:
+    def __init__(self, app: ASGIApp, limit_per_minute: int, proxies: TrustedProxies, rt: runtime.Runtime) -> None:
         self.app = app
+        self.rt = rt
         self.limit = limit_per_minute
         self.window = 60.0
         self.proxies = proxies
@@ -108,8 +110,8 @@ class RateLimitMiddleware:
     async def _accepted(self, scope: Scope, key: str) -> bool:
         from webmacs.repositories import rate_limit as rate_limit_repo
 
-        pool = getattr(scope["app"].state, "pool", None)
-        if pool is None:
+        pool = self.rt.pool_
+        if pool is None:  # not started yet
             return True
         try:
             async with asyncio.timeout(2.0), pool.connection(timeout=2.0) as conn:

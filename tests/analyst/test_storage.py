@@ -54,7 +54,7 @@ def test_retention_job_drops_expired_chunks(
     server = start_server(make_settings(db_url, tmp_path, webmacs_retention_days=20000))
     try:
         deadline = time.monotonic() + 30
-        while server.app.state.retention.last_run is None:  # the job runs once at start-up, then hourly
+        while server.rt.retention.last_run is None:  # the job runs once at start-up, then hourly
             assert time.monotonic() < deadline, "retention job did not run"
             time.sleep(0.1)
         left = db.execute("SELECT time FROM datapoints WHERE event_id = %s ORDER BY time", (ev.id,)).fetchall()

@@ -400,7 +400,7 @@ def test_concurrent_exports_are_capped(
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert r.status_code == 200
-            assert s.app.state.export_slots.refused >= 1
+            assert s.rt.export_slots.refused >= 1
     finally:
         s.stop()
 

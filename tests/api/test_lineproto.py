@@ -106,7 +106,7 @@ def test_telegraf_documented_bodies_are_accepted(
     client: httpx.Client, token: str, db: psycopg.Connection, server: Server
 ) -> None:
     body = TELEGRAF_BODY.format(t=NOW_NS - 10_000_000_000)
-    before = server.app.state.lineproto.counters()["rejected"].get("string_field", 0)
+    before = server.rt.lineproto.counters()["rejected"].get("string_field", 0)
     # outputs.influxdb (v1): u/p query parameters, gzip as Telegraf's content_encoding = "gzip" sends it.
     r = client.post(
         "/write",
@@ -117,7 +117,7 @@ def test_telegraf_documented_bodies_are_accepted(
     assert r.status_code == 204, r.text
     assert len(stored(db, "cpu,cpu=cpu0,host=localhost usage_idle")) >= 1
     assert stored(db, "mem,host=localhost total")[-1][1] == 16687628288.0
-    assert server.app.state.lineproto.counters()["rejected"]["string_field"] == before + 1
+    assert server.rt.lineproto.counters()["rejected"]["string_field"] == before + 1
     # outputs.influxdb with basic auth, and outputs.influxdb_v2 (Token header): the same body again is absorbed
     # as duplicates (client timestamps), not an error.
     basic = base64.b64encode(f"telegraf:{token}".encode()).decode()
@@ -194,7 +194,7 @@ def test_hostile_values_are_rejected_per_field(
 ) -> None:
     m = unique("hostile")
     far_future = NOW_NS + 3600 * 10**9
-    counters = server.app.state.lineproto.counters
+    counters = server.rt.lineproto.counters
     before = dict(counters()["rejected"])
     body = (
         f"{m} big=1.7e308,huge=1e999,neg=-9223372036854775808i,max=18446744073709551615u\n"
@@ -233,11 +233,11 @@ def test_plugin_bound_token_writes_only_its_events(
     free = device_token(client, operator, scope="write")
     theirs, mine = unique("theirs"), unique("mine")
     assert write(client, f"{theirs} v=1", free).status_code == 204
-    before = server.app.state.ingest.engine.stats()["rejected"]["not_permitted"]
+    before = server.rt.ingest.engine.stats()["rejected"]["not_permitted"]
     assert write(client, f"{theirs} v=2\n{mine} v=3", bound).status_code == 204
     assert [v for _, v in stored(db, f"{theirs} v")] == [1.0]
     assert [v for _, v in stored(db, f"{mine} v")] == [3.0]
-    assert server.app.state.ingest.engine.stats()["rejected"]["not_permitted"] == before + 1
+    assert server.rt.ingest.engine.stats()["rejected"]["not_permitted"] == before + 1
     row = db.execute(
         "SELECT cm.plugin_instance_id FROM channel_mappings cm JOIN events e ON e.public_id = cm.event_public_id"
         " WHERE e.name = %s",
@@ -266,7 +266,7 @@ def test_auto_events_are_capped_per_token(capped: Server, operator: dict[str, st
         assert r.status_code == 204
         assert len(stored(db, f"{m} a")) == 2 and len(stored(db, f"{m} b")) == 2
         assert stored(db, f"{m} c") == []
-        assert capped.app.state.lineproto.counters()["rejected"]["unknown_event"] == 1
+        assert capped.rt.lineproto.counters()["rejected"]["unknown_event"] == 1
         # Known series still take points; the cap is per token.
         assert write(c, f"{m} a=7,c=8", token).status_code == 204
         assert len(stored(db, f"{m} a")) == 3 and stored(db, f"{m} c") == []

@@ -244,7 +244,7 @@ def test_authorize_redirects_with_pkce_and_a_signed_state(api: httpx.Client, idp
 
 
 def test_discovery_is_cached(api: httpx.Client, idp: FakeIdP, sso_server: Server) -> None:
-    sso_server.app.state.sso.discovery.clear()
+    sso_server.rt.sso.discovery.clear()
     for _ in range(3):
         authorize(api)
     assert idp.discovery_hits == 1
@@ -414,11 +414,11 @@ def test_userinfo_failure_is_502(api: httpx.Client, idp: FakeIdP, sso_server: Se
     assert_detail(callback(api, idp, ["not", "an", "object"]), 502, "user information")  # type: ignore[arg-type]  # on purpose
     # A provider without a userinfo endpoint.
     idp.with_userinfo = False
-    sso_server.app.state.sso.discovery.clear()
+    sso_server.rt.sso.discovery.clear()
     try:
         assert_detail(callback(api, idp, person()), 502, "userinfo endpoint")
     finally:
-        sso_server.app.state.sso.discovery.clear()
+        sso_server.rt.sso.discovery.clear()
 
 
 def test_missing_email_or_subject_is_400(api: httpx.Client, idp: FakeIdP) -> None:
@@ -445,7 +445,7 @@ def test_exchange_unknown_or_expired_code(api: httpx.Client, idp: FakeIdP, sso_s
     r = api.post(f"{BASE}/exchange", json={"code": "never-issued"})
     assert r.status_code == 400 and r.json() == {"detail": "Invalid or expired SSO authorization code."}
     assert api.post(f"{BASE}/exchange", json={}).status_code == 422
-    state = sso_server.app.state.sso
+    state = sso_server.rt.sso
     state.code_ttl_s = 0.0
     try:
         code = one_time_code(callback(api, idp, person()))

@@ -116,7 +116,7 @@ def test_plugin_bound_token_feeds_only_its_instance(
     token = create_token(
         client, operator, scope="write", plugin_instance_public_id=instance_public_id(db, mine.plugin_instance_id)
     )["token"]
-    before = server.app.state.ingest.engine.stats()["rejected"]["not_permitted"]
+    before = server.rt.ingest.engine.stats()["rejected"]["not_permitted"]
     r = client.post(
         "/api/v1/datapoints/batch",
         headers=bearer(token),
@@ -133,7 +133,7 @@ def test_plugin_bound_token_feeds_only_its_instance(
     r = client.post("/api/v1/datapoints", headers=bearer(token), json={"value": 4, "event_public_id": other.public_id})
     assert r.status_code == 403, r.text
     assert (stored(db, mine.id), stored(db, other.id)) == (2, 0)
-    assert server.app.state.ingest.engine.stats()["rejected"]["not_permitted"] == before + 2
+    assert server.rt.ingest.engine.stats()["rejected"]["not_permitted"] == before + 2
 
     # The engine's own WebSocket endpoint applies the same binding per point.
     url = server.url.replace("http://", "ws://")

@@ -438,7 +438,7 @@ def test_deleting_a_user_refreshes_the_ingest_catalog(
 ) -> None:
     # The user's events, plugin instances and rules cascade away; the engine must stop accepting them.
     refreshed = []
-    original = server.app.state.catalog_refresh
+    original = server.rt.catalog_refresh
 
     async def spy() -> None:
         refreshed.append(True)
@@ -446,11 +446,11 @@ def test_deleting_a_user_refreshes_the_ingest_catalog(
 
     # Not monkeypatch: Starlette's State keeps attributes outside __dict__, and monkeypatch's undo would
     # delete the engine's hook instead of restoring it.
-    server.app.state.catalog_refresh = spy
+    server.rt.catalog_refresh = spy
     try:
         user = create(client, admin)
         assert refreshed == []
         assert client.delete(f"{USERS}/{user['public_id']}", headers=admin).status_code == 200
         assert refreshed == [True]
     finally:
-        server.app.state.catalog_refresh = original
+        server.rt.catalog_refresh = original

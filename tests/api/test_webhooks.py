@@ -207,7 +207,7 @@ def test_unparseable_events_row_is_skipped_not_fatal(server: Any, db: psycopg.Co
     try:
 
         async def go() -> int:
-            async with server.app.state.pool.connection() as conn:
+            async with server.rt.pool.connection() as conn:
                 return await webhooks.enqueue(conn, event_type="system.health_changed")
 
         # Only well-formed subscriptions count; the broken row neither matches nor raises.

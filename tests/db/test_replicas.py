@@ -133,7 +133,7 @@ def _replica_rows(replica: Cluster, event_id: int) -> int:
 
 
 def _replica_usable(app: Server) -> bool:
-    return all(s["usable"] for s in app.app.state.reads.status())
+    return all(s["usable"] for s in app.rt.reads.status())
 
 
 def test_reads_use_the_fresh_replica_and_fall_back_beyond_the_bound(
@@ -164,7 +164,7 @@ def test_reads_use_the_fresh_replica_and_fall_back_beyond_the_bound(
         assert created.status_code in (200, 201), created.text
 
         # Tighten the bound: the paused replica can no longer prove it is fresh, and reads go to the primary.
-        app.app.state.reads.max_staleness_s = 1.0
+        app.rt.reads.max_staleness_s = 1.0
         _wait(lambda: not _replica_usable(app), "the paused replica to go stale")
         assert _series_values(app, headers, event, start) == [1.0, 2.0, 3.0, 4.0, 5.0]
         assert _csv_lines(app, headers, event) == 5
@@ -177,7 +177,7 @@ def test_reads_use_the_fresh_replica_and_fall_back_beyond_the_bound(
     # Replay resumed: the replica catches up, proves it and serves again.
     _wait(lambda: _replica_usable(app), "the replica to be fresh again")
     assert _series_values(app, headers, event, start) == [1.0, 2.0, 3.0, 4.0, 5.0]
-    app.app.state.reads.max_staleness_s = BOUND_S
+    app.rt.reads.max_staleness_s = BOUND_S
 
 
 def test_a_stopped_replica_costs_no_request(
@@ -196,7 +196,7 @@ def test_a_stopped_replica_costs_no_request(
             assert _series_values(app, headers, event, start) == [7.0, 8.0]
             assert _csv_lines(app, headers, event) == 2
         _wait(lambda: not _replica_usable(app), "the stopped replica to be marked unusable")
-        assert app.app.state.reads.status()[0]["error"].startswith("unreachable")
+        assert app.rt.reads.status()[0]["error"].startswith("unreachable")
     finally:
         replica.up()
     _wait(lambda: _replica_usable(app), "the restarted replica to be used again")

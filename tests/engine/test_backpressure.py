@@ -15,6 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.conftest import ActiveEvent, Server, make_settings, start_server
+from webmacs import runtime
 from webmacs.app import create_app
 
 
@@ -22,7 +23,7 @@ from webmacs.app import create_app
 def tiny_queue_server(db_url: str, tmp_path: Path) -> Iterator[Server]:
     settings = make_settings(db_url, tmp_path)
     app = create_app(settings)
-    app.state.ingest_options = {"queue_capacity": 1, "max_age_ms": 0}
+    runtime.of(app).ingest_options = {"queue_capacity": 1, "max_age_ms": 0}
     s = start_server(settings, app=app)
     try:
         yield s
@@ -47,7 +48,7 @@ def test_full_queue_rest_503_and_ws_waits(
     server = tiny_queue_server
     ev = make_active_event()
     server.refresh_catalog()
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     body = {"datapoints": [{"value": 1, "event_public_id": ev.public_id}]}
     results: list[int] = []
 

@@ -46,7 +46,7 @@ def test_rest_batch_commits_the_rest_and_counts_the_refused(
     make_active_event: Callable[..., ActiveEvent],
 ) -> None:
     ev = make_active_event()
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     before = engine.stats()
     body = {"datapoints": [{"value": v, "event_public_id": ev.public_id} for v in (1.0, POISON, 3.0, POISON, 5.0)]}
     r = client.post("/api/v1/datapoints/batch", headers=operator, json=body)
@@ -126,13 +126,13 @@ def test_many_poison_rows_in_one_large_batch(
 ) -> None:
     """Bisection finds every refused row of a 500-point frame; the other 490 commit once each."""
     ev = make_active_event()
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     poison_at = {3, 77, 78, 150, 299, 300, 301, 420, 498, 499}
     values = [POISON if i in poison_at else float(i) for i in range(500)]
     receipt = engine.submit(
         orjson.dumps({"datapoints": [{"value": v, "event_public_id": ev.public_id} for v in values]})
     )
-    server.call(server.app.state.ingest.wait_committed(receipt.ticket))
+    server.call(server.rt.ingest.wait_committed(receipt.ticket))
     assert sorted(i for i, _, _ in receipt.refused()) == sorted(poison_at)
     assert values_of(db, ev.id) == [v for i, v in enumerate(values) if i not in poison_at]
 
@@ -216,7 +216,7 @@ def test_one_flooding_sender_cannot_take_the_queue(
     try:
         ev = make_active_event()
         server.refresh_catalog()
-        engine = server.app.state.ingest.engine
+        engine = server.rt.ingest.engine
         frame = orjson.dumps({"datapoints": [{"value": 1, "event_public_id": ev.public_id}] * 5})
         with psycopg.connect(db_url) as locker:
             locker.execute("LOCK TABLE datapoints IN ACCESS EXCLUSIVE MODE")
@@ -263,7 +263,7 @@ def test_health_shows_a_stuck_writer_within_seconds(
     try:
         ev = make_active_event()
         server.refresh_catalog()
-        engine = server.app.state.ingest.engine
+        engine = server.rt.ingest.engine
         with httpx.Client(base_url=server.url, timeout=10) as c:
             assert c.get("/health/ready").status_code == 200
             with psycopg.connect(db_url) as locker:

@@ -43,7 +43,7 @@ def test_shutdown_writes_everything_queued(
     accepted = 0
     try:
         server.refresh_catalog()
-        engine = server.app.state.ingest.engine
+        engine = server.rt.ingest.engine
         frame = orjson.dumps({"datapoints": [{"value": i, "event_public_id": ev.public_id} for i in range(500)]})
         for _ in range(20):
             accepted += engine.submit(frame).accepted
@@ -99,10 +99,10 @@ def test_latest_follows_deletions_outside_the_engine(
 
     assert latest() == [2.0]
     db.execute("DELETE FROM datapoints WHERE event_id = %s AND value = 2", (ev.id,))
-    server.call(server.app.state.ingest.datapoints_deleted([ev.public_id]))
+    server.call(server.rt.ingest.datapoints_deleted([ev.public_id]))
     assert latest() == [1.0]
     db.execute("DELETE FROM datapoints WHERE event_id = %s", (ev.id,))
-    server.call(server.app.state.ingest.datapoints_deleted())
+    server.call(server.rt.ingest.datapoints_deleted())
     assert latest() == []
 
 

@@ -131,7 +131,7 @@ def ws_urls(native: Server, token: str) -> list[str]:
     """The API's own port (handed over to the engine) and the engine's own port."""
     return [
         f"{native.url.replace('http://', 'ws://')}/ws/controller/telemetry?token={token}",
-        f"ws://{native.app.state.telemetry_listen}/ws/controller/telemetry?token={token}",
+        f"ws://{native.rt.telemetry_listen}/ws/controller/telemetry?token={token}",
     ]
 
 
@@ -253,7 +253,7 @@ def test_any_batch_is_201_or_422_and_what_is_acked_is_stored(
     native: Server, operator: dict[str, str], db: psycopg.Connection, event: ActiveEvent, values: list[Any]
 ) -> None:
     before = count(db, event.id)
-    duplicates = native.app.state.ingest.engine.stats()["duplicates"]
+    duplicates = native.rt.ingest.engine.stats()["duplicates"]
     points = [{"value": v, "event_public_id": event.public_id, "timestamp": t} for v, t in values]
     # Python's json (not orjson): integers beyond 64 bits are sent as they are.
     body = json.dumps({"datapoints": points}).encode()
@@ -263,7 +263,7 @@ def test_any_batch_is_201_or_422_and_what_is_acked_is_stored(
     stored = count(db, event.id) - before
     if r.status_code == 201:
         # A client timestamp an earlier example already stored is a duplicate: acknowledged, kept once.
-        again = native.app.state.ingest.engine.stats()["duplicates"] - duplicates
+        again = native.rt.ingest.engine.stats()["duplicates"] - duplicates
         assert r.json()["message"] == f"{stored + again} datapoints successfully created."
     else:
         assert stored == 0

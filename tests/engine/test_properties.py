@@ -99,7 +99,7 @@ def events(server: Server, db_url: str) -> list[ActiveEvent]:
 def test_engine_never_crashes_and_counts_every_entry(
     data: st.DataObject, server: Server, events: list[ActiveEvent]
 ) -> None:
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     frame = data.draw(frames([events[0].public_id, events[1].public_id, "ghost"]))
     try:
         receipt = engine.submit(frame)
@@ -113,7 +113,7 @@ def test_engine_never_crashes_and_counts_every_entry(
 
 def test_property_rows_landed(server: Server, events: list[ActiveEvent], db: psycopg.Connection) -> None:
     """Round trip: what the engine accepted for the active event is what the table holds (after a commit)."""
-    ingest = server.app.state.ingest
+    ingest = server.rt.ingest
     before = ingest.engine.stats()["accepted"]
     receipt = ingest.engine.submit(
         json.dumps({"datapoints": [{"value": i, "event_public_id": events[0].public_id} for i in range(10)]}).encode()

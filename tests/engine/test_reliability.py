@@ -142,7 +142,7 @@ def test_database_restart_during_ws_ingest_loses_no_acked_datapoint(own_cluster:
     values = stored_values(url, event_id)
     expected = {s * 1000 + i for s in acked for i in range(per_frame)}
     assert len(values) == len(expected) and set(values) == expected  # each acknowledged datapoint exactly once
-    assert fault_server.app.state.ingest.engine.stats()["reconnects"] >= 1
+    assert fault_server.rt.ingest.engine.stats()["reconnects"] >= 1
 
 
 def test_sigkill_during_rest_ingest_keeps_every_acknowledged_batch(own_cluster: Cluster, tmp_path: Path) -> None:

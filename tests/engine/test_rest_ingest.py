@@ -167,7 +167,7 @@ def test_client_timestamps_duplicates_and_order(
     make_active_event: Callable[..., ActiveEvent],
 ) -> None:
     ev = make_active_event()
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     t1 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
     t0 = datetime(2025, 3, 1, 11, 59, 0, 123000, tzinfo=UTC)  # epoch ms carry milliseconds
     points = [
@@ -304,7 +304,7 @@ def test_column_types_match_the_schema(db: psycopg.Connection) -> None:
 
 
 def test_stats_count_reasons(server: Server) -> None:
-    stats = server.app.state.ingest.engine.stats()
+    stats = server.rt.ingest.engine.stats()
     for key in ("accepted", "written", "duplicates", "batches", "queue_depth", "flush_us_avg"):
         assert isinstance(stats[key], int)
     assert set(stats["rejected"]) == {

@@ -73,7 +73,7 @@ def test_values_and_client_timestamps_round_trip(
             t = EPOCH + timedelta(milliseconds=us // 1000)
         entries.append({"value": value, "event_public_id": event, "timestamp": stamp})
         expected.append((t, value))
-    engine = server.app.state.ingest.engine
+    engine = server.rt.ingest.engine
     receipt = engine.submit(orjson.dumps({"datapoints": entries}))
     assert (receipt.accepted, receipt.rejected) == (len(points), 0)
     deadline = time.monotonic() + 30

@@ -326,7 +326,7 @@ def test_connection_resets_mid_copy_keep_every_row_once(
         time.sleep(3)
         load.finish()
         numbers = reconcile(url, event_id, load)
-        stats = server.app.state.ingest.engine.stats()
+        stats = server.rt.ingest.engine.stats()
     finally:
         server.stop()
     report("resets", [], {**numbers, "resets": resets, "reconnects": stats["reconnects"]})

@@ -241,7 +241,7 @@ def test_a_rule_fired_by_an_mqtt_value_queues_its_webhook(
     mqtt_server: Server = start_server(settings)
     try:
         rule = add_rule(db, mqtt_server, ev, "gt", 50.0, cooldown=0, action="webhook")
-        engine = mqtt_server.app.state.ingest.engine
+        engine = mqtt_server.rt.ingest.engine
         wait_until(lambda: engine.stats()["mqtt"]["subscribed"] >= 1, 20, "the MQTT subscription")
         publisher.publish(f"{root}/{ev.public_id}", "75.5")
         publisher.flush()

@@ -95,7 +95,7 @@ def make_hook(hclient: httpx.Client, hdb: psycopg.Connection) -> Iterator[Any]:
 
 def enqueue(server: Server, event_type: str = "experiment.started", **extras: Any) -> int:
     async def go() -> int:
-        async with server.app.state.pool.connection() as conn:
+        async with server.rt.pool.connection() as conn:
             return await webhooks.enqueue(conn, event_type=event_type, **extras)
 
     return int(server.call(go()))

@@ -36,14 +36,14 @@ def native(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     listen = f"127.0.0.1:{free_port()}"
     s = start_server(make_settings(db_url, tmp_path_factory.mktemp("native"), webmacs_telemetry_listen=listen))
     try:
-        assert s.app.state.telemetry_listen == listen
+        assert s.rt.telemetry_listen == listen
         yield s
     finally:
         s.stop()
 
 
 def base(native: Server) -> str:
-    return f"ws://{native.app.state.telemetry_listen}"
+    return f"ws://{native.rt.telemetry_listen}"
 
 
 @pytest.fixture
@@ -237,7 +237,7 @@ def test_non_json_or_non_object_closes(native: Server, admin_token: str, payload
 
 
 def test_other_paths_are_not_found(native: Server, admin_token: str) -> None:
-    http_base = "http://" + native.app.state.telemetry_listen
+    http_base = f"http://{native.rt.telemetry_listen}"
     with httpx.Client(timeout=10) as c:
         assert c.get(http_base + "/api/v1/events").status_code == 404
         # The path without an upgrade is not a WebSocket request: 404, as Starlette answers.
@@ -275,7 +275,7 @@ def test_full_queue_pauses_reads_and_shutdown_closes_1001(
                 ws.send(frame(ev, float(seq), seq=seq))
             assert [recv_json(ws)["seq"] for _ in range(200)] == list(range(1, 201))
         assert count(db, ev.id) == 200
-        assert s.app.state.ingest.engine.stats()["queue_full"] > 0
+        assert s.rt.ingest.engine.stats()["queue_full"] > 0
         with telemetry(s, f"token={admin_token}") as ws:
             ws.send(frame(ev, 1.0, seq=1))
             assert recv_json(ws)["seq"] == 1

@@ -17,7 +17,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 import webmacs
+from webmacs.deps import get_runtime
 from webmacs.repositories import datapoints as datapoints_repo
+from webmacs.runtime import Runtime
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -53,12 +55,11 @@ class HealthResponse(BaseModel):
     read_replicas: list[ReplicaHealth] | None = None
 
 
-def _ingest_health(request: Request) -> IngestHealth | None:
-    ingest = getattr(request.app.state, "ingest", None)
-    if ingest is None:
+def _ingest_health(rt: Runtime) -> IngestHealth | None:
+    if rt.ingest_ is None:
         return None
-    h: dict[str, Any] = ingest.engine.health()
-    limit = request.app.state.settings.webmacs_health_max_unacked_s
+    h: dict[str, Any] = rt.ingest_.engine.health()
+    limit = rt.settings.webmacs_health_max_unacked_s
     stalled = (h["oldest_unacked_s"] or 0.0) > limit or (h["writer_failing_s"] or 0.0) > 0.0
     status = "closing" if h["closing"] else ("degraded" if stalled else "ok")
     return IngestHealth(
@@ -71,11 +72,11 @@ def _ingest_health(request: Request) -> IngestHealth | None:
 
 
 async def _probe(request: Request) -> HealthResponse:
-    state = request.app.state
+    rt = get_runtime(request)
     database, last = "ok", None
 
     async def read() -> datetime | None:
-        async with state.pool.connection(timeout=DB_PROBE_TIMEOUT_S) as conn:
+        async with rt.pool.connection(timeout=DB_PROBE_TIMEOUT_S) as conn:
             return await datapoints_repo.last_time(conn)
 
     try:
@@ -83,16 +84,16 @@ async def _probe(request: Request) -> HealthResponse:
     except Exception as e:  # any failure to reach the database is reported, not raised
         log.warning("health check: database unavailable: %s", e)
         database = "error"
-    ingest = _ingest_health(request)
+    ingest = _ingest_health(rt)
     ok = database == "ok" and (ingest is None or ingest.status == "ok")
     return HealthResponse(
         status="ok" if ok else "degraded",
         version=webmacs.__version__,
         database=database,
         last_datapoint=last,
-        uptime_seconds=round(time.monotonic() - state.started_at, 1),
+        uptime_seconds=round(time.monotonic() - rt.started_at, 1),
         ingest=ingest,
-        read_replicas=[ReplicaHealth(**r) for r in state.reads.status()] if state.reads.replicas else None,
+        read_replicas=[ReplicaHealth(**r) for r in rt.reads.status()] if rt.reads.replicas else None,
     )
 
 

@@ -14,11 +14,11 @@ import binascii
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from webmacs.deps import AuthError, User, authenticate, get_pool, get_settings
+from webmacs.deps import AuthError, User, authenticate, get_pool, get_runtime, get_settings
 from webmacs.exceptions import EngineClosedError, LineProtocolError
 from webmacs.security import API_TOKEN_PREFIX
 from webmacs.services.ingest import CommitTimeout
-from webmacs.services.lineproto import BadBody, BodyTooLarge, LineProtocol, gunzip
+from webmacs.services.lineproto import BadBody, BodyTooLarge, gunzip
 
 router = APIRouter(tags=["line protocol"])
 
@@ -93,7 +93,7 @@ async def _write(request: Request, precision: str) -> None:
         raise WriteError(415, "invalid", f"unsupported content encoding {encoding[:20]!r}")
     if len(body) > limit:
         raise WriteError(413, "request too large", f"body exceeds {limit} bytes")
-    lp: LineProtocol = request.app.state.lineproto
+    lp = get_runtime(request).lineproto
     try:
         batch = await lp.parse(body, "us" if precision == "u" else "ns" if precision == "n" else precision, MAX_POINTS)
     except LineProtocolError as e:

@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from webmacs.deps import get_pool, get_settings
+from webmacs.deps import get_runtime, get_settings
 from webmacs.repositories import webhooks as webhooks_repo
 
 router = APIRouter(tags=["metrics"])
@@ -231,17 +231,16 @@ def _authorized(request: Request, token: str) -> bool:
 
 
 async def _snapshot(request: Request) -> Snapshot:
-    app = request.app
+    rt = get_runtime(request)
     snap = Snapshot()
-    ingest = getattr(app.state, "ingest", None)
+    ingest = rt.ingest_
     if ingest is not None:
         snap.engine = ingest.engine.stats()
         snap.health = ingest.engine.health()
         snap.websockets = ingest.engine.websocket_stats()
-    lineproto = getattr(app.state, "lineproto", None)
-    if lineproto is not None:
-        snap.lineproto = lineproto.counters()
-    pool = get_pool(request)
+    if rt.lineproto_ is not None:
+        snap.lineproto = rt.lineproto_.counters()
+    pool = rt.pool
     snap.pool = pool.get_stats()
     try:
         async with pool.connection(timeout=2) as conn:
@@ -256,7 +255,7 @@ async def metrics(request: Request) -> Response:
     settings = get_settings(request)
     if settings.webmacs_metrics_token and not _authorized(request, settings.webmacs_metrics_token):
         raise HTTPException(401, "Authentication required.", headers={"WWW-Authenticate": "Bearer"})
-    m: Metrics = request.app.state.metrics
+    m = get_runtime(request).metrics
     snap = await _snapshot(request)
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     async with m.lock:

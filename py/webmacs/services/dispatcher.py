@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import psycopg
-from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs.repositories import webhooks as webhooks_repo
+from webmacs.runtime import Runtime
 from webmacs.services import ssrf
 from webmacs.settings import Settings
 
@@ -235,15 +235,13 @@ class Dispatcher:
         return Outcome(False, response.status_code, f"HTTP {response.status_code}")
 
 
-def install(app: FastAPI) -> None:
-    async def start(app: FastAPI) -> None:
-        dispatcher = Dispatcher(app.state.pool, app.state.settings, app.state.database_url)
-        app.state.webhook_dispatcher = dispatcher
-        await dispatcher.start()
+def install(rt: Runtime) -> None:
+    async def start(rt: Runtime) -> None:
+        rt.webhook_dispatcher = Dispatcher(rt.pool, rt.settings, rt.database_url)
+        await rt.webhook_dispatcher.start()
 
-    async def stop(app: FastAPI) -> None:
-        dispatcher = getattr(app.state, "webhook_dispatcher", None)
-        if dispatcher is not None:
-            await dispatcher.stop()
+    async def stop(rt: Runtime) -> None:
+        if rt.webhook_dispatcher is not None:
+            await rt.webhook_dispatcher.stop()
 
-    app.state.lifecycle.append((start, stop))
+    rt.lifecycle.append((start, stop))

@@ -11,14 +11,14 @@ import itertools
 import logging
 import os
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import Engine, Receipt
 from webmacs.exceptions import DatabaseError, EngineClosedError
 from webmacs.repositories import logs as logs_repo
+from webmacs.runtime import Runtime
 from webmacs.services import webhooks
 
 log = logging.getLogger("webmacs.ingest")
@@ -282,15 +282,11 @@ def mqtt_options(settings: Any) -> dict[str, Any]:
     }
 
 
-def engine_of(app: FastAPI) -> Ingest:
-    return cast(Ingest, app.state.ingest)  # app.state is untyped (Starlette's State); set by install()'s start
-
-
-def install(app: FastAPI) -> None:
-    async def start(app: FastAPI) -> None:
-        # Engine tuning (max_rows, max_bytes, max_age_ms, queue_capacity, …) may be set before start-up;
-        # the defaults suit a single server process.
-        settings = app.state.settings
+def install(rt: Runtime) -> None:
+    async def start(rt: Runtime) -> None:
+        # Engine tuning (max_rows, max_bytes, max_age_ms, queue_capacity, …) may be set before start-up
+        # (`rt.ingest_options`); the defaults suit a single server process.
+        settings = rt.settings
         options: dict[str, Any] = {
             "max_rows": settings.webmacs_ingest_max_rows,
             "max_bytes": settings.webmacs_ingest_max_bytes,
@@ -303,10 +299,10 @@ def install(app: FastAPI) -> None:
             **fanout_options(settings),
             **mqtt_options(settings),
         }
-        options.update(getattr(app.state, "ingest_options", {}))
+        options.update(rt.ingest_options)
         ws_options: dict[str, Any] = {"recheck_s": settings.webmacs_ws_recheck_s}
-        ws_options.update(getattr(app.state, "ws_options", {}))
-        engine = await asyncio.to_thread(Engine, app.state.database_url, **options)
+        ws_options.update(rt.ws_options)
+        engine = await asyncio.to_thread(Engine, rt.database_url, **options)
         try:
             bound = await asyncio.to_thread(
                 engine.serve_websockets,
@@ -320,17 +316,16 @@ def install(app: FastAPI) -> None:
             raise
         if bound:
             log.info("engine WebSocket listener on ws://%s (also served on the API's port)", bound)
-            app.state.telemetry_listen = bound
+            rt.telemetry_listen = bound
         ingest = Ingest(
-            engine, app.state.pool, asyncio.get_running_loop(), ack_timeout_s=settings.webmacs_ingest_ack_timeout_s
+            engine, rt.pool, asyncio.get_running_loop(), ack_timeout_s=settings.webmacs_ingest_ack_timeout_s
         )
         ingest.start()
-        app.state.ingest = ingest
-        app.state.catalog_refresh = ingest.refresh_catalog
+        rt.ingest_ = ingest
+        rt.catalog_refresh = ingest.refresh_catalog
 
-    async def stop(app: FastAPI) -> None:
-        ingest: Ingest | None = getattr(app.state, "ingest", None)
-        if ingest is not None:
-            await ingest.close(app.state.settings.webmacs_shutdown_timeout_s)
+    async def stop(rt: Runtime) -> None:
+        if rt.ingest_ is not None:
+            await rt.ingest_.close(rt.settings.webmacs_shutdown_timeout_s)
 
-    app.state.lifecycle.append((start, stop))
+    rt.lifecycle.append((start, stop))

@@ -10,13 +10,13 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import LineBatch, Receipt, parse_lines
 from webmacs.deps import User
 from webmacs.exceptions import QueueFullError
 from webmacs.repositories import lineproto as lineproto_repo
+from webmacs.runtime import Runtime
 from webmacs.services.ingest import CommitTimeout, Ingest
 
 log = logging.getLogger("webmacs.lineproto")
@@ -190,17 +190,17 @@ class LineProtocol:
         return created
 
 
-def install(app: FastAPI) -> None:
-    async def start(app: FastAPI) -> None:
-        settings = app.state.settings
-        app.state.lineproto = LineProtocol(
-            app.state.ingest,
-            app.state.pool,
+def install(rt: Runtime) -> None:
+    async def start(rt: Runtime) -> None:
+        settings = rt.settings
+        rt.lineproto_ = LineProtocol(
+            rt.ingest,
+            rt.pool,
             auto_events=settings.webmacs_lp_auto_events,
             max_auto_events=settings.webmacs_lp_max_auto_events,
         )
 
-    async def stop(app: FastAPI) -> None:
+    async def stop(rt: Runtime) -> None:
         return None
 
-    app.state.lifecycle.append((start, stop))
+    rt.lifecycle.append((start, stop))

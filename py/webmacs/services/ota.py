@@ -273,7 +273,7 @@ async def github_latest(settings: Settings) -> GithubRelease:
 
 class GithubCache:
     """The last lookup per (API base, repository), reused for `webmacs_ota_github_cache_s` seconds so that
-    update checks from every browser do not each hit GitHub's rate limit. One per app (on app.state)."""
+    update checks from every browser do not each hit GitHub's rate limit. One per app (its Runtime)."""
 
     def __init__(self) -> None:
         self._entry: tuple[float, tuple[str, str], GithubRelease] | None = None

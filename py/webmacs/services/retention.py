@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
+
+from webmacs.runtime import Runtime
+from webmacs.settings import Settings
 
 log = logging.getLogger("webmacs.retention")
 
@@ -54,11 +56,11 @@ async def drop_expired(pool: AsyncConnectionPool, *, days: int) -> int | None:
         return int(row[0]) if row else 0
 
 
-async def _job(app: FastAPI, days: int) -> None:
-    state: RetentionState = app.state.retention
+async def _job(rt: Runtime, days: int) -> None:
+    state = rt.retention
     while True:
         try:
-            dropped = await drop_expired(app.state.pool, days=days)
+            dropped = await drop_expired(rt.pool, days=days)
             state.last_run = datetime.now(UTC)
             if dropped is not None:
                 state.last_dropped = dropped
@@ -115,13 +117,11 @@ async def apply_policies(conn: AsyncConnection, *, retention_days: int | None, c
         )
 
 
-def install(app: FastAPI) -> None:
-    app.state.retention = RetentionState()
-
-    async def start(app: FastAPI) -> None:
-        settings = app.state.settings
-        state: RetentionState = app.state.retention
-        async with app.state.pool.connection() as conn:
+def install(rt: Runtime) -> None:
+    async def start(rt: Runtime) -> None:
+        settings = rt.settings
+        state = rt.retention
+        async with rt.pool.connection() as conn:
             state.license = await license_of(conn)
             if state.license == "timescale":
                 await apply_policies(
@@ -135,16 +135,16 @@ def install(app: FastAPI) -> None:
             log.warning("WEBMACS_COMPRESS_AFTER_DAYS needs the Timescale-License edition; compression stays off")
         if settings.webmacs_retention_days:
             state.mode = "job"
-            state.task = asyncio.create_task(_job(app, settings.webmacs_retention_days), name="webmacs-retention")
+            state.task = asyncio.create_task(_job(rt, settings.webmacs_retention_days), name="webmacs-retention")
 
-    async def stop(app: FastAPI) -> None:
-        task = app.state.retention.task
+    async def stop(rt: Runtime) -> None:
+        task = rt.retention.task
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    app.state.lifecycle.append((start, stop))
+    rt.lifecycle.append((start, stop))
 
 
 class StorageJob(BaseModel):
@@ -173,9 +173,7 @@ class StorageReport(BaseModel):
     jobs: list[StorageJob]
 
 
-async def storage_report(conn: AsyncConnection, app: FastAPI) -> StorageReport:
-    settings = app.state.settings
-    state: RetentionState = getattr(app.state, "retention", None) or RetentionState()
+async def storage_report(conn: AsyncConnection, settings: Settings, state: RetentionState) -> StorageReport:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         "SELECT hypertable_size('datapoints') AS size_bytes, approximate_row_count('datapoints') AS rows,"

@@ -17,6 +17,7 @@ from webmacs.deps import (
     OperatorUser,
     ReadConn,
     ReaderUser,
+    RuntimeDep,
     datapoints_deleted,
     read_dsn,
 )
@@ -105,15 +106,17 @@ async def stop_experiment(public_id: str, user: OperatorUser, conn: Conn, reques
     response_class=StreamingResponse,
     responses={200: {"content": {"text/csv": {}}, "description": "The experiment's datapoints as CSV."}},
 )
-async def export_csv(public_id: str, _: ReaderUser, conn: ReadConn, request: Request) -> StreamingResponse:
+async def export_csv(
+    public_id: str, _: ReaderUser, conn: ReadConn, rt: RuntimeDep, request: Request
+) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
-    slots = request.app.state.export_slots
+    slots = rt.export_slots
     if not slots.try_acquire():
         raise Unavailable("Too many exports are running; retry later.", retry_after=5)
     body = csv_export.experiment_csv(
         read_dsn(request),
         experiment_id=experiment["id"],
-        guard=request.app.state.settings.webmacs_csv_formula_guard,
+        guard=rt.settings.webmacs_csv_formula_guard,
     )
 
     async def released() -> AsyncIterator[bytes]:

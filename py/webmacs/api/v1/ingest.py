@@ -15,12 +15,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from webmacs._core import Receipt
-from webmacs.deps import CurrentUser, IngestUser, User
+from webmacs.deps import CurrentUser, IngestUser, User, get_ingest
 from webmacs.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from webmacs.exceptions import EngineClosedError, FrameTooLargeError, InvalidFrameError, QueueFullError
 from webmacs.pagination import Status
 from webmacs.repositories.datapoints import datapoint_public_id
-from webmacs.services.ingest import CommitTimeout, Ingest, engine_of, time_of
+from webmacs.services.ingest import CommitTimeout, Ingest, time_of
 
 router = APIRouter(prefix="/datapoints", tags=["datapoints"])
 
@@ -121,7 +121,7 @@ def _refusal_errors(refused: list[tuple[int, str, str]], loc: list[str | int]) -
 
 @router.post("", status_code=201, response_model=Status)
 async def create_datapoint(body: DatapointCreate, user: IngestUser, request: Request) -> Status:
-    ingest = engine_of(request.app)
+    ingest = get_ingest(request)
     # The body was valid JSON holding one object (FastAPI parsed it): as the one entry of a frame, the engine
     # validates it exactly as it validates every other datapoint.
     raw = await request.body()
@@ -169,7 +169,7 @@ async def create_batch(request: Request, user: IngestUser) -> BatchStatus:
     """Up to 500 datapoints in one transaction. Unknown events and events not linked to an enabled plugin
     instance are dropped silently (spec §4.2); a malformed entry fails the request (422). Entries the database
     refuses when they are written are counted in `rejected`; the others are stored."""
-    ingest = engine_of(request.app)
+    ingest = get_ingest(request)
     body = await request.body()
     try:
         receipt = _submit(ingest, body, user)
@@ -236,7 +236,7 @@ async def create_batch(request: Request, user: IngestUser) -> BatchStatus:
 @router.get("/latest", response_model=list[LatestDatapoint])
 async def latest(_: CurrentUser, request: Request) -> list[LatestDatapoint]:
     """The latest datapoint of every event that has one (from the engine's cache, no query)."""
-    rows = engine_of(request.app).engine.latest()
+    rows = get_ingest(request).engine.latest()
     return [
         LatestDatapoint(
             public_id=datapoint_public_id(event, time_of(us)),

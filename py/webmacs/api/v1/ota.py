@@ -14,7 +14,7 @@ from pydantic import BaseModel, StringConstraints
 
 import webmacs
 from webmacs.api.uploads import streamed_file
-from webmacs.deps import AdminUser, Conn, CurrentUser, SettingsDep
+from webmacs.deps import AdminUser, Conn, CurrentUser, RuntimeDep, SettingsDep
 from webmacs.errors import BadRequest
 from webmacs.pagination import Page, Paging, Status
 from webmacs.repositories import NOW
@@ -85,17 +85,15 @@ async def create_update(body: FirmwareCreate, user: AdminUser, conn: Conn) -> St
 
 
 @router.get("/check", response_model=UpdateCheckResponse)
-async def check_for_updates(_: CurrentUser, conn: Conn, settings: SettingsDep, request: Request) -> UpdateCheckResponse:
+async def check_for_updates(_: CurrentUser, conn: Conn, rt: RuntimeDep) -> UpdateCheckResponse:
+    settings = rt.settings
     current = webmacs.__version__
     db_best = max(
         (v for v in await firmware_repo.candidate_versions(conn) if ota.newer(v, current)),
         key=ota.version_key,
         default=None,
     )
-    state = request.app.state
-    if getattr(state, "ota_github_cache", None) is None:
-        state.ota_github_cache = ota.GithubCache()
-    gh = await state.ota_github_cache.latest(settings)
+    gh = await rt.ota_github_cache.latest(settings)
     gh_newer = gh.version if ota.newer(gh.version, current) else None
     newer = [v for v in (db_best, gh_newer) if v is not None]
     return UpdateCheckResponse(

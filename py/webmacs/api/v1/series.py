@@ -17,7 +17,7 @@ from psycopg import AsyncConnection, errors
 from pydantic import BaseModel, Field
 
 from webmacs.api.v1.datapoints import DatapointResponse
-from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, read_dsn
+from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, RuntimeDep, get_runtime, read_dsn
 from webmacs.errors import NotFound, Unavailable, Unprocessable
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories.datapoints import datapoint_public_id
@@ -273,8 +273,9 @@ async def _drain(body: Generator[bytes, None, None], release: Callable[[], None]
 def _export_response(
     request: Request, sel: export_service.Selection, fmt: export_service.Format, tz: str | None, stem: str
 ) -> StreamingResponse:
-    settings = request.app.state.settings
-    slots: export_service.ExportSlots = request.app.state.export_slots
+    rt = get_runtime(request)
+    settings = rt.settings
+    slots = rt.export_slots
     if not slots.try_acquire():
         raise Unavailable("Too many exports are running; retry later.", retry_after=5)
     body = export_service.stream(
@@ -367,6 +368,6 @@ async def _export_experiment(
 
 
 @router.get("/admin/storage", response_model=retention.StorageReport)
-async def storage(request: Request, _: AdminUser, conn: Conn) -> retention.StorageReport:
+async def storage(rt: RuntimeDep, _: AdminUser, conn: Conn) -> retention.StorageReport:
     """Size, chunks, row estimate, TimescaleDB license and the retention/compression policies in force."""
-    return await retention.storage_report(conn, request.app)
+    return await retention.storage_report(conn, rt.settings, rt.retention)

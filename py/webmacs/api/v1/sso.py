@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, cast
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
 
-from webmacs.deps import Conn, SettingsDep
+from webmacs.deps import Conn, SettingsDep, get_runtime
 from webmacs.errors import BadRequest
 from webmacs.security import create_access_token
 from webmacs.services import sso
@@ -21,10 +21,7 @@ NO_STORE = {"Cache-Control": "no-store"}
 
 
 def get_sso_state(request: Request) -> sso.SsoState:
-    state = getattr(request.app.state, "sso", None)
-    if state is None:
-        state = request.app.state.sso = sso.SsoState()
-    return cast(sso.SsoState, state)  # app.state is untyped (Starlette's State); set just above
+    return get_runtime(request).sso
 
 
 SsoStateDep = Annotated[sso.SsoState, Depends(get_sso_state)]
