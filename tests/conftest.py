@@ -115,6 +115,24 @@ def start_server(settings: Settings, app: Any = None, port: int | None = None) -
     return Server(f"http://127.0.0.1:{port}", app, settings, thread, server)
 
 
+def server_env(url: str, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `webmacs serve` process of a test's own: this database, the test key, cheap bcrypt,
+    its files below `home` (created); `extra` adds or overrides variables."""
+    for d in ("home", "updates", "plugins"):
+        (home / d).mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "DATABASE_URL": url,
+        "SECRET_KEY": SECRET,
+        "ENV": "test",
+        "WEBMACS_BCRYPT_ROUNDS": "4",
+        "WEBMACS_HOME": str(home / "home"),
+        "WEBMACS_UPDATE_DIR": str(home / "updates"),
+        "WEBMACS_PLUGIN_DIR": str(home / "plugins"),
+        **extra,
+    }
+
+
 def make_settings(db_url: str, tmp: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": db_url,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import psycopg
 import pytest
 
 from tests.analyst.conftest import load
-from tests.conftest import SECRET, free_port, unique
+from tests.conftest import free_port, server_env, unique
 from webmacs.services import export as export_service
 
 EXPORT = "/api/v1/export"
@@ -282,16 +281,7 @@ def _status_kib(pid: int, field: str) -> int:
 def subprocess_server(db_url: str, tmp_path: Path) -> Any:
     """The app in a process of its own, so its memory is measured apart from the test's."""
     port = free_port()
-    env = os.environ | {
-        "DATABASE_URL": db_url,
-        "SECRET_KEY": SECRET,
-        "ENV": "test",
-        "WEBMACS_BCRYPT_ROUNDS": "4",
-        "WEBMACS_HOME": str(tmp_path / "home"),
-        "WEBMACS_UPDATE_DIR": str(tmp_path / "u"),
-        "WEBMACS_PLUGIN_DIR": str(tmp_path / "p"),
-        "WEBMACS_EXPORT_CHUNK_ROWS": "50000",
-    }
+    env = server_env(db_url, tmp_path, WEBMACS_EXPORT_CHUNK_ROWS="50000")
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -3,7 +3,6 @@ acknowledged datapoint. Runs on its own cluster so the restart cannot disturb th
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,22 +21,25 @@ from websockets.sync.client import connect
 from tests.conftest import (
     ADMIN_EMAIL,
     ADMIN_PASSWORD,
-    SECRET,
     Server,
     bearer,
     free_port,
     login,
     make_settings,
+    server_env,
     start_server,
     throwaway_cluster,
     unique,
 )
+from webmacs.db import migrate
 from webmacs.db.cluster import Cluster
 
 
 @pytest.fixture(scope="module")
 def own_cluster() -> Iterator[Cluster]:
     with throwaway_cluster("webmacs-fault-") as c:
+        # Migrated here, not by whichever test's server starts first: each test must run on its own too.
+        migrate.apply(c.url())
         yield c
 
 
@@ -149,19 +151,7 @@ def test_sigkill_during_rest_ingest_keeps_every_acknowledged_batch(own_cluster: 
     url = own_cluster.url()
     event_id, event = active_event(url)
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "SECRET_KEY": SECRET,
-        "ENV": "test",
-        "WEBMACS_BCRYPT_ROUNDS": "4",
-        "WEBMACS_HOME": str(tmp_path / "home"),
-        "WEBMACS_UPDATE_DIR": str(tmp_path / "updates"),
-        "WEBMACS_PLUGIN_DIR": str(tmp_path / "plugins"),
-        "RATE_LIMIT_PER_MINUTE": "1000000",
-    }
-    for d in ("updates", "plugins"):
-        (tmp_path / d).mkdir()
+    env = server_env(url, tmp_path, RATE_LIMIT_PER_MINUTE="1000000")
     proc = subprocess.Popen(
         [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,

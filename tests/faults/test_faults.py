@@ -29,12 +29,12 @@ from websockets.sync.client import connect
 from tests.conftest import (
     ADMIN_EMAIL,
     ADMIN_PASSWORD,
-    SECRET,
     Server,
     bearer,
     free_port,
     login,
     make_settings,
+    server_env,
     start_server,
     unique,
 )
@@ -357,18 +357,7 @@ def test_sigkill_during_websocket_ingest_keeps_every_acknowledged_frame(own_clus
     url = own_cluster.url()
     event_id, event = active_event(url)
     port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "SECRET_KEY": SECRET,
-        "ENV": "test",
-        "WEBMACS_BCRYPT_ROUNDS": "4",
-        "WEBMACS_HOME": str(tmp_path / "home"),
-        "WEBMACS_UPDATE_DIR": str(tmp_path / "updates"),
-        "WEBMACS_PLUGIN_DIR": str(tmp_path / "plugins"),
-    }
-    for d in ("updates", "plugins"):
-        (tmp_path / d).mkdir()
+    env = server_env(url, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "webmacs.cli", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,

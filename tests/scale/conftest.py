@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, SECRET, free_port, throwaway_cluster, unique
+from tests.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, free_port, server_env, throwaway_cluster, unique
 from webmacs.db import migrate
 from webmacs.db.cluster import Cluster
 
@@ -49,23 +48,14 @@ class Proc:
 def spawn(url: str, home: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> Proc:
     """`webmacs serve` on a free port against `url`; returns once /health answers."""
     port = free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    for d in ("updates", "plugins"):
-        (home / d).mkdir(exist_ok=True)
-    log = home / f"server-{port}.log"
-    full_env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "SECRET_KEY": SECRET,
-        "ENV": "test",
-        "WEBMACS_BCRYPT_ROUNDS": "4",
-        "WEBMACS_HOME": str(home / "home"),
-        "WEBMACS_UPDATE_DIR": str(home / "updates"),
-        "WEBMACS_PLUGIN_DIR": str(home / "plugins"),
-        "WEBMACS_LOGIN_MAX_FAILURES_ACCOUNT": "100000",
-        "WEBMACS_LOGIN_MAX_FAILURES_PEER": "100000",
+    full_env = server_env(
+        url,
+        home,
+        WEBMACS_LOGIN_MAX_FAILURES_ACCOUNT="100000",
+        WEBMACS_LOGIN_MAX_FAILURES_PEER="100000",
         **(env or {}),
-    }
+    )
+    log = home / f"server-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [

@@ -50,6 +50,15 @@ log_line_prefix = '%m [%p] '
 """
 
 
+def _prepare_data_dir(data: Path) -> None:
+    """An empty data directory as initdb and pg_basebackup want it: owned by the server's user, mode 0700."""
+    data.mkdir(parents=True, exist_ok=True)
+    if _as_root():
+        pw = pwd.getpwnam("postgres")
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+    data.chmod(0o700)
+
+
 class ClusterError(RuntimeError):
     """The local cluster could not be provisioned, started or stopped."""
 
@@ -151,11 +160,7 @@ class Cluster:
 
     def init(self) -> None:
         data = self.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        if _as_root():
-            pw = pwd.getpwnam("postgres")
-            os.chown(data, pw.pw_uid, pw.pw_gid)
-        data.chmod(0o700)
+        _prepare_data_dir(data)
         self._run(
             [
                 str(_pg_bindir() / "initdb"),
@@ -278,11 +283,7 @@ class Cluster:
         data = self.data_dir
         if self.initialised():
             raise ClusterError(f"{data} already holds a cluster")
-        data.mkdir(parents=True, exist_ok=True)
-        if _as_root():
-            pw = pwd.getpwnam("postgres")
-            os.chown(data, pw.pw_uid, pw.pw_gid)
-        data.chmod(0o700)
+        _prepare_data_dir(data)
         self._run(
             [
                 str(_pg_bindir() / "pg_basebackup"),
