@@ -12,12 +12,10 @@
 use futures_util::StreamExt;
 use thiserror::Error;
 
-/// The 11-byte signature that opens every binary COPY stream.
-pub const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+pub use crate::pg::{COPY_SIGNATURE as SIGNATURE, PG_EPOCH_US};
+
 /// The columns a datapoint tuple carries, in order.
 pub const FIELDS: i16 = 4;
-/// µs from the Unix epoch to PostgreSQL's epoch (2000-01-01 00:00 UTC), the origin of `timestamptz`.
-pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// Why a COPY payload could not be decoded. Bad input is an `Err`, never a panic.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
