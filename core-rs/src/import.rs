@@ -26,8 +26,7 @@ use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 
 use crate::frame::{check_time, Reject};
-use crate::pg::{self, Failure, PgClient};
-use crate::pgcopy::{PG_EPOCH_US, SIGNATURE};
+use crate::pg::{self, Failure, PgClient, COPY_SIGNATURE, PG_EPOCH_US};
 use crate::writer::{encode, Row};
 
 /// Source rows per batch (one target transaction) unless the caller says otherwise.
@@ -195,7 +194,7 @@ impl<'a> Cursor<'a> {
 }
 
 fn skip_header(c: &mut Cursor<'_>) -> Result<()> {
-    if c.take(SIGNATURE.len(), "the header")? != SIGNATURE {
+    if c.take(COPY_SIGNATURE.len(), "the header")? != COPY_SIGNATURE {
         return Err(ImportError::Stream("not a binary COPY stream".into()));
     }
     let flags = c.i32("the header")? as u32;
@@ -867,7 +866,7 @@ mod tests {
     use super::*;
 
     fn header() -> Vec<u8> {
-        let mut b = SIGNATURE.to_vec();
+        let mut b = COPY_SIGNATURE.to_vec();
         b.extend_from_slice(&0i32.to_be_bytes());
         b.extend_from_slice(&0i32.to_be_bytes());
         b

@@ -1,4 +1,5 @@
-//! PostgreSQL connections of the engine: connect with deadlines, and tell transient faults from bad data.
+//! PostgreSQL connections of the engine: connect with deadlines, and tell transient faults from bad data; the
+//! binary COPY format's constants, shared by its encoder (`writer`) and decoders (`pgcopy`, `import`).
 //!
 //! Every connection the core opens (writers, catalog, LISTEN, fan-out, telemetry auth, exports, imports) comes
 //! from `open` or `connect`, so session settings, timeouts and TLS (the DSN's `sslmode`, `sslrootcert`,
@@ -19,6 +20,11 @@ use crate::tls::{self, MakeRustls, RustlsStream};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of short statements (catalog loads, credential lookups, latest values).
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The 11-byte signature that opens every binary COPY stream.
+pub const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// µs from the Unix epoch to PostgreSQL's epoch (2000-01-01 00:00 UTC), the origin of `timestamptz`.
+pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// A client and the task driving its connection; the task is aborted when the client is dropped.
 pub struct PgClient {

@@ -12,7 +12,7 @@ use futures_util::SinkExt;
 
 use crate::batch::Refusal;
 use crate::error::CoreError;
-use crate::pg::{self, Failure, PgClient};
+use crate::pg::{self, Failure, PgClient, COPY_SIGNATURE, PG_EPOCH_US};
 
 /// One datapoint row as stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,9 +57,6 @@ const MOVE_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, v
     WHERE NOT EXISTS (SELECT 1 FROM datapoints d WHERE d.event_id = $2 AND d.time = t)
     LIMIT 1 ON CONFLICT DO NOTHING";
 
-/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
-pub const PG_EPOCH_US: i64 = 946_684_800_000_000;
-const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Size of one row in binary COPY.
@@ -73,7 +70,7 @@ pub fn row_bytes(row: &Row) -> usize {
 /// saturates rather than wraps all the same, and the database then refuses the row (range error).
 pub fn encode(rows: &[Row]) -> Bytes {
     let mut buf = BytesMut::with_capacity(19 + rows.len() * 42 + 2);
-    buf.put_slice(HEADER);
+    buf.put_slice(COPY_SIGNATURE);
     buf.put_i32(0); // flags
     buf.put_i32(0); // header extension length
     for r in rows {
@@ -398,7 +395,7 @@ mod tests {
             },
         ];
         let b = encode(&rows);
-        assert_eq!(&b[..11], HEADER);
+        assert_eq!(&b[..11], COPY_SIGNATURE);
         assert_eq!(b.len(), 19 + row_bytes(&rows[0]) + row_bytes(&rows[1]) + 2);
         // First tuple: 4 fields, time = 1 µs after the PostgreSQL epoch.
         assert_eq!(&b[19..21], &[0, 4]);
