@@ -50,6 +50,15 @@ log_line_prefix = '%m [%p] '
 """
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` runs (an exited process its parent has not reaped yet counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+
+
 def _prepare_data_dir(data: Path) -> None:
     """An empty data directory as initdb and pg_basebackup want it: owned by the server's user, mode 0700."""
     data.mkdir(parents=True, exist_ok=True)
@@ -249,7 +258,19 @@ class Cluster:
 
     def down(self) -> None:
         if self.running():
+            pid = self._postmaster_pid()
             self._run([str(_pg_bindir() / "pg_ctl"), "stop", "-w", "-t", "60", "-m", "fast", "-D", str(self.data_dir)])
+            # pg_ctl returns once postmaster.pid is gone, which the postmaster removes just before it exits:
+            # wait (briefly) for the process itself, so that "stopped" means no server process is left.
+            deadline = time.monotonic() + 10
+            while pid is not None and _process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
 
     def restart(self, mode: str = "fast") -> None:
         """Restart the server (used by fault-injection tests)."""
