@@ -252,9 +252,9 @@ def main() -> int:
     n_events = int(os.environ.get("BENCH_EVENTS", "100"))
     points = int(os.environ.get("BENCH_POINTS", "100000"))
     repeat = int(os.environ.get("BENCH_REPEAT", "30"))
-    from webmacs.services import series as series_service
+    from webmacs.repositories import series as series_repo
 
-    api_sql = series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]).as_string()
+    api_sql = series_repo.BUCKETED_SQL.format(agg=series_repo.AGGREGATES["avg"]).as_string()
     if api_sql != SERIES_SQL:
         raise RuntimeError(f"the API's bucket query differs from the one compared with: {api_sql}")
     home = Path(tempfile.mkdtemp(prefix="webmacs-bench-query-"))

@@ -13,8 +13,8 @@ import pytest
 from tests.analyst.conftest import load
 from tests.analyst.test_downsample import reference_stride
 from tests.conftest import unique
+from webmacs.repositories import series as series_repo
 from webmacs.services import export as export_service
-from webmacs.services import series as series_service
 
 SERIES = "/api/v1/datapoints/series"
 
@@ -255,12 +255,12 @@ def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make
     load(db, [(now - timedelta(seconds=10 * i), ev.id, None, 1.0) for i in range(1, 40)])  # a chunk for `recent`
     start, end = datetime(2026, 5, 1, tzinfo=UTC), datetime(2026, 5, 3, tzinfo=UTC)
     cases: dict[str, tuple[str | psycopg.sql.Composable, tuple[Any, ...] | dict[str, Any]]] = {
-        "range": (series_service.RANGE_SQL, (ev.id, start, end)),
+        "range": (series_repo.RANGE_SQL, (ev.id, start, end)),
         "bucketed": (
-            series_service.BUCKETED_SQL.format(agg=series_service.AGGREGATES["avg"]),
+            series_repo.BUCKETED_SQL.format(agg=series_repo.AGGREGATES["avg"]),
             ("1 hour", "Europe/Berlin", ev.id, start, end),
         ),
-        "recent": (series_service.RECENT_SQL, (ev.id, 60)),
+        "recent": (series_repo.RECENT_SQL, (ev.id, 60)),
         "export": (export_service.EVENTS_QUERY, {"events": [ev.id], "start": start, "end": end}),
     }
     sql, params = cases[query]

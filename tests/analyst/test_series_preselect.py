@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from tests.analyst.conftest import load
+from webmacs.repositories import series as series_repo
 from webmacs.services import series as series_service
 
 T0 = datetime(2026, 7, 1, tzinfo=UTC)
@@ -30,7 +31,7 @@ def _series(
 
 def _whole(db: psycopg.Connection, event_id: int, max_points: int, mode: series_service.Mode) -> list[Any]:
     """The downsample of every datapoint of the range, read with the unselected query."""
-    row = db.cursor(binary=True).execute(series_service.RANGE_SQL, (event_id, T0, T0 + timedelta(days=30))).fetchone()
+    row = db.cursor(binary=True).execute(series_repo.RANGE_SQL, (event_id, T0, T0 + timedelta(days=30))).fetchone()
     assert row is not None
     packed = series_service.PackedSeries(bytes(row[0] or b""), bytes(row[1] or b""))
     return [(p.time, p.value) for p in series_service.downsample(packed, max_points, mode)]

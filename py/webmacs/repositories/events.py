@@ -46,6 +46,16 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
     return row
 
 
+async def by_public_ids(conn: AsyncConnection, *, public_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Known events among `public_ids` by public_id, each as its internal id, name and unit (ids PostgreSQL
+    cannot hold name no event)."""
+    cur = await conn.execute(
+        "SELECT public_id, id, name, unit FROM events WHERE public_id = ANY(%s)",
+        ([p for p in public_ids if valid_id(p)],),
+    )
+    return {r[0]: {"id": r[1], "name": r[2], "unit": r[3]} for r in await cur.fetchall()}
+
+
 async def create(
     conn: AsyncConnection,
     *,

@@ -34,6 +34,12 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
     return row
 
 
+async def public_ids(conn: AsyncConnection, *, ids: list[int]) -> dict[int, str]:
+    """The public ids of the experiments among internal `ids` that still exist, by internal id."""
+    cur = await conn.execute("SELECT id, public_id FROM experiments WHERE id = ANY(%s)", (ids,))
+    return {r[0]: r[1] for r in await cur.fetchall()}
+
+
 async def create(conn: AsyncConnection, *, name: str, user_public_id: str) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
     async with conflict_on_duplicate(conn, "Experiment"):

@@ -8,45 +8,16 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, LiteralString
+from typing import Any, Literal
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 
 from webmacs import _core
+from webmacs.repositories import series as series_repo
+from webmacs.repositories.series import Agg as Agg
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Mode = Literal["stride", "lttb", "minmax", "m4", "avg"]
-Agg = Literal["avg", "min", "max", "count", "first", "last", "sum"]
-
-# Fixed SQL per aggregate name: the request picks one of these, it never supplies SQL.
-AGGREGATES: dict[str, sql.Composable] = {
-    "avg": sql.SQL("avg(value)"),
-    "min": sql.SQL("min(value)"),
-    "max": sql.SQL("max(value)"),
-    "count": sql.SQL("count(*)::float8"),
-    "first": sql.SQL("first(value, time)"),
-    "last": sql.SQL("last(value, time)"),
-    "sum": sql.SQL("sum(value)"),
-}
-
-# A series comes back as one row of packed big-endian arrays (int8send/float8send), which reach the Rust
-# downsamplers as bytes: no Python object per datapoint. Experiments are packed as int4 with 0 for none
-# (identity keys start at 1).
-_PACK = (
-    "SELECT string_agg(int8send((extract(epoch FROM time) * 1000000)::int8), ''::bytea ORDER BY time),"
-    " string_agg(float8send(value), ''::bytea ORDER BY time),"
-    " string_agg(int4send(coalesce(experiment_id, 0)), ''::bytea ORDER BY time)"
-)
-# Uses the (event_id, time) index: a range scan of one channel, never the whole hypertable.
-RECENT_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= now() - make_interval(mins => %s)"
-RANGE_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= %s AND time < %s"
-
-# Buckets are few (a request may ask for at most 100,000): plain rows, the query an analyst would write, with
-# nothing added (packing them as arrays in SQL cost more than it saved).
-BUCKETED_SQL = sql.SQL(
-    "SELECT time_bucket(%s::interval, time, %s::text) AS bucket, {agg} FROM datapoints"
-    " WHERE event_id = %s AND time >= %s AND time < %s GROUP BY 1 ORDER BY 1"
-)
 
 
 @dataclass(frozen=True)
@@ -121,23 +92,14 @@ def _points(series: PackedSeries, kept: Sequence[int]) -> list[Point]:
     return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None) for i in kept]
 
 
-async def _fetch(conn: AsyncConnection, query: LiteralString, params: tuple[object, ...]) -> PackedSeries:
-    # Binary results: bytea arrives as bytes, no hex decoding.
-    cur = conn.cursor(binary=True)
-    await cur.execute(query, params)
-    row = await cur.fetchone()
-    times, values, experiments = row if row else (None, None, None)
-    return PackedSeries(bytes(times or b""), bytes(values or b""), bytes(experiments) if experiments else None)
-
-
 async def recent(conn: AsyncConnection, *, event_id: int, minutes: int) -> PackedSeries:
     """The event's datapoints of the last `minutes`, time ascending."""
-    return await _fetch(conn, RECENT_SQL, (event_id, minutes))
+    return PackedSeries(*await series_repo.packed_recent(conn, event_id=event_id, minutes=minutes))
 
 
 async def in_range(conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime) -> PackedSeries:
-    """The event's datapoints in [start, end), time ascending."""
-    return await _fetch(conn, RANGE_SQL, (event_id, start, end))
+    """The event's datapoints in [start, end), time ascending (Unprocessable for a range PostgreSQL refuses)."""
+    return PackedSeries(*await series_repo.packed_range(conn, event_id=event_id, start=start, end=end))
 
 
 async def bucketed(
@@ -145,33 +107,12 @@ async def bucketed(
 ) -> list[tuple[datetime, float]]:
     """`agg` per `bucket` (a PostgreSQL interval) over [start, end) as (bucket start, value), time ascending;
     buckets are aligned in `tz`, so day buckets start at local midnight and last 23 or 25 hours across a DST
-    change. Buckets without datapoints are absent."""
-    cur = conn.cursor(binary=True)
-    await cur.execute(BUCKETED_SQL.format(agg=AGGREGATES[agg]), (bucket, tz, event_id, start, end))
-    return await cur.fetchall()
+    change. Buckets without datapoints are absent. Unprocessable for a bucket or time zone PostgreSQL refuses."""
+    return await series_repo.bucketed(conn, event_id=event_id, start=start, end=end, bucket=bucket, tz=tz, agg=agg)
 
 
 # --- long ranges: pre-selection in SQL --------------------------------------------------------------------
 
-# The first and the last datapoint of a range: two probes of the (event_id, time) index.
-ENDS_SQL = (
-    "SELECT f.time, f.value, l.time, l.value"
-    " FROM (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= %(start)s AND time < %(end)s"
-    " ORDER BY time LIMIT 1) f,"
-    " (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= %(start)s AND time < %(end)s"
-    " ORDER BY time DESC LIMIT 1) l"
-)
-# Per time slice (`width_bucket` over the slices' lower bounds, computed exactly as the Rust downsamplers
-# slice [first, last]): how many datapoints, the first, the minimum, the maximum and the last one. Rows reach
-# the aggregates in time order, and TimescaleDB's first()/last() keep the earliest row among equal keys, so
-# the minimum and maximum are the earliest of equal values, as in Rust. Only these rows cross the wire.
-PRESELECT_SQL = (
-    "SELECT count(*), min(time), first(value, time), first(time, value), min(value), last(time, value),"
-    " max(value), max(time), last(value, time)"
-    " FROM (SELECT time, value FROM datapoints"
-    " WHERE event_id = %(event)s AND time >= %(lo)s AND time <= %(hi)s ORDER BY time) r"
-    " GROUP BY width_bucket(time, %(edges)s::timestamptz[])"
-)
 #: Modes whose input is pre-selected in SQL for a long range (stride counts rows and avg averages all of them).
 PRESELECTED: frozenset[str] = frozenset({"m4", "minmax", "lttb"})
 #: LTTB runs on the M4 points (at most 4 × max_points) of max_points × this many slices, when the range holds
@@ -211,9 +152,7 @@ async def preselected(
     datapoints) or max_points needs more than PRESELECT_MAX_SLICES slices: the caller reads it whole."""
     if mode not in PRESELECTED:
         return None
-    cur = conn.cursor(binary=True)
-    await cur.execute(ENDS_SQL, {"event": event_id, "start": start, "end": end})
-    ends = await cur.fetchone()
+    ends = await series_repo.ends(conn, event_id=event_id, start=start, end=end)
     if ends is None:
         return []
     t_first, v_first, t_last, v_last = _micros(ends[0]), ends[1], _micros(ends[2]), ends[3]
@@ -229,8 +168,7 @@ async def preselected(
     if slices > PRESELECT_MAX_SLICES:
         return None
     edges = [_moment(t) for t in slice_edges(t_first, t_last, slices)]
-    await cur.execute(PRESELECT_SQL, {"event": event_id, "lo": lo, "hi": hi, "edges": edges})
-    groups = await cur.fetchall()
+    groups = await series_repo.slice_extremes(conn, event_id=event_id, lo=lo, hi=hi, edges=edges)
     total = sum(g[0] for g in groups) + (2 if mode == "minmax" else 0)
     if total <= max_points or (mode == "lttb" and total < LTTB_LONG * max_points):
         return None

@@ -13,12 +13,13 @@ import anyio
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from psycopg import AsyncConnection, errors
+from psycopg import AsyncConnection
 from pydantic import BaseModel, Field
 
 from webmacs.api.v1.datapoints import DatapointResponse
 from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, RuntimeDep, get_runtime, read_dsn
 from webmacs.errors import NotFound, Unavailable, Unprocessable
+from webmacs.repositories import events as events_repo
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories.datapoints import datapoint_public_id
 from webmacs.services import export as export_service
@@ -37,21 +38,11 @@ def _json(body: Any) -> Response:
     return Response(orjson.dumps(body, option=ORJSON_OPTS), media_type="application/json")
 
 
-async def _events(conn: AsyncConnection, public_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Known events among `public_ids`, by public_id (ids PostgreSQL cannot hold name no event)."""
-    cur = await conn.execute(
-        "SELECT public_id, id, name, unit FROM events WHERE public_id = ANY(%s)",
-        ([p for p in public_ids if "\x00" not in p],),
-    )
-    return {r[0]: {"id": r[1], "name": r[2], "unit": r[3]} for r in await cur.fetchall()}
-
-
 async def _experiment_ids(conn: AsyncConnection, points: list[Point]) -> dict[int, str]:
     ids = sorted({p.experiment_id for p in points if p.experiment_id is not None})
     if not ids:
         return {}
-    cur = await conn.execute("SELECT id, public_id FROM experiments WHERE id = ANY(%s)", (ids,))
-    return {r[0]: r[1] for r in await cur.fetchall()}
+    return await experiments_repo.public_ids(conn, ids=ids)
 
 
 # --- POST /datapoints/series (spec §4.2) ---------------------------------------------------------------------
@@ -67,7 +58,7 @@ class SeriesRequest(BaseModel):
 
 @router.post("/datapoints/series", response_model=dict[str, list[DatapointResponse]])
 async def datapoint_series(body: SeriesRequest, _: ReaderUser, conn: ReadConn) -> Response:
-    events = await _events(conn, body.event_public_ids)
+    events = await events_repo.by_public_ids(conn, public_ids=body.event_public_ids)
     picked: dict[str, list[Point]] = {}
     for public_id in body.event_public_ids:
         event = events.get(public_id)
@@ -157,7 +148,7 @@ async def series(
             )
         if (end - start).total_seconds() / parsed.nominal_seconds > MAX_BUCKETS and max_points is None:
             raise Unprocessable(f"More than {MAX_BUCKETS} buckets per event: widen the bucket or pass max_points.")
-    known = await _events(conn, events)
+    known = await events_repo.by_public_ids(conn, public_ids=events)
     for public_id in events:
         if public_id not in known:
             raise NotFound.entity("Event", public_id)
@@ -179,16 +170,14 @@ async def series(
                     "points": [[p.time.astimezone(zone_info), p.value] for p in points],
                 }
                 continue
-        try:
-            if parsed is None:
-                packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
-            else:
-                rows = await series_service.bucketed(
-                    conn, event_id=event["id"], start=start, end=end, bucket=parsed.interval, tz=tz, agg=agg
-                )
-                packed = series_service.packed(rows) if thin else series_service.PackedSeries(b"", b"")
-        except (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow) as e:
-            raise Unprocessable(str(e.diag.message_primary or e)) from e
+        # A range, bucket or time zone PostgreSQL refuses comes back as Unprocessable.
+        if parsed is None:
+            packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
+        else:
+            rows = await series_service.bucketed(
+                conn, event_id=event["id"], start=start, end=end, bucket=parsed.interval, tz=tz, agg=agg
+            )
+            packed = series_service.packed(rows) if thin else series_service.PackedSeries(b"", b"")
         if not thin and max(len(packed), len(rows or ())) > MAX_BUCKETS:
             raise Unprocessable(f"More than {MAX_BUCKETS} points for event '{public_id}': pass a bucket or max_points.")
         if rows is not None and not thin:
@@ -323,7 +312,7 @@ async def export_events(
     end = _aware(end, zone_info) if end else None
     if start and end and start >= end:
         raise Unprocessable("start must be before end.")
-    known = await _events(conn, events)
+    known = await events_repo.by_public_ids(conn, public_ids=events)
     for public_id in events:
         if public_id not in known:
             raise NotFound.entity("Event", public_id)

@@ -1,0 +1,127 @@
+"""Series reads for the analyst path: packed per-event series, bucketed aggregates, long-range pre-selection."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, LiteralString
+
+from psycopg import AsyncConnection, errors, sql
+
+from webmacs.errors import Unprocessable
+
+Agg = Literal["avg", "min", "max", "count", "first", "last", "sum"]
+
+# Fixed SQL per aggregate name: the request picks one of these, it never supplies SQL.
+AGGREGATES: dict[str, sql.Composable] = {
+    "avg": sql.SQL("avg(value)"),
+    "min": sql.SQL("min(value)"),
+    "max": sql.SQL("max(value)"),
+    "count": sql.SQL("count(*)::float8"),
+    "first": sql.SQL("first(value, time)"),
+    "last": sql.SQL("last(value, time)"),
+    "sum": sql.SQL("sum(value)"),
+}
+
+# A series comes back as one row of packed big-endian arrays (int8send/float8send), which reach the Rust
+# downsamplers as bytes: no Python object per datapoint. Experiments are packed as int4 with 0 for none
+# (identity keys start at 1).
+_PACK = (
+    "SELECT string_agg(int8send((extract(epoch FROM time) * 1000000)::int8), ''::bytea ORDER BY time),"
+    " string_agg(float8send(value), ''::bytea ORDER BY time),"
+    " string_agg(int4send(coalesce(experiment_id, 0)), ''::bytea ORDER BY time)"
+)
+# Uses the (event_id, time) index: a range scan of one channel, never the whole hypertable.
+RECENT_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= now() - make_interval(mins => %s)"
+RANGE_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= %s AND time < %s"
+
+# Buckets are few (a request may ask for at most 100,000): plain rows, the query an analyst would write, with
+# nothing added (packing them as arrays in SQL cost more than it saved).
+BUCKETED_SQL = sql.SQL(
+    "SELECT time_bucket(%s::interval, time, %s::text) AS bucket, {agg} FROM datapoints"
+    " WHERE event_id = %s AND time >= %s AND time < %s GROUP BY 1 ORDER BY 1"
+)
+
+# The first and the last datapoint of a range: two probes of the (event_id, time) index.
+ENDS_SQL = (
+    "SELECT f.time, f.value, l.time, l.value"
+    " FROM (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= %(start)s AND time < %(end)s"
+    " ORDER BY time LIMIT 1) f,"
+    " (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= %(start)s AND time < %(end)s"
+    " ORDER BY time DESC LIMIT 1) l"
+)
+# Per time slice (`width_bucket` over the slices' lower bounds, computed exactly as the Rust downsamplers
+# slice [first, last]): how many datapoints, the first, the minimum, the maximum and the last one. Rows reach
+# the aggregates in time order, and TimescaleDB's first()/last() keep the earliest row among equal keys, so
+# the minimum and maximum are the earliest of equal values, as in Rust. Only these rows cross the wire.
+PRESELECT_SQL = (
+    "SELECT count(*), min(time), first(value, time), first(time, value), min(value), last(time, value),"
+    " max(value), max(time), last(value, time)"
+    " FROM (SELECT time, value FROM datapoints"
+    " WHERE event_id = %(event)s AND time >= %(lo)s AND time <= %(hi)s ORDER BY time) r"
+    " GROUP BY width_bucket(time, %(edges)s::timestamptz[])"
+)
+
+#: Errors of a request's range, bucket or time zone that PostgreSQL finds first: the request's fault (422).
+_BAD_PARAMETERS = (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow)
+
+
+async def _packed(
+    conn: AsyncConnection, query: LiteralString, params: tuple[object, ...]
+) -> tuple[bytes, bytes, bytes | None]:
+    # Binary results: bytea arrives as bytes, no hex decoding.
+    cur = conn.cursor(binary=True)
+    await cur.execute(query, params)
+    row = await cur.fetchone()
+    times, values, experiments = row if row else (None, None, None)
+    return bytes(times or b""), bytes(values or b""), bytes(experiments) if experiments else None
+
+
+async def packed_recent(conn: AsyncConnection, *, event_id: int, minutes: int) -> tuple[bytes, bytes, bytes | None]:
+    """The event's datapoints of the last `minutes`, time ascending, as packed big-endian (times in µs since
+    the epoch, values, experiment ids or None when no datapoint has one)."""
+    return await _packed(conn, RECENT_SQL, (event_id, minutes))
+
+
+async def packed_range(
+    conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime
+) -> tuple[bytes, bytes, bytes | None]:
+    """The event's datapoints in [start, end), time ascending, packed as `packed_recent`'s; a range PostgreSQL
+    refuses is Unprocessable."""
+    try:
+        return await _packed(conn, RANGE_SQL, (event_id, start, end))
+    except _BAD_PARAMETERS as e:
+        raise Unprocessable(str(e.diag.message_primary or e)) from e
+
+
+async def bucketed(
+    conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime, bucket: str, tz: str, agg: Agg
+) -> list[tuple[datetime, float]]:
+    """`agg` per `bucket` (a PostgreSQL interval) over [start, end) as (bucket start, value), time ascending,
+    buckets aligned in `tz`; a bucket or time zone PostgreSQL refuses is Unprocessable."""
+    cur = conn.cursor(binary=True)
+    try:
+        await cur.execute(BUCKETED_SQL.format(agg=AGGREGATES[agg]), (bucket, tz, event_id, start, end))
+    except _BAD_PARAMETERS as e:
+        raise Unprocessable(str(e.diag.message_primary or e)) from e
+    return await cur.fetchall()
+
+
+async def ends(
+    conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime
+) -> tuple[datetime, float, datetime, float] | None:
+    """The first and the last datapoint of the event in [start, end) as (time, value, time, value); None when
+    the range holds none."""
+    cur = conn.cursor(binary=True)
+    await cur.execute(ENDS_SQL, {"event": event_id, "start": start, "end": end})
+    row = await cur.fetchone()
+    return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+async def slice_extremes(
+    conn: AsyncConnection, *, event_id: int, lo: datetime, hi: datetime, edges: list[datetime]
+) -> list[tuple[Any, ...]]:
+    """Per time slice of [lo, hi] cut at `edges`: (count, time and value of the first datapoint, of the
+    minimum, of the maximum, of the last), as PRESELECT_SQL lists them."""
+    cur = conn.cursor(binary=True)
+    await cur.execute(PRESELECT_SQL, {"event": event_id, "lo": lo, "hi": hi, "edges": edges})
+    return await cur.fetchall()
