@@ -13,8 +13,8 @@ import pytest
 from tests.analyst.conftest import load
 from tests.analyst.test_downsample import reference_stride
 from tests.conftest import unique
+from webmacs.repositories import exports as exports_repo
 from webmacs.repositories import series as series_repo
-from webmacs.services import export as export_service
 
 SERIES = "/api/v1/datapoints/series"
 
@@ -261,7 +261,7 @@ def test_single_event_queries_use_the_channel_index(db: psycopg.Connection, make
             ("1 hour", "Europe/Berlin", ev.id, start, end),
         ),
         "recent": (series_repo.RECENT_SQL, (ev.id, 60)),
-        "export": (export_service.EVENTS_QUERY, {"events": [ev.id], "start": start, "end": end}),
+        "export": (exports_repo.EVENTS_QUERY, {"events": [ev.id], "start": start, "end": end}),
     }
     sql, params = cases[query]
     with db.transaction():

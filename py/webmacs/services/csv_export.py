@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
@@ -10,17 +11,11 @@ from datetime import datetime
 
 import psycopg
 
+from webmacs.repositories import exports as exports_repo
 from webmacs.repositories.datapoints import datapoint_public_id
 
 HEADER = ("timestamp", "event_name", "event_public_id", "value", "unit", "datapoint_public_id")
 ROWS_PER_CHUNK = 5000
-
-# Rows are selected by their experiment tag only, not by the experiment's time window: client timestamps and
-# values ingested while a stop was committing carry the tag with a time outside [started_on, stopped_on].
-QUERY = (
-    "SELECT d.time, e.name, e.public_id, d.value, e.unit FROM datapoints d JOIN events e ON e.id = d.event_id"
-    " WHERE d.experiment_id = %(x)s ORDER BY d.time, d.event_id"
-)
 
 _UNSAFE_FILENAME = re.compile(r'[^\x20-\x7e]|["\\]')
 
@@ -74,8 +69,8 @@ async def experiment_csv(url: str, *, experiment_id: int, guard: bool = True) ->
     csv.writer(buf, lineterminator="\r\n").writerow(HEADER)
     yield buf.getvalue().encode()
     conn = await psycopg.AsyncConnection.connect(url, options="-c timezone=UTC")
-    async with conn, conn.cursor(name="experiment_csv") as cur:
-        cur.itersize = ROWS_PER_CHUNK
-        await cur.execute(QUERY, {"x": experiment_id})
-        while rows := await cur.fetchmany(ROWS_PER_CHUNK):
+    batches = exports_repo.experiment_csv_rows(conn, experiment_id=experiment_id, batch_rows=ROWS_PER_CHUNK)
+    # aclosing: a download that stops early closes the server-side cursor before its connection.
+    async with conn, contextlib.aclosing(batches):
+        async for rows in batches:
             yield _encode(rows, guard=guard)

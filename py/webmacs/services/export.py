@@ -8,11 +8,12 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import psycopg
 
 from webmacs import _core
+from webmacs.repositories import exports as exports_repo
 
 if TYPE_CHECKING:
     import polars as pl
@@ -29,38 +30,6 @@ CONTENT_TYPES = {
 EXTENSIONS = {"csv": "csv", "parquet": "parquet", "arrow": "arrows"}
 COLUMNS = ("time", "event_public_id", "event_name", "unit", "value", "experiment_public_id")
 
-# Each hypertable chunk is one window, read with one COPY ordered by time: PostgreSQL sorts one chunk at a time
-# (never the whole range) and each chunk is read once. Memory is bounded by the frame size, not the chunk size.
-_CHUNKS = (
-    "SELECT range_start, range_end, CASE WHEN NOT is_compressed"
-    " THEN pg_relation_size(format('%%I.%%I', chunk_schema, chunk_name)::regclass) END"
-    " FROM timescaledb_information.chunks"
-    " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
-    " AND (%(end)s::timestamptz IS NULL OR range_start < %(end)s)"
-    " AND (%(start)s::timestamptz IS NULL OR range_end > %(start)s)"
-    " ORDER BY range_start"
-)
-# Raw columns in binary COPY: `time` arrives as int8 µs since 2000-01-01 and is shifted in Rust (no per-row
-# epoch arithmetic in PostgreSQL); names, units and public ids become Arrow dictionaries, not a join per row.
-_SELECT = "SELECT time, event_id, value, experiment_id FROM datapoints"
-# Ordered by time only: rows of equal time are put in event order by the Rust reader (`ties_by_event`), because
-# PostgreSQL sorts on one int8 key about twice as fast as on (time, event_id) — measured on 333k-row chunks.
-# (Reading event by event through the (event_id, time) index needs no sort but visits every heap page once per
-# event when the events' rows are interleaved, as ingest writes them: slower still.)
-EVENTS_QUERY = _SELECT + " WHERE event_id = ANY(%(events)s) AND time >= %(start)s AND time < %(end)s ORDER BY time"
-# Rows are selected by their experiment tag only, as in the experiment CSV (spec §13): client timestamps may lie
-# outside the experiment's span. No index on experiment_id: one sequential pass per chunk.
-EXPERIMENT_QUERY = (
-    _SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s ORDER BY time"
-)
-EVENTS_COPY = "COPY (" + EVENTS_QUERY + ") TO STDOUT (FORMAT binary)"
-EXPERIMENT_COPY = "COPY (" + EXPERIMENT_QUERY + ") TO STDOUT (FORMAT binary)"
-# The same rows unordered, for chunks small enough to be sorted by the Rust reader (`sort=True`): PostgreSQL
-# streams a chunk about 3× faster when it does not sort it.
-EVENTS_QUERY_UNORDERED = _SELECT + " WHERE event_id = ANY(%(events)s) AND time >= %(start)s AND time < %(end)s"
-EXPERIMENT_QUERY_UNORDERED = _SELECT + " WHERE experiment_id = %(experiment)s AND time >= %(start)s AND time < %(end)s"
-EVENTS_COPY_UNORDERED = "COPY (" + EVENTS_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
-EXPERIMENT_COPY_UNORDERED = "COPY (" + EXPERIMENT_QUERY_UNORDERED + ") TO STDOUT (FORMAT binary)"
 #: No heap tuple of `datapoints` is smaller: 24 bytes of header, 20 or 24 of data (MAXALIGNed to 48) and a
 #: 4-byte line pointer. A chunk's size / this bounds its rows from above.
 MIN_ROW_BYTES = 52
@@ -161,8 +130,8 @@ class _Lookups:
     def __init__(self, conn: psycopg.Connection) -> None:
         import pyarrow as pa
 
-        events = conn.execute("SELECT id, public_id, name, unit FROM events ORDER BY id").fetchall()
-        experiments = conn.execute("SELECT id, public_id FROM experiments ORDER BY id").fetchall()
+        events = exports_repo.event_lookup(conn)
+        experiments = exports_repo.experiment_lookup(conn)
         self.event_ids = pa.array([e[0] for e in events], pa.int32())
         self.event_public_ids = pa.array([e[1] for e in events], pa.string())
         self.event_names = pa.array([e[2] for e in events], pa.string())
@@ -203,7 +172,7 @@ class _Lookups:
 def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, datetime, int]]:
     """The chunks' time windows within the selection, in time order (empty when nothing can match), each with
     an upper bound of the chunk's rows (from its size on disk; UNBOUNDED for a compressed chunk)."""
-    rows = conn.execute(_CHUNKS, {"start": sel.start, "end": sel.end}).fetchall()
+    rows = exports_repo.chunks(conn, start=sel.start, end=sel.end)
     windows = []
     for lo, hi, size in rows:
         lo = max(lo, sel.start) if sel.start else lo
@@ -217,19 +186,11 @@ def _bounds(conn: psycopg.Connection, sel: Selection) -> list[tuple[datetime, da
 def _copies(conn: psycopg.Connection, sel: Selection, sort_rows: int) -> list[tuple[str, bool]]:
     """One binary COPY statement per chunk window of the selection, each with whether it is read unordered and
     sorted by the reader (chunks of at most `sort_rows` rows) rather than sorted by PostgreSQL."""
-    statements: list[tuple[str, dict[str, Any], bool]] = []
-    events = list(dict.fromkeys(sel.event_ids))
-    for lo, hi, most in _bounds(conn, sel):
-        sort = most <= sort_rows
-        if sel.experiment_id is not None:
-            query = EXPERIMENT_COPY_UNORDERED if sort else EXPERIMENT_COPY
-            statements.append((query, {"experiment": sel.experiment_id, "start": lo, "end": hi}, sort))
-        else:
-            query = EVENTS_COPY_UNORDERED if sort else EVENTS_COPY
-            statements.append((query, {"events": events, "start": lo, "end": hi}, sort))
-    # COPY takes no bind parameters: psycopg binds them client-side as literals, as `cursor.copy` would.
-    mogrify = psycopg.ClientCursor(conn).mogrify
-    return [(mogrify(query, params), sort) for query, params, sort in statements]
+    windows = [(lo, hi, most <= sort_rows) for lo, hi, most in _bounds(conn, sel)]
+    statements = exports_repo.copy_statements(
+        conn, event_ids=list(dict.fromkeys(sel.event_ids)), experiment_id=sel.experiment_id, windows=windows
+    )
+    return [(statement, sort) for statement, (_, _, sort) in zip(statements, windows, strict=True)]
 
 
 def frames(
@@ -341,8 +302,8 @@ def encode_parquet(
     not imported, and each row group of `row_group_rows` rows is yielded as soon as it is written (snappy,
     dictionary-encoded strings, delta-coded times); the footer last. An empty selection gives a file with the
     schema and no row group."""
-    events = conn.execute("SELECT id, public_id, name, unit FROM events ORDER BY id").fetchall()
-    experiments = conn.execute("SELECT id, public_id FROM experiments ORDER BY id").fetchall()
+    events = exports_repo.event_lookup(conn)
+    experiments = exports_repo.experiment_lookup(conn)
     copies = _copies(conn, sel, sort_rows)
     writer = _core.ParquetExport(dsn, events, experiments, row_group_rows)
     try:
