@@ -10,18 +10,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from webmacs.repositories import retention as retention_repo
 from webmacs.runtime import Runtime
 from webmacs.settings import Settings
 
 log = logging.getLogger("webmacs.retention")
 
 JOB_INTERVAL_S = 3600
-# One dropper among several server processes sharing the database.
-_LOCK_KEY = 7765627
 
 
 @dataclass
@@ -34,26 +32,13 @@ class RetentionState:
     task: asyncio.Task[None] | None = None
 
 
-async def license_of(conn: AsyncConnection) -> str:
-    cur = await conn.execute("SELECT coalesce(current_setting('timescaledb.license', true), 'apache')")
-    row = await cur.fetchone()
-    return str(row[0]) if row else "apache"
-
-
 async def drop_expired(pool: AsyncConnectionPool, *, days: int) -> int | None:
     """Drop the datapoints chunks entirely older than `days`; the number dropped, or None when another
     process holds the job."""
     async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        row = await cur.fetchone()
-        if not row or not row[0]:
+        if not await retention_repo.try_drop_lock(conn):
             return None
-        cur = await conn.execute(
-            "SELECT count(*) FROM drop_chunks('datapoints', older_than => now() - make_interval(days => %s))",
-            (days,),
-        )
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return await retention_repo.drop_chunks_older_than(conn, days=days)
 
 
 async def _job(rt: Runtime, days: int) -> None:
@@ -71,50 +56,24 @@ async def _job(rt: Runtime, days: int) -> None:
         await asyncio.sleep(JOB_INTERVAL_S)
 
 
-async def _policy_config(conn: AsyncConnection, proc_name: str) -> tuple[int, str] | None:
-    cur = await conn.execute(
-        "SELECT job_id, config::text FROM timescaledb_information.jobs"
-        " WHERE proc_name = %s AND hypertable_schema = current_schema() AND hypertable_name = 'datapoints'",
-        (proc_name,),
-    )
-    row = await cur.fetchone()
-    return (int(row[0]), str(row[1])) if row else None
-
-
 async def apply_policies(conn: AsyncConnection, *, retention_days: int | None, compress_after_days: int | None) -> None:
     """Timescale-License edition: make the retention and compression policies match the settings (created or
     replaced when their interval differs; left alone when unset)."""
     if retention_days is not None:
         wanted = f"{retention_days} days"
-        current = await _policy_config(conn, "policy_retention")
+        current = await retention_repo.policy_config(conn, proc_name="policy_retention")
         if current is not None and f'"drop_after": "{wanted}"' not in current[1]:
-            await conn.execute("SELECT remove_retention_policy('datapoints', if_exists => true)")
-        await conn.execute(
-            "SELECT add_retention_policy('datapoints', drop_after => make_interval(days => %s), if_not_exists => true)",
-            (retention_days,),
-        )
+            await retention_repo.remove_retention_policy(conn)
+        await retention_repo.add_retention_policy(conn, days=retention_days)
     if compress_after_days is not None:
-        cur = await conn.execute(
-            "SELECT compression_enabled FROM timescaledb_information.hypertables"
-            " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints'"
-        )
-        row = await cur.fetchone()
-        if not (row and row[0]):
-            # Segment by channel, ordered by time: the shape of the (event_id, time) unique index, which
-            # compressed chunks must still enforce. Only once: it cannot change while chunks are compressed.
-            await conn.execute(
-                "ALTER TABLE datapoints SET (timescaledb.compress, timescaledb.compress_segmentby = 'event_id',"
-                " timescaledb.compress_orderby = 'time')"
-            )
+        if not await retention_repo.compression_enabled(conn):
+            # Only once: the segmenting cannot change while chunks are compressed.
+            await retention_repo.enable_compression(conn)
         wanted = f"{compress_after_days} days"
-        current = await _policy_config(conn, "policy_compression")
+        current = await retention_repo.policy_config(conn, proc_name="policy_compression")
         if current is not None and f'"compress_after": "{wanted}"' not in current[1]:
-            await conn.execute("SELECT remove_compression_policy('datapoints', if_exists => true)")
-        await conn.execute(
-            "SELECT add_compression_policy('datapoints', compress_after => make_interval(days => %s),"
-            " if_not_exists => true)",
-            (compress_after_days,),
-        )
+            await retention_repo.remove_compression_policy(conn)
+        await retention_repo.add_compression_policy(conn, days=compress_after_days)
 
 
 def install(rt: Runtime) -> None:
@@ -122,7 +81,7 @@ def install(rt: Runtime) -> None:
         settings = rt.settings
         state = rt.retention
         async with rt.pool.connection() as conn:
-            state.license = await license_of(conn)
+            state.license = await retention_repo.license_of(conn)
             if state.license == "timescale":
                 await apply_policies(
                     conn,
@@ -174,28 +133,7 @@ class StorageReport(BaseModel):
 
 
 async def storage_report(conn: AsyncConnection, settings: Settings, state: RetentionState) -> StorageReport:
-    cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(
-        "SELECT hypertable_size('datapoints') AS size_bytes, approximate_row_count('datapoints') AS rows,"
-        " (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS version,"
-        " coalesce(current_setting('timescaledb.license', true), 'apache') AS license,"
-        " (SELECT time_interval::text FROM timescaledb_information.dimensions"
-        "   WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints' LIMIT 1) AS interval"
-    )
-    head = await cur.fetchone()
-    assert head is not None  # an aggregate-free SELECT without FROM always returns one row
-    await cur.execute(
-        "SELECT count(*) AS n, min(range_start) AS oldest, max(range_end) AS newest"
-        " FROM timescaledb_information.chunks WHERE hypertable_schema = current_schema()"
-        " AND hypertable_name = 'datapoints'"
-    )
-    chunks = await cur.fetchone()
-    assert chunks is not None
-    await cur.execute(
-        "SELECT job_id, proc_name, schedule_interval::text AS schedule, config, next_start"
-        " FROM timescaledb_information.jobs"
-        " WHERE hypertable_schema = current_schema() AND hypertable_name = 'datapoints' ORDER BY job_id"
-    )
+    head, chunks, job_rows = await retention_repo.storage(conn)
     jobs = [
         StorageJob(
             job_id=r["job_id"],
@@ -204,7 +142,7 @@ async def storage_report(conn: AsyncConnection, settings: Settings, state: Reten
             config=r["config"],
             next_start=r["next_start"],
         )
-        for r in await cur.fetchall()
+        for r in job_rows
     ]
     if state.mode == "job":
         jobs.append(
