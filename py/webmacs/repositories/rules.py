@@ -31,6 +31,15 @@ WRITABLE = (
 
 EVENT_NOT_FOUND = "Event not found."
 
+# One process wins a firing: the cooldown is claimed in the database, so several server processes (each
+# with its own in-memory cooldown mirror) still fire a rule once per cooldown.
+CLAIM_RULE_SQL = """
+UPDATE rules SET last_triggered_at = now()
+ WHERE id = %(id)s AND enabled
+   AND (last_triggered_at IS NULL OR last_triggered_at <= now() - make_interval(secs => cooldown_seconds))
+RETURNING user_public_id
+"""
+
 
 async def event_exists(conn: AsyncConnection, *, public_id: str) -> bool:
     cur = await conn.execute("SELECT 1 FROM events WHERE public_id = %(p)s", {"p": public_id})
@@ -96,3 +105,11 @@ async def delete(conn: AsyncConnection, *, public_id: str) -> None:
     cur = await conn.execute("DELETE FROM rules WHERE public_id = %(p)s", {"p": public_id})
     if cur.rowcount == 0:
         raise NotFound.entity("Rule", public_id)
+
+
+async def claim_firing(conn: AsyncConnection, *, rule_id: int) -> dict[str, Any] | None:
+    """Start the rule's cooldown now if it is enabled and out of its cooldown: its `user_public_id` (the
+    owner, may be None), or None when the rule is gone, disabled, or fired within its cooldown."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(CLAIM_RULE_SQL, {"id": rule_id})
+    return await cur.fetchone()

@@ -153,6 +153,9 @@ UPDATE webhook_deliveries SET next_attempt_at = now()
 
 _NEXT_DUE = "SELECT min(next_attempt_at) - now() FROM webhook_deliveries WHERE status = 'pending'"
 
+# The channel sql/0020_webhook_outbox.sql's trigger notifies when deliveries are queued.
+_LISTEN_OUTBOX = "LISTEN webhook_outbox"
+
 
 async def claim_due_deliveries(conn: AsyncConnection, *, limit: int, lease_s: float) -> list[dict[str, Any]]:
     cur = conn.cursor(row_factory=dict_row)
@@ -199,3 +202,9 @@ async def outbox_counts(conn: AsyncConnection) -> dict[str, int]:
     )
     row = await cur.fetchone()
     return {"pending": int(row[0]), "dead_letter": int(row[1])} if row else {}
+
+
+async def listen_outbox(conn: AsyncConnection) -> None:
+    """Subscribe `conn` (autocommit, not a pool's) to the outbox channel: its `notifies()` then say that
+    deliveries were queued."""
+    await conn.execute(_LISTEN_OUTBOX)

@@ -22,7 +22,6 @@ from webmacs.settings import Settings
 
 log = logging.getLogger("webmacs.dispatcher")
 
-CHANNEL = "webhook_outbox"
 # A claimed row is leased for this long beyond the request timeout; a process that dies mid-send leaves the
 # row to be claimed again by anyone once the lease runs out (at-least-once, never lost).
 LEASE_MARGIN_S = 30.0
@@ -93,7 +92,7 @@ class Dispatcher:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
                 try:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await webhooks_repo.listen_outbox(conn)
                     backoff = 1.0
                     self.wake.set()  # catch up on anything queued while not listening
                     async for _ in conn.notifies():

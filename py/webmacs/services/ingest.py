@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from webmacs._core import Engine, Receipt
 from webmacs.exceptions import DatabaseError, EngineClosedError
 from webmacs.repositories import logs as logs_repo
+from webmacs.repositories import rules as rules_repo
 from webmacs.runtime import Runtime
 from webmacs.services import webhooks
 
@@ -25,15 +26,6 @@ log = logging.getLogger("webmacs.ingest")
 mqtt_log = logging.getLogger("webmacs.mqtt")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-# One process wins a firing: the cooldown is claimed in the database, so several server processes (each
-# with its own in-memory cooldown mirror) still fire a rule once per cooldown.
-CLAIM_RULE_SQL = """
-UPDATE rules SET last_triggered_at = now()
- WHERE id = %(id)s AND enabled
-   AND (last_triggered_at IS NULL OR last_triggered_at <= now() - make_interval(secs => cooldown_seconds))
-RETURNING user_public_id
-"""
 
 _OP_TEXT = {
     "gt": ">",
@@ -243,8 +235,7 @@ class Ingest:
         if f["kind"] == "reading":
             await webhooks.enqueue(conn, event_type="sensor.reading", sensor=f["sensor"], value=f["value"])
             return
-        cur = await conn.execute(CLAIM_RULE_SQL, {"id": f["rule_id"]})
-        claimed = await cur.fetchone()
+        claimed = await rules_repo.claim_firing(conn, rule_id=f["rule_id"])
         if claimed is None:
             return  # another process fired it within the cooldown, or the rule is gone
         if f["action_type"] == "webhook":
@@ -258,7 +249,9 @@ class Ingest:
                 threshold=f["threshold"],
             )
         log.warning("Rule triggered: %s", rule_log_text(f))
-        await logs_repo.create(conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed[0])
+        await logs_repo.create(
+            conn, content=rule_log_text(f), logging_type="warning", user_public_id=claimed["user_public_id"]
+        )
 
 
 def fanout_options(settings: Any) -> dict[str, Any]:
