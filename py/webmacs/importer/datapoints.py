@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from webmacs import _core
+from webmacs.epoch import to_micros
 from webmacs.importer.relational import events_and_experiments
-from webmacs.importer.source import Source, micros
+from webmacs.importer.source import Source
 
 if TYPE_CHECKING:
     from webmacs.importer.run import Run
@@ -54,8 +55,8 @@ def stream(
         carry=run.carry,
         batch_rows=batch_rows,
     )
-    lo = micros(first) if first else 0
-    span = max((micros(last) if last else 0) - lo, 1)
+    lo = to_micros(first) if first else 0
+    span = max((to_micros(last) if last else 0) - lo, 1)
     read_before = run.counters.get("read", 0)
     outcome: dict[str, Any] = {}
     failure: list[BaseException] = []

@@ -394,7 +394,7 @@ def _create_missing(
         report.notes.append(f"{verb} {len(new_experiments)} experiments: " + ", ".join(list(new_experiments)[:5]))
     if dry_run:
         return
-    from webmacs.importer.source import from_micros
+    from webmacs.epoch import from_micros
 
     with conn.transaction():
         for public_id, e in new_events.items():

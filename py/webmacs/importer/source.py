@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import ClientCursor, sql
 from psycopg.rows import dict_row
 
+from webmacs.epoch import EPOCH, from_micros
 from webmacs.importer.report import Report
 
 #: Tables and columns without which a database is not a WebMACS database.
@@ -26,7 +27,6 @@ REQUIRED = {
 FETCH_ROWS = 5000
 #: Examples listed per problem.
 EXAMPLES = 5
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class NotWebmacs(Exception):
@@ -51,15 +51,6 @@ def redacted(url: str) -> str:
         return "<unparsable URL>"
     host = params.get("host") or "localhost"
     return f"{params.get('user') or ''}@{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
-
-
-def micros(time: datetime) -> int:
-    """µs since the Unix epoch, exactly."""
-    return (time - EPOCH) // timedelta(microseconds=1)
-
-
-def from_micros(us: int) -> datetime:
-    return EPOCH + timedelta(microseconds=us)
 
 
 @dataclass

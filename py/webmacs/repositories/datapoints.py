@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
+from webmacs.epoch import from_micros, to_micros
 from webmacs.errors import NotFound
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROS = re.compile(r"-?[0-9]{1,19}")
 
 
-def epoch_micros(time: datetime) -> int:
-    """Microseconds since the Unix epoch, exactly (integer arithmetic, no float rounding)."""
-    return (time - EPOCH) // timedelta(microseconds=1)
+epoch_micros = to_micros
 
 
 def datapoint_public_id(event_public_id: str, time: datetime) -> str:
@@ -31,7 +29,7 @@ def parse_datapoint_public_id(public_id: str) -> tuple[str, datetime] | None:
     if not sep or not event_public_id or "\x00" in event_public_id or not _MICROS.fullmatch(micros):
         return None
     try:
-        return event_public_id, EPOCH + timedelta(microseconds=int(micros))
+        return event_public_id, from_micros(int(micros))
     except OverflowError:
         return None
 

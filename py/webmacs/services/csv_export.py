@@ -20,13 +20,22 @@ ROWS_PER_CHUNK = 5000
 _UNSAFE_FILENAME = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
+def experiment_stem(name: str, public_id: str) -> str:
+    """`experiment_<name>_<id8>` (spec §13): an experiment's download name without its extension."""
+    return f"experiment_{name.replace(' ', '_').replace('/', '-')}_{public_id[:8]}"
+
+
 def content_disposition(name: str, public_id: str) -> str:
-    """`attachment; filename="experiment_<safe>_<id8>.csv"` (spec §13). Characters a quoted header value
-    cannot carry (non-ASCII, controls, quotes, backslashes) become `_` there, and the exact UTF-8 name then
-    rides along as RFC 5987 `filename*`."""
+    """`attachment; filename="experiment_<safe>_<id8>.csv"` (spec §13)."""
+    return attachment(experiment_stem(name, public_id) + ".csv")
+
+
+def attachment(filename: str) -> str:
+    """`attachment; filename="…"` for any download. Characters a quoted header value cannot carry (non-ASCII,
+    controls, quotes, backslashes) become `_` there, and the exact UTF-8 name then rides along as RFC 5987
+    `filename*`."""
     from urllib.parse import quote
 
-    filename = f"experiment_{name.replace(' ', '_').replace('/', '-')}_{public_id[:8]}.csv"
     ascii_name = _UNSAFE_FILENAME.sub("_", filename)
     header = f'attachment; filename="{ascii_name}"'
     if ascii_name != filename:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -85,12 +84,11 @@ class Selection:
     end: datetime | None = None
 
 
-_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
 def content_disposition(stem: str, fmt: Format) -> str:
-    """`attachment; filename="<stem>.<ext>"` with everything but [A-Za-z0-9._-] replaced by `_`."""
-    return f'attachment; filename="{_UNSAFE_FILENAME.sub("_", stem)}.{EXTENSIONS[fmt]}"'
+    """`attachment; filename="<stem>.<ext>"` (see csv_export.attachment)."""
+    from webmacs.services.csv_export import attachment
+
+    return attachment(f"{stem}.{EXTENSIONS[fmt]}")
 
 
 class _Sink:

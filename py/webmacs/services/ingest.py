@@ -10,12 +10,12 @@ import heapq
 import itertools
 import logging
 import os
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import Engine, Receipt
+from webmacs.epoch import from_micros
 from webmacs.exceptions import DatabaseError, EngineClosedError
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import rules as rules_repo
@@ -25,7 +25,6 @@ from webmacs.services import webhooks
 log = logging.getLogger("webmacs.ingest")
 mqtt_log = logging.getLogger("webmacs.mqtt")
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _OP_TEXT = {
     "gt": ">",
@@ -38,9 +37,8 @@ _OP_TEXT = {
 }
 
 
-def time_of(us: int) -> datetime:
-    """Aware UTC datetime from Unix microseconds (exact, unlike `fromtimestamp` on a float)."""
-    return EPOCH + timedelta(microseconds=us)
+#: Aware UTC datetime from Unix microseconds (exact, unlike `fromtimestamp` on a float).
+time_of = from_micros
 
 
 def rule_log_text(f: dict[str, Any]) -> str:

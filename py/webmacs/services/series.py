@@ -7,16 +7,16 @@ import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
 
 from webmacs import _core
+from webmacs.epoch import from_micros, to_micros
 from webmacs.repositories import series as series_repo
 from webmacs.repositories.series import Agg as Agg
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Mode = Literal["stride", "lttb", "minmax", "m4", "avg"]
 
 
@@ -40,7 +40,7 @@ class Point:
 
     @property
     def time(self) -> datetime:
-        return EPOCH + timedelta(microseconds=self.micros)
+        return from_micros(self.micros)
 
 
 def _native(typecode: str, packed: bytes) -> array[int] | array[float]:
@@ -126,14 +126,6 @@ LTTB_LONG = 16
 PRESELECT_MAX_SLICES = 2000
 
 
-def _micros(t: datetime) -> int:
-    return (t - EPOCH) // timedelta(microseconds=1)
-
-
-def _moment(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
-
-
 def slice_edges(t_first: int, t_last: int, slices: int) -> list[int]:
     """Lower bounds (µs) of time slices 1 … slices−1 of [t_first, t_last] as the Rust downsamplers cut them
     (point t is in slice ⌊(t − t_first)·slices / span⌋): slice j starts at t_first + ⌈j·span / slices⌉."""
@@ -155,7 +147,7 @@ async def preselected(
     ends = await series_repo.ends(conn, event_id=event_id, start=start, end=end)
     if ends is None:
         return []
-    t_first, v_first, t_last, v_last = _micros(ends[0]), ends[1], _micros(ends[2]), ends[3]
+    t_first, v_first, t_last, v_last = to_micros(ends[0]), ends[1], to_micros(ends[2]), ends[3]
     if t_first == t_last:
         return None
     if mode == "m4":
@@ -167,7 +159,7 @@ async def preselected(
         slices, lo, hi = max_points * LTTB_SLICES, ends[0], ends[2]
     if slices > PRESELECT_MAX_SLICES:
         return None
-    edges = [_moment(t) for t in slice_edges(t_first, t_last, slices)]
+    edges = [from_micros(t) for t in slice_edges(t_first, t_last, slices)]
     groups = await series_repo.slice_extremes(conn, event_id=event_id, lo=lo, hi=hi, edges=edges)
     total = sum(g[0] for g in groups) + (2 if mode == "minmax" else 0)
     if total <= max_points or (mode == "lttb" and total < LTTB_LONG * max_points):
@@ -188,8 +180,7 @@ async def preselected(
 
 def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:
     """(time, value) rows as a PackedSeries, for the downsamplers."""
-    one = timedelta(microseconds=1)
-    return PackedSeries(pack_times([(t - EPOCH) // one for t, _ in rows]), pack_values([v for _, v in rows]))
+    return PackedSeries(pack_times([to_micros(t) for t, _ in rows]), pack_values([v for _, v in rows]))
 
 
 # --- bucket intervals ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from webmacs.errors import NotFound, Unavailable, Unprocessable
 from webmacs.repositories import events as events_repo
 from webmacs.repositories import experiments as experiments_repo
 from webmacs.repositories.datapoints import datapoint_public_id
+from webmacs.services import csv_export, retention
 from webmacs.services import export as export_service
-from webmacs.services import retention
 from webmacs.services import series as series_service
 from webmacs.services.series import Agg, Mode, Point
 
@@ -349,7 +349,7 @@ async def _export_experiment(
 ) -> StreamingResponse:
     experiment = await experiments_repo.by_public_id(conn, public_id=public_id)
     sel = export_service.Selection(experiment_id=experiment["id"])
-    stem = f"experiment_{experiment['name'].replace(' ', '_').replace('/', '-')}_{experiment['public_id'][:8]}"
+    stem = csv_export.experiment_stem(experiment["name"], experiment["public_id"])
     return _export_response(request, sel, fmt, None, stem)
 
 

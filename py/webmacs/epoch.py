@@ -1,0 +1,19 @@
+"""Unix-epoch microseconds ⇄ aware UTC datetimes, exactly (integer arithmetic, never a float): the engine, the
+datapoint ids, the series packing and the importer all count time this way."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def to_micros(time: datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime."""
+    return (time - EPOCH) // _MICROSECOND
+
+
+def from_micros(us: int) -> datetime:
+    """The aware UTC datetime `us` microseconds after the epoch (OverflowError outside years 1–9999)."""
+    return EPOCH + timedelta(microseconds=us)
