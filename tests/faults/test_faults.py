@@ -130,9 +130,18 @@ class Load:
                 done = threading.Event()
 
                 def receive() -> None:
+                    # Until every frame sent is acknowledged, or 180 s without a reply. Short waits: the last
+                    # ack may arrive before the sender says it is done, and then no message would end a long one.
+                    quiet_until = time.monotonic() + 180
                     try:
                         while not (done.is_set() and not pending):
-                            msg = orjson.loads(ws.recv(timeout=180))
+                            try:
+                                msg = orjson.loads(ws.recv(timeout=0.5))
+                            except TimeoutError:
+                                if time.monotonic() > quiet_until:
+                                    raise
+                                continue
+                            quiet_until = time.monotonic() + 180
                             if msg.get("type") == "ack":
                                 with lock:
                                     values = pending.pop(msg["seq"])
