@@ -222,9 +222,14 @@ def test_one_flooding_sender_cannot_take_the_queue(
             locker.execute("LOCK TABLE datapoints IN ACCESS EXCLUSIVE MODE")
             # Writers take a batch each and block on the lock; what follows stays queued.
             # Raw sources far from REST's (a REST request counts as its user's id or token id).
-            engine.submit(frame, False, 10**9 + 99)
-            engine.submit(frame, False, 10**9 + 98)
-            time.sleep(0.3)
+            # Until both writers hold a batch (a writer still filling one would take the flood's rows too):
+            # frames from other sources, one at a time (two may share a batch).
+            for source in range(10**9 + 99, 10**9 + 90, -1):
+                if engine.health()["batches_in_flight"] >= 2:
+                    break
+                engine.submit(frame, False, source)
+                time.sleep(0.2)
+            assert engine.health()["batches_in_flight"] == 2, engine.health()
             flood = 0
             refusal: QueueFullError | None = None
             for _ in range(100):
