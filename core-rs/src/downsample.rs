@@ -22,6 +22,8 @@ pub enum DownsampleError {
     Unsorted { index: usize },
     #[error("a packed array of {width}-byte items cannot be {len} bytes long")]
     BadPacking { width: usize, len: usize },
+    #[error("time at index {index} is outside the representable range")]
+    TimeOutOfRange { index: usize },
 }
 
 impl DownsampleError {
@@ -32,6 +34,7 @@ impl DownsampleError {
             DownsampleError::TooFewPoints { .. } => "too_few_points",
             DownsampleError::Unsorted { .. } => "unsorted",
             DownsampleError::BadPacking { .. } => "bad_packing",
+            DownsampleError::TimeOutOfRange { .. } => "time_out_of_range",
         }
     }
 }
@@ -266,6 +269,70 @@ pub fn unpack_i64_be(bytes: &[u8]) -> Result<Vec<i64>> {
 /// A packed big-endian float8 array, as PostgreSQL's `float8send` produces.
 pub fn unpack_f64_be(bytes: &[u8]) -> Result<Vec<f64>> {
     unpack(bytes, f64::from_be_bytes)
+}
+
+/// One event's series as PostgreSQL packs it cheaply — `timestamptz_send` times (µs since 2000-01-01),
+/// `float8send` values, `int4send` experiment ids, big-endian, aggregated from an ordered subquery — as the
+/// downsamplers take it: times in µs since 1970, in time order. `timestamptz_send` is exact and costs far
+/// less than `extract(epoch …)`'s numeric arithmetic. Rows arrive in order from the subquery; should a plan
+/// ever deliver them otherwise, they are put in order here (stably) instead of being downsampled wrongly.
+pub fn series_from_pg(times: &[u8], values: &[u8], experiments: Option<&[u8]>) -> Result<Packed> {
+    let mut micros = unpack_i64_be(times)?;
+    let n = micros.len();
+    let mismatch = |len: usize| DownsampleError::LengthMismatch {
+        times: n,
+        values: len,
+    };
+    if values.len() != n * 8 {
+        return Err(mismatch(values.len() / 8));
+    }
+    if let Some(x) = experiments {
+        if x.len() != n * 4 {
+            return Err(mismatch(x.len() / 4));
+        }
+    }
+    for (index, t) in micros.iter_mut().enumerate() {
+        *t = t
+            .checked_add(crate::pg::PG_EPOCH_US)
+            .ok_or(DownsampleError::TimeOutOfRange { index })?;
+    }
+    let order: Option<Vec<usize>> = (!micros.is_sorted()).then(|| {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| micros[i]);
+        order
+    });
+    let gather = |bytes: &[u8], width: usize| -> Vec<u8> {
+        match &order {
+            None => bytes.to_vec(),
+            Some(order) => order
+                .iter()
+                .flat_map(|&i| &bytes[i * width..(i + 1) * width])
+                .copied()
+                .collect(),
+        }
+    };
+    let mut out_times = Vec::with_capacity(n * 8);
+    match &order {
+        None => micros
+            .iter()
+            .for_each(|t| out_times.extend_from_slice(&t.to_be_bytes())),
+        Some(order) => order
+            .iter()
+            .for_each(|&i| out_times.extend_from_slice(&micros[i].to_be_bytes())),
+    }
+    Ok(Packed {
+        times: out_times,
+        values: gather(values, 8),
+        experiments: experiments.map(|x| gather(x, 4)),
+    })
+}
+
+/// A series as packed big-endian arrays: times (µs since 1970), values, experiment ids (0 = none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    pub times: Vec<u8>,
+    pub values: Vec<u8>,
+    pub experiments: Option<Vec<u8>>,
 }
 
 #[cfg(test)]
@@ -520,5 +587,76 @@ mod tests {
                 prop_assert_eq!(kept.len(), n.min(max_points));
             }
         }
+    }
+
+    fn be<T: Copy, const W: usize>(items: &[T], to: fn(T) -> [u8; W]) -> Vec<u8> {
+        items.iter().flat_map(|&x| to(x)).collect()
+    }
+
+    #[test]
+    fn series_from_pg_rebases_times_and_keeps_rows_together_in_time_order() {
+        let pg_times = [3_000_000i64, -5, 1_000_000];
+        let values = [3.0f64, -0.0, 1.0];
+        let experiments = [7i32, 0, 9];
+        let Packed {
+            times: t,
+            values: v,
+            experiments: x,
+        } = series_from_pg(
+            &be(&pg_times, i64::to_be_bytes),
+            &be(&values, f64::to_be_bytes),
+            Some(&be(&experiments, i32::to_be_bytes)),
+        )
+        .unwrap();
+        assert_eq!(
+            unpack_i64_be(&t).unwrap(),
+            [-5, 1_000_000, 3_000_000].map(|x| x + crate::pg::PG_EPOCH_US)
+        );
+        let v = unpack_f64_be(&v).unwrap();
+        assert_eq!(v[1..], [1.0, 3.0]);
+        assert!(v[0] == 0.0 && v[0].is_sign_negative());
+        assert_eq!(x.unwrap(), be(&[0i32, 9, 7], i32::to_be_bytes));
+        // In order already: the bytes come back unchanged but for the epoch.
+        let Packed {
+            times: t,
+            values: v,
+            experiments: x,
+        } = series_from_pg(
+            &be(&[1i64, 2], i64::to_be_bytes),
+            &be(&[1.0f64, 2.0], f64::to_be_bytes),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            unpack_i64_be(&t).unwrap(),
+            [1 + crate::pg::PG_EPOCH_US, 2 + crate::pg::PG_EPOCH_US]
+        );
+        assert_eq!(unpack_f64_be(&v).unwrap(), [1.0, 2.0]);
+        assert!(x.is_none());
+        assert!(series_from_pg(&[], &[], Some(&[]))
+            .unwrap()
+            .times
+            .is_empty());
+    }
+
+    #[test]
+    fn series_from_pg_refuses_what_postgresql_cannot_have_sent() {
+        let one = be(&[1i64], i64::to_be_bytes);
+        assert!(matches!(
+            series_from_pg(&one, &[0; 16], None),
+            Err(DownsampleError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            series_from_pg(&one, &[0; 8], Some(&[0; 3])),
+            Err(DownsampleError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            series_from_pg(&[0; 7], &[], None),
+            Err(DownsampleError::BadPacking { .. })
+        ));
+        assert!(matches!(
+            series_from_pg(&be(&[i64::MAX], i64::to_be_bytes), &[0; 8], None),
+            Err(DownsampleError::TimeOutOfRange { index: 0 })
+        ));
     }
 }

@@ -30,6 +30,7 @@ __all__ = [
     "downsample_stride",
     "inspect_jwt",
     "parse_lines",
+    "series_from_pg",
     "validate_frame",
 ]
 
@@ -183,6 +184,9 @@ def downsample_lttb(times: bytes, values: bytes, max_points: int) -> list[int]: 
 def downsample_minmax(times: bytes, values: bytes, max_points: int) -> list[int]: ...
 def downsample_m4(times: bytes, values: bytes, max_points: int) -> list[int]: ...
 def downsample_avg(times: bytes, values: bytes, max_points: int) -> tuple[list[int], list[float]]: ...
+def series_from_pg(
+    times: bytes, values: bytes, experiments: bytes | None = None
+) -> tuple[bytes, bytes, bytes | None]: ...
 
 # Binary COPY decoder (`core-rs/src/py/pgcopy.rs`): (time, event_id, value, experiment_id) tuples → native-endian
 # column buffers: (rows, time_us, event_id, value, experiment_id, experiment_validity, experiment_nulls, finished).

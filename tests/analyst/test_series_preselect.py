@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,11 +14,22 @@ import psycopg
 import pytest
 
 from tests.analyst.conftest import load
+from tests.conftest import Server
 from webmacs.repositories import series as series_repo
 from webmacs.services import series as series_service
 
 T0 = datetime(2026, 7, 1, tzinfo=UTC)
 MAX_POINTS = 40
+
+
+@pytest.fixture(autouse=True)
+def preselect(server: Server) -> Iterator[None]:
+    """These tests exercise the pre-selection through the API: on for them (WEBMACS_SERIES_PRESELECT), then the
+    setting is put back."""
+    before = server.rt.settings
+    server.rt.settings = before.model_copy(update={"webmacs_series_preselect": True})
+    yield
+    server.rt.settings = before
 
 
 def _series(
@@ -33,7 +45,7 @@ def _whole(db: psycopg.Connection, event_id: int, max_points: int, mode: series_
     """The downsample of every datapoint of the range, read with the unselected query."""
     row = db.cursor(binary=True).execute(series_repo.RANGE_SQL, (event_id, T0, T0 + timedelta(days=30))).fetchone()
     assert row is not None
-    packed = series_service.PackedSeries(bytes(row[0] or b""), bytes(row[1] or b""))
+    packed = series_service.from_pg((bytes(row[0] or b""), bytes(row[1] or b""), None))
     return [(p.time, p.value) for p in series_service.downsample(packed, max_points, mode)]
 
 
@@ -98,6 +110,23 @@ def test_preselection_equals_the_downsample_of_every_row(
     # The global extremes and both ends survive.
     assert got[0] == rows[0] and got[-1] == rows[-1]
     assert {v for _, v in got} >= {-1e300, 1e300}
+
+
+@pytest.mark.parametrize("mode", ["m4", "minmax"])
+def test_reading_whole_answers_as_preselecting_does(
+    server: Server,
+    client: httpx.Client,
+    viewer: dict[str, str],
+    db: psycopg.Connection,
+    long_event: tuple[Any, list[tuple[datetime, float]]],
+    mode: series_service.Mode,
+) -> None:
+    ev, _ = long_event
+    preselected = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    server.rt.settings = server.rt.settings.model_copy(update={"webmacs_series_preselect": False})
+    whole = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    assert whole == preselected == _whole(db, ev.id, MAX_POINTS, mode)
+    assert len(whole) > 4
 
 
 def test_lttb_on_preselected_points_keeps_the_ends_and_stays_within_max_points(

@@ -5,6 +5,7 @@
 
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
 
 use super::detached;
 use crate::downsample::{self, DownsampleError};
@@ -86,11 +87,40 @@ fn downsample_avg(
     .map_err(value_error)
 }
 
+/// A series as PostgreSQL packs it (`timestamptz_send` times since 2000, values, experiment ids) → times
+/// since 1970, in time order (see `downsample::series_from_pg`).
+#[pyfunction]
+#[pyo3(signature = (times, values, experiments=None))]
+fn series_from_pg<'py>(
+    py: Python<'py>,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    experiments: Option<PyBackedBytes>,
+) -> PyResult<PackedBytes<'py>> {
+    let packed = detached(py, || {
+        downsample::series_from_pg(&times, &values, experiments.as_deref())
+    })
+    .map_err(value_error)?;
+    Ok((
+        PyBytes::new(py, &packed.times),
+        PyBytes::new(py, &packed.values),
+        packed.experiments.map(|x| PyBytes::new(py, &x)),
+    ))
+}
+
+/// (times, values, experiment ids or None) as Python bytes.
+type PackedBytes<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Option<Bound<'py, PyBytes>>,
+);
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(downsample_stride, m)?)?;
     m.add_function(wrap_pyfunction!(downsample_lttb, m)?)?;
     m.add_function(wrap_pyfunction!(downsample_minmax, m)?)?;
     m.add_function(wrap_pyfunction!(downsample_m4, m)?)?;
     m.add_function(wrap_pyfunction!(downsample_avg, m)?)?;
+    m.add_function(wrap_pyfunction!(series_from_pg, m)?)?;
     Ok(())
 }

@@ -71,16 +71,46 @@ where
     )
 }
 
+/// Queues a reply without flushing it: the replies that are ready together (the acks of the frames one commit
+/// made durable, typically) leave in one write instead of one system call each.
+async fn feed_timed<S>(sink: &mut S, msg: Message, limit: Duration) -> bool
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    matches!(
+        tokio::time::timeout(limit, sink.feed(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The next reply; what is queued is flushed first whenever none is ready yet (so nothing waits in the buffer
+/// while the sender waits). None when the connection's replies have ended or the flush failed.
+async fn next_reply<S>(sink: &mut S, rx: &mut mpsc::Receiver<Out>, limit: Duration) -> Option<Out>
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    match rx.try_recv() {
+        Ok(out) => Some(out),
+        Err(mpsc::error::TryRecvError::Disconnected) => None,
+        Err(mpsc::error::TryRecvError::Empty) => {
+            if !matches!(tokio::time::timeout(limit, sink.flush()).await, Ok(Ok(()))) {
+                return None;
+            }
+            rx.recv().await
+        }
+    }
+}
+
 /// Sends replies in order; acks wait for their commit (until the engine closes).
 async fn sender<S>(inner: Arc<Inner>, mut sink: S, mut rx: mpsc::Receiver<Out>)
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     let limit = inner.config.send_timeout;
-    while let Some(out) = rx.recv().await {
+    while let Some(out) = next_reply(&mut sink, &mut rx, limit).await {
         let sent = match out {
-            Out::Text(t) => send_timed(&mut sink, Message::text(t), limit).await,
-            Out::Ping => send_timed(&mut sink, Message::Ping(Default::default()), limit).await,
+            Out::Text(t) => feed_timed(&mut sink, Message::text(t), limit).await,
+            Out::Ping => feed_timed(&mut sink, Message::Ping(Default::default()), limit).await,
             Out::Ack(seq, receipt) => {
                 if receipt.ticket > inner.engine.committed_ticket() {
                     // Flush what is queued before waiting; then wait for the frame's commit.
@@ -96,12 +126,12 @@ where
                 let mut ok = true;
                 let refused = match refusal_reply(&receipt) {
                     Some((text, n)) => {
-                        ok = send_timed(&mut sink, Message::text(text), limit).await;
+                        ok = feed_timed(&mut sink, Message::text(text), limit).await;
                         n
                     }
                     None => 0,
                 };
-                ok && send_timed(
+                ok && feed_timed(
                     &mut sink,
                     Message::text(ack_text(seq, &receipt, refused)),
                     limit,

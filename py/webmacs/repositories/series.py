@@ -22,17 +22,21 @@ AGGREGATES: dict[str, sql.Composable] = {
     "sum": sql.SQL("sum(value)"),
 }
 
-# A series comes back as one row of packed big-endian arrays (int8send/float8send), which reach the Rust
-# downsamplers as bytes: no Python object per datapoint. Experiments are packed as int4 with 0 for none
-# (identity keys start at 1).
-_PACK = (
-    "SELECT string_agg(int8send((extract(epoch FROM time) * 1000000)::int8), ''::bytea ORDER BY time),"
-    " string_agg(float8send(value), ''::bytea ORDER BY time),"
-    " string_agg(int4send(coalesce(experiment_id, 0)), ''::bytea ORDER BY time)"
+# A series comes back as one row of packed big-endian arrays, which reach the Rust downsamplers as bytes: no
+# Python object per datapoint. Times are `timestamptz_send`'s µs since 2000-01-01 (exact, and far cheaper than
+# `extract(epoch …)`'s numeric arithmetic), values `float8send`, experiments int4 with 0 for none (identity keys
+# start at 1). The rows come from an ordered subquery, which walks the (event_id, time) index in order: one
+# range scan of one channel and no sort (an `ORDER BY` inside each aggregate sorted the rows three times; one
+# event's 100,000 rows: 25 ms instead of 112). `_core.series_from_pg` shifts the times to 1970 and checks the
+# order.
+_PACK_HEAD = (
+    "SELECT string_agg(timestamptz_send(time), ''::bytea), string_agg(float8send(value), ''::bytea),"
+    " string_agg(int4send(coalesce(experiment_id, 0)), ''::bytea)"
+    " FROM (SELECT time, value, experiment_id FROM datapoints WHERE event_id = %s AND "
 )
-# Uses the (event_id, time) index: a range scan of one channel, never the whole hypertable.
-RECENT_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= now() - make_interval(mins => %s)"
-RANGE_SQL = _PACK + " FROM datapoints WHERE event_id = %s AND time >= %s AND time < %s"
+_PACK_TAIL = " ORDER BY time) r"
+RECENT_SQL = _PACK_HEAD + "time >= now() - make_interval(mins => %s)" + _PACK_TAIL
+RANGE_SQL = _PACK_HEAD + "time >= %s AND time < %s" + _PACK_TAIL
 
 # Buckets are few (a request may ask for at most 100,000): plain rows, the query an analyst would write, with
 # nothing added (packing them as arrays in SQL cost more than it saved).
@@ -78,7 +82,7 @@ async def _packed(
 
 async def packed_recent(conn: AsyncConnection, *, event_id: int, minutes: int) -> tuple[bytes, bytes, bytes | None]:
     """The event's datapoints of the last `minutes`, time ascending, as packed big-endian (times in µs since
-    the epoch, values, experiment ids or None when no datapoint has one)."""
+    2000-01-01, PostgreSQL's epoch; values; experiment ids, or None when there are no datapoints)."""
     return await _packed(conn, RECENT_SQL, (event_id, minutes))
 
 

@@ -92,14 +92,19 @@ def _points(series: PackedSeries, kept: Sequence[int]) -> list[Point]:
     return [Point(int(times[i]), float(values[i]), int(experiments[i]) or None if experiments else None) for i in kept]
 
 
+def from_pg(packed: tuple[bytes, bytes, bytes | None]) -> PackedSeries:
+    """A series as the repository reads it (times since PostgreSQL's epoch) → since 1970, in time order."""
+    return PackedSeries(*_core.series_from_pg(*packed))
+
+
 async def recent(conn: AsyncConnection, *, event_id: int, minutes: int) -> PackedSeries:
     """The event's datapoints of the last `minutes`, time ascending."""
-    return PackedSeries(*await series_repo.packed_recent(conn, event_id=event_id, minutes=minutes))
+    return from_pg(await series_repo.packed_recent(conn, event_id=event_id, minutes=minutes))
 
 
 async def in_range(conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime) -> PackedSeries:
     """The event's datapoints in [start, end), time ascending (Unprocessable for a range PostgreSQL refuses)."""
-    return PackedSeries(*await series_repo.packed_range(conn, event_id=event_id, start=start, end=end))
+    return from_pg(await series_repo.packed_range(conn, event_id=event_id, start=start, end=end))
 
 
 async def bucketed(

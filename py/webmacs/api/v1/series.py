@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 from pydantic import BaseModel, Field
 
 from webmacs.api.v1.datapoints import DatapointResponse
-from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, RuntimeDep, get_runtime, read_dsn
+from webmacs.deps import AdminUser, Conn, ReadConn, ReaderUser, RuntimeDep, SettingsDep, get_runtime, read_dsn
 from webmacs.errors import NotFound, Unavailable, Unprocessable
 from webmacs.repositories import events as events_repo
 from webmacs.repositories import experiments as experiments_repo
@@ -123,6 +123,7 @@ def _aware(moment: datetime, tz: tzinfo) -> datetime:
 async def series(
     _: ReaderUser,
     conn: ReadConn,
+    settings: SettingsDep,
     events: Annotated[list[str], Query(min_length=1, max_length=20)],
     start: datetime,
     end: datetime,
@@ -158,7 +159,7 @@ async def series(
     for public_id in dict.fromkeys(events):
         event = known[public_id]
         rows: list[tuple[datetime, float]] | None = None
-        if parsed is None and thin:
+        if parsed is None and thin and settings.webmacs_series_preselect:
             # A long range's m4/minmax/lttb input is pre-selected in SQL: only slices' extremes cross the wire.
             points = await series_service.preselected(
                 conn, event_id=event["id"], start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
