@@ -7,13 +7,14 @@ import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
 
 from webmacs import _core
 from webmacs.epoch import from_micros, to_micros
+from webmacs.errors import Unprocessable
 from webmacs.repositories import series as series_repo
 from webmacs.repositories.series import Agg as Agg
 
@@ -114,6 +115,53 @@ async def bucketed(
     buckets are aligned in `tz`, so day buckets start at local midnight and last 23 or 25 hours across a DST
     change. Buckets without datapoints are absent. Unprocessable for a bucket or time zone PostgreSQL refuses."""
     return await series_repo.bucketed(conn, event_id=event_id, start=start, end=end, bucket=bucket, tz=tz, agg=agg)
+
+
+#: Without max_points a request returns at most this many buckets (or raw datapoints) per event.
+MAX_BUCKETS = 100_000
+
+
+async def event_points(
+    conn: AsyncConnection,
+    *,
+    event_id: int,
+    label: str,
+    start: datetime,
+    end: datetime,
+    bucket: Bucket | None,
+    agg: Agg,
+    tz: str,
+    zone: tzinfo,
+    mode: Mode | None,
+    max_points: int | None,
+    preselect: bool,
+) -> list[list[Any]]:
+    """One event's `GET /series` answer as [time in `zone`, value] pairs: its datapoints in [start, end), or `agg`
+    per `bucket` (aligned in `tz`); thinned to at most `max_points` (default 1000) by `mode` (default stride)
+    when either is given. `preselect`: a long range's m4/minmax/lttb input is pre-selected in SQL. Unprocessable
+    (naming the event by `label`) for more than MAX_BUCKETS points unthinned, or a range, bucket or time zone
+    PostgreSQL refuses."""
+    thin = max_points is not None or mode is not None
+    count = agg == "count" and bucket is not None
+    if bucket is None and thin and preselect:
+        picked = await preselected(
+            conn, event_id=event_id, start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
+        )
+        if picked is not None:
+            return [[p.time.astimezone(zone), p.value] for p in picked]
+    rows: list[tuple[datetime, float]] | None = None
+    if bucket is None:
+        series = await in_range(conn, event_id=event_id, start=start, end=end)
+    else:
+        rows = await bucketed(conn, event_id=event_id, start=start, end=end, bucket=bucket.interval, tz=tz, agg=agg)
+        series = packed(rows) if thin else PackedSeries(b"", b"")
+    if not thin and max(len(series), len(rows or ())) > MAX_BUCKETS:
+        raise Unprocessable(f"More than {MAX_BUCKETS} points for event '{label}': pass a bucket or max_points.")
+    if rows is not None and not thin:
+        # Buckets straight from the rows: no detour through packed arrays.
+        return [[t.astimezone(zone), int(v) if count else v] for t, v in rows]
+    points = downsample(series, max_points or 1000, mode or "stride") if thin else all_points(series)
+    return [[p.time.astimezone(zone), int(p.value) if count else p.value] for p in points]
 
 
 # --- long ranges: pre-selection in SQL --------------------------------------------------------------------

@@ -29,8 +29,7 @@ from webmacs.services.series import Agg, Mode, Point
 
 router = APIRouter(tags=["series"])
 
-# Without max_points a request returns at most this many buckets (or raw datapoints) per event.
-MAX_BUCKETS = 100_000
+MAX_BUCKETS = series_service.MAX_BUCKETS
 ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 
 
@@ -154,43 +153,23 @@ async def series(
         if public_id not in known:
             raise NotFound.entity("Event", public_id)
     thin = max_points is not None or mode is not None
-    count = agg == "count" and parsed is not None
     out: dict[str, Any] = {}
     for public_id in dict.fromkeys(events):
         event = known[public_id]
-        rows: list[tuple[datetime, float]] | None = None
-        if parsed is None and thin and settings.webmacs_series_preselect:
-            # A long range's m4/minmax/lttb input is pre-selected in SQL: only slices' extremes cross the wire.
-            points = await series_service.preselected(
-                conn, event_id=event["id"], start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
-            )
-            if points is not None:
-                out[public_id] = {
-                    "name": event["name"],
-                    "unit": event["unit"],
-                    "points": [[p.time.astimezone(zone_info), p.value] for p in points],
-                }
-                continue
-        # A range, bucket or time zone PostgreSQL refuses comes back as Unprocessable.
-        if parsed is None:
-            packed = await series_service.in_range(conn, event_id=event["id"], start=start, end=end)
-        else:
-            rows = await series_service.bucketed(
-                conn, event_id=event["id"], start=start, end=end, bucket=parsed.interval, tz=tz, agg=agg
-            )
-            packed = series_service.packed(rows) if thin else series_service.PackedSeries(b"", b"")
-        if not thin and max(len(packed), len(rows or ())) > MAX_BUCKETS:
-            raise Unprocessable(f"More than {MAX_BUCKETS} points for event '{public_id}': pass a bucket or max_points.")
-        if rows is not None and not thin:
-            # Buckets straight from the rows: no detour through packed arrays.
-            pairs: list[list[Any]] = [[t.astimezone(zone_info), int(v) if count else v] for t, v in rows]
-        else:
-            points = (
-                series_service.downsample(packed, max_points or 1000, mode or "stride")
-                if thin
-                else series_service.all_points(packed)
-            )
-            pairs = [[p.time.astimezone(zone_info), int(p.value) if count else p.value] for p in points]
+        pairs = await series_service.event_points(
+            conn,
+            event_id=event["id"],
+            label=public_id,
+            start=start,
+            end=end,
+            bucket=parsed,
+            agg=agg,
+            tz=tz,
+            zone=zone_info,
+            mode=mode,
+            max_points=max_points,
+            preselect=settings.webmacs_series_preselect,
+        )
         out[public_id] = {"name": event["name"], "unit": event["unit"], "points": pairs}
     return _json(
         {
