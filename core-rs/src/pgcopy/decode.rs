@@ -22,6 +22,36 @@ pub struct DatapointColumns {
 }
 
 impl DatapointColumns {
+    /// Append one row; the validity bitmap grows a byte every eighth row.
+    pub(super) fn push(
+        &mut self,
+        time_us: i64,
+        event_id: i32,
+        value: f64,
+        experiment_id: Option<i32>,
+    ) {
+        let bit = self.rows % 8;
+        if bit == 0 {
+            self.experiment_validity.push(0);
+        }
+        self.time_us.extend_from_slice(&time_us.to_ne_bytes());
+        self.event_id.extend_from_slice(&event_id.to_ne_bytes());
+        self.value.extend_from_slice(&value.to_ne_bytes());
+        match experiment_id {
+            Some(x) => {
+                self.experiment_id.extend_from_slice(&x.to_ne_bytes());
+                if let Some(last) = self.experiment_validity.last_mut() {
+                    *last |= 1 << bit;
+                }
+            }
+            None => {
+                self.experiment_id.extend_from_slice(&0i32.to_ne_bytes());
+                self.experiment_nulls += 1;
+            }
+        }
+        self.rows += 1;
+    }
+
     pub(super) fn with_capacity(rows: usize) -> Self {
         DatapointColumns {
             time_us: Vec::with_capacity(rows * 8),
@@ -165,7 +195,6 @@ pub fn decode_datapoints(data: &[u8], with_header: bool) -> Result<DatapointColu
     }
     // A tuple is 2 + 4 * 4 + 8 + 4 + 8 + 4 = 42 bytes (fewer with a NULL experiment).
     let mut out = DatapointColumns::with_capacity((data.len() - r.at) / 38);
-    let mut validity_byte = 0u8;
     while r.at < data.len() {
         let at = r.at;
         let fields = r.i16("a tuple's field count")?;
@@ -183,34 +212,12 @@ pub fn decode_datapoints(data: &[u8], with_header: bool) -> Result<DatapointColu
         let event = r.field("event_id", 4, false)?;
         let value = r.field("value", 8, false)?;
         let experiment = r.field("experiment_id", 4, true)?;
-        // Non-nullable fields are Some (field() returns None only when nullable).
+        // Non-nullable fields are Some (field() returns None only when nullable), of the width asked for.
         let time = i64::from_be_bytes(time.expect("not nullable").try_into().expect("8 bytes"));
-        out.time_us
-            .extend_from_slice(&time.saturating_add(PG_EPOCH_US).to_ne_bytes());
         let event = i32::from_be_bytes(event.expect("not nullable").try_into().expect("4 bytes"));
-        out.event_id.extend_from_slice(&event.to_ne_bytes());
         let value = f64::from_be_bytes(value.expect("not nullable").try_into().expect("8 bytes"));
-        out.value.extend_from_slice(&value.to_ne_bytes());
-        let bit = out.rows % 8;
-        match experiment {
-            Some(x) => {
-                let x = i32::from_be_bytes(x.try_into().expect("4 bytes"));
-                out.experiment_id.extend_from_slice(&x.to_ne_bytes());
-                validity_byte |= 1 << bit;
-            }
-            None => {
-                out.experiment_id.extend_from_slice(&0i32.to_ne_bytes());
-                out.experiment_nulls += 1;
-            }
-        }
-        out.rows += 1;
-        if bit == 7 {
-            out.experiment_validity.push(validity_byte);
-            validity_byte = 0;
-        }
-    }
-    if !out.rows.is_multiple_of(8) {
-        out.experiment_validity.push(validity_byte);
+        let experiment = experiment.map(|x| i32::from_be_bytes(x.try_into().expect("4 bytes")));
+        out.push(time.saturating_add(PG_EPOCH_US), event, value, experiment);
     }
     Ok(out)
 }

@@ -91,33 +91,14 @@ impl Collected {
         range: std::ops::Range<usize>,
     ) -> DatapointColumns {
         let mut out = DatapointColumns::with_capacity(range.len());
-        let mut validity_byte = 0u8;
         for k in range {
             let i = order.map_or(k, |o| o[k] as usize);
-            out.time_us
-                .extend_from_slice(&self.time_us[i].to_ne_bytes());
-            out.event_id
-                .extend_from_slice(&self.event_id[i].to_ne_bytes());
-            out.value.extend_from_slice(&self.value[i].to_ne_bytes());
-            let bit = out.rows % 8;
-            match self.experiment_id[i] {
-                Some(x) => {
-                    out.experiment_id.extend_from_slice(&x.to_ne_bytes());
-                    validity_byte |= 1 << bit;
-                }
-                None => {
-                    out.experiment_id.extend_from_slice(&0i32.to_ne_bytes());
-                    out.experiment_nulls += 1;
-                }
-            }
-            out.rows += 1;
-            if bit == 7 {
-                out.experiment_validity.push(validity_byte);
-                validity_byte = 0;
-            }
-        }
-        if !out.rows.is_multiple_of(8) {
-            out.experiment_validity.push(validity_byte);
+            out.push(
+                self.time_us[i],
+                self.event_id[i],
+                self.value[i],
+                self.experiment_id[i],
+            );
         }
         out
     }
