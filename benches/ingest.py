@@ -20,6 +20,7 @@ The last line is machine-readable.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -314,6 +315,23 @@ def measure(server: Server, cluster: Cluster, run: Callable[[], dict[str, float]
         r["p50_ms"],
         r["p99_ms"],
     )
+
+
+@contextlib.contextmanager
+def throwaway_cluster(prefix: str) -> Iterator[tuple[Path, Cluster, str]]:
+    """A fresh, migrated cluster in a temporary home, as (home, cluster, url); destroyed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    home.chmod(0o755)
+    cluster = Cluster(home / "db", free_port())
+    try:
+        url = cluster.up()
+        from webmacs.db import migrate
+
+        migrate.apply(url, "1 day")
+        yield home, cluster, url
+    finally:
+        cluster.destroy()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def main() -> int:

@@ -11,9 +11,7 @@ Knobs (env): BENCH_ROUNDS (default 3), BENCH_SECONDS (per round, default 15).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import psycopg
@@ -21,9 +19,6 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as bench
-from common import free_port
-from webmacs.db import migrate
-from webmacs.db.cluster import Cluster
 
 VARIANTS = {
     "default": None,
@@ -39,12 +34,7 @@ def main() -> int:
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     seconds = float(os.environ.get("BENCH_SECONDS", "15"))
     loader = bench.build_wsload()
-    home = Path(tempfile.mkdtemp(prefix="webmacs-tail-"))
-    home.chmod(0o755)
-    cluster = Cluster(home / "db", free_port())
-    try:
-        url = cluster.up()
-        migrate.apply(url, "1 day")
+    with bench.throwaway_cluster("webmacs-tail-") as (home, cluster, url):
         setting = VARIANTS[variant]
         if setting:
             with psycopg.connect(url, autocommit=True) as c:
@@ -83,9 +73,6 @@ def main() -> int:
                 )
         finally:
             server.stop()
-    finally:
-        cluster.destroy()
-        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 

@@ -9,17 +9,12 @@ Knobs (env): BENCH_ROUNDS (default 3), BENCH_SECONDS (per round, default 10).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "py"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ingest as bench
-from common import free_port
-from webmacs.db import migrate
-from webmacs.db.cluster import Cluster
 
 
 def main() -> int:
@@ -27,12 +22,7 @@ def main() -> int:
     rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
     seconds = float(os.environ.get("BENCH_SECONDS", "10"))
     loader = bench.build_wsload()
-    home = Path(tempfile.mkdtemp(prefix="webmacs-small-"))
-    home.chmod(0o755)
-    cluster = Cluster(home / "db", free_port())
-    try:
-        url = cluster.up()
-        migrate.apply(url, "1 day")
+    with bench.throwaway_cluster("webmacs-small-") as (home, cluster, url):
         events = bench.setup_events(url)
         server = bench.Server(url, home)
         try:
@@ -49,9 +39,6 @@ def main() -> int:
                 )
         finally:
             server.stop()
-    finally:
-        cluster.destroy()
-        shutil.rmtree(home, ignore_errors=True)
     return 0
 
 
