@@ -115,11 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.webmacs_log_format == "json":
         logs.configure("json")
     install_log_redaction()
-    trusted_proxies = TrustedProxies(settings.webmacs_trusted_proxies)
     rt = Runtime(
         settings=settings,
         metrics=Metrics(),
-        trusted_proxies=trusted_proxies,
+        trusted_proxies=TrustedProxies(settings.webmacs_trusted_proxies),
         export_slots=ExportSlots(settings.webmacs_export_concurrency),
         sso=SsoState(),
         retention=retention.RetentionState(),
@@ -199,9 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "/api/v1/plugins/packages/upload": MAX_WHEEL_BYTES + (1 << 20),
         },
     )
-    app.add_middleware(
-        RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute, proxies=trusted_proxies, rt=rt
-    )
+    app.add_middleware(RateLimitMiddleware, limit_per_minute=settings.rate_limit_per_minute, rt=rt)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

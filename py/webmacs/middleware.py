@@ -86,16 +86,15 @@ class RateLimitMiddleware:
     every server process counts the same requests (WebMACS counts per process). A database that does not
     answer lets requests through: the limit protects the API, it must not take it down."""
 
-    def __init__(self, app: ASGIApp, limit_per_minute: int, proxies: TrustedProxies, rt: runtime.Runtime) -> None:
+    def __init__(self, app: ASGIApp, limit_per_minute: int, rt: runtime.Runtime) -> None:
         self.app = app
         self.rt = rt
         self.limit = limit_per_minute
         self.window = 60.0
-        self.proxies = proxies
         self._last_prune = time.monotonic()
 
     def client_key(self, scope: Scope) -> str:
-        return self.proxies.client(scope)
+        return self.rt.trusted_proxies.client(scope)
 
     def exempt(self, scope: Scope, key: str) -> bool:
         path: str = scope["path"]

@@ -15,12 +15,9 @@ from webmacs.errors import NotFound
 _MICROS = re.compile(r"-?[0-9]{1,19}")
 
 
-epoch_micros = to_micros
-
-
 def datapoint_public_id(event_public_id: str, time: datetime) -> str:
     """The API id of the datapoint of `event_public_id` at `time` (the hypertable's unique key)."""
-    return f"{event_public_id}@{epoch_micros(time)}"
+    return f"{event_public_id}@{to_micros(time)}"
 
 
 def parse_datapoint_public_id(public_id: str) -> tuple[str, datetime] | None:

@@ -15,7 +15,6 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from webmacs._core import Engine, Receipt
-from webmacs.epoch import from_micros
 from webmacs.exceptions import DatabaseError, EngineClosedError
 from webmacs.repositories import logs as logs_repo
 from webmacs.repositories import rules as rules_repo
@@ -35,10 +34,6 @@ _OP_TEXT = {
     "between": "between",
     "not_between": "not between",
 }
-
-
-#: Aware UTC datetime from Unix microseconds (exact, unlike `fromtimestamp` on a float).
-time_of = from_micros
 
 
 def rule_log_text(f: dict[str, Any]) -> str:

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from webmacs._core import Receipt
 from webmacs.deps import CurrentUser, IngestUser, User, get_ingest
+from webmacs.epoch import from_micros
 from webmacs.errors import Conflict, Forbidden, NotFound, TooLarge, Unavailable
 from webmacs.exceptions import EngineClosedError, FrameTooLargeError, InvalidFrameError, QueueFullError
 from webmacs.pagination import Status
 from webmacs.repositories.datapoints import datapoint_public_id
-from webmacs.services.ingest import CommitTimeout, Ingest, time_of
+from webmacs.services.ingest import CommitTimeout, Ingest
 
 router = APIRouter(prefix="/datapoints", tags=["datapoints"])
 
@@ -239,9 +240,9 @@ async def latest(_: CurrentUser, request: Request) -> list[LatestDatapoint]:
     rows = get_ingest(request).engine.latest()
     return [
         LatestDatapoint(
-            public_id=datapoint_public_id(event, time_of(us)),
+            public_id=datapoint_public_id(event, from_micros(us)),
             value=value,
-            timestamp=time_of(us),
+            timestamp=from_micros(us),
             event_public_id=event,
             experiment_public_id=experiment,
         )

@@ -29,7 +29,6 @@ from webmacs.services.series import Agg, Mode, Point
 
 router = APIRouter(tags=["series"])
 
-MAX_BUCKETS = series_service.MAX_BUCKETS
 ORJSON_OPTS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 
 
@@ -146,8 +145,10 @@ async def series(
             raise Unprocessable(
                 f"Invalid bucket '{bucket}': use a positive count and a unit, e.g. 1m, 15 minutes, 1 day."
             )
-        if (end - start).total_seconds() / parsed.nominal_seconds > MAX_BUCKETS and max_points is None:
-            raise Unprocessable(f"More than {MAX_BUCKETS} buckets per event: widen the bucket or pass max_points.")
+        if (end - start).total_seconds() / parsed.nominal_seconds > series_service.MAX_BUCKETS and max_points is None:
+            raise Unprocessable(
+                f"More than {series_service.MAX_BUCKETS} buckets per event: widen the bucket or pass max_points."
+            )
     known = await events_repo.by_public_ids(conn, public_ids=events)
     for public_id in events:
         if public_id not in known:
