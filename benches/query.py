@@ -8,10 +8,11 @@ Phases:
   series      GET /api/v1/series, one event, 30 days in 2592 s buckets (1,000 points), median of BENCH_REPEAT
               vs the same time_bucket SQL (checked identical) on one psycopg connection, interleaved (ratio = API / SQL)
   series_long GET /api/v1/series without a bucket, one event's 30 days (BENCH_POINTS raw datapoints,
-              100 × max_points by default) thinned to max_points=1000 by m4, minmax and lttb (input pre-selected
-              in SQL), median of BENCH_REPEAT each, vs the raw SQL an analyst would run for the same data
-              (`SELECT time, value … ORDER BY time`, fetched by psycopg), interleaved; m4 and minmax are checked
-              equal to the downsample of the raw rows. speedup = SQL / API, the smallest of the three modes
+              100 × max_points by default) thinned to max_points=1000 by m4, minmax and lttb (from the
+              datapoint cells: sql/0041), median of BENCH_REPEAT each, vs the raw SQL an analyst would run for
+              the same data (`SELECT time, value … ORDER BY time`, fetched by psycopg), interleaved; m4 and
+              minmax are checked equal to the downsample of the raw rows. speedup = SQL / API, the smallest of
+              the three modes
   export      the whole table through GET /api/v1/export as Parquet and as CSV (the server is a subprocess;
               its peak RSS during each export is reported: export_peak_rss_mb is the Parquet export's,
               csv_peak_rss_mb the CSV export's) vs `COPY … TO STDOUT` read by psycopg, timed before and after
@@ -107,6 +108,8 @@ def generate_with_copy(url: str, events: list[tuple[int, str]], points: int, end
                 " %s, ((k * 7 + %s) %% 1000) / 10.0 FROM generate_series(0, %s - 1) k",
                 (end_ms, points, step_ms, event_id, i, points),
             )
+        # Written around the engine: the datapoint cells of what was written (sql/0041).
+        db.execute("SELECT refresh_datapoint_cells(array(SELECT id FROM events), min(time), max(time)) FROM datapoints")
     return time.perf_counter() - t0
 
 
@@ -280,6 +283,7 @@ def main() -> int:
             how = "server-side bulk insert"
         with psycopg.connect(url, autocommit=True) as db:
             db.execute("VACUUM ANALYZE datapoints")
+            db.execute("VACUUM ANALYZE datapoint_cells")
         print(
             f"data         {total:,} datapoints ({n_events} events × {points:,}, {DAYS} days) via {how}"
             f" in {seconds:.1f} s",

@@ -24,6 +24,8 @@ pub enum DownsampleError {
     BadPacking { width: usize, len: usize },
     #[error("time at index {index} is outside the representable range")]
     TimeOutOfRange { index: usize },
+    #[error("{mode:?} cannot downsample from candidates (m4, minmax, lttb can)")]
+    NoCandidates { mode: String },
 }
 
 impl DownsampleError {
@@ -35,6 +37,7 @@ impl DownsampleError {
             DownsampleError::Unsorted { .. } => "unsorted",
             DownsampleError::BadPacking { .. } => "bad_packing",
             DownsampleError::TimeOutOfRange { .. } => "time_out_of_range",
+            DownsampleError::NoCandidates { .. } => "no_candidates",
         }
     }
 }
@@ -193,6 +196,11 @@ pub fn minmax(times: &[i64], values: &[f64], max_points: usize) -> Result<Vec<us
     if n <= max_points {
         return Ok((0..n).collect());
     }
+    Ok(minmax_picks(times, values, max_points))
+}
+
+fn minmax_picks(times: &[i64], values: &[f64], max_points: usize) -> Vec<usize> {
+    let n = times.len();
     let buckets = (max_points - 2) / 2;
     let mut kept = Vec::with_capacity(max_points);
     kept.push(0);
@@ -200,8 +208,10 @@ pub fn minmax(times: &[i64], values: &[f64], max_points: usize) -> Result<Vec<us
         let (lo, hi) = min_max(values, start, end);
         push_sorted_unique(&mut kept, vec![lo, hi]);
     }
-    kept.push(n - 1);
-    Ok(kept)
+    if n > 1 {
+        kept.push(n - 1);
+    }
+    kept
 }
 
 /// M4 (Jugel et al. 2014): ⌊max_points/4⌋ equal time slices, each keeping its first, minimum, maximum and
@@ -213,12 +223,55 @@ pub fn m4(times: &[i64], values: &[f64], max_points: usize) -> Result<Vec<usize>
     if n <= max_points {
         return Ok((0..n).collect());
     }
+    Ok(m4_picks(times, values, max_points))
+}
+
+fn m4_picks(times: &[i64], values: &[f64], max_points: usize) -> Vec<usize> {
     let mut kept = Vec::with_capacity(max_points);
-    for (start, end) in bucket_runs(times, 0..n, max_points / 4) {
+    for (start, end) in bucket_runs(times, 0..times.len(), max_points / 4) {
         let (lo, hi) = min_max(values, start, end);
         push_sorted_unique(&mut kept, vec![start, lo, hi, end - 1]);
     }
-    Ok(kept)
+    kept
+}
+
+/// The downsample of a range of `total` datapoints from `candidates` only (times µs since 1970, values;
+/// in any order, a datapoint possibly more than once): the points of the range's cell summaries and every
+/// row of the cells a slice edge or an end of the range cuts (`services/series.py`). Such candidates hold
+/// the first, the last, the earliest minimum and the earliest maximum of every slice m4 and minmax cut,
+/// and the downsampler picks only those, so for `total` > `max_points` this is m4's or minmax's answer on
+/// every row — although the candidates alone may be fewer than `max_points`. lttb runs on the candidates
+/// themselves (an approximation, like any pre-selection for it). Returns the kept points in time order.
+pub fn from_candidates(
+    mode: &str,
+    mut candidates: Vec<(i64, f64)>,
+    total: u64,
+    max_points: usize,
+) -> Result<Vec<(i64, f64)>> {
+    candidates.sort_by_key(|p| p.0);
+    // (event, time) is unique: equal times are the same datapoint, seen twice.
+    candidates.dedup_by_key(|p| p.0);
+    let (times, values): (Vec<i64>, Vec<f64>) = candidates.iter().copied().unzip();
+    let whole = total <= max_points as u64 || times.is_empty();
+    let kept = match mode {
+        "m4" if !whole => {
+            check_max_points("m4", 4, max_points)?;
+            m4_picks(&times, &values, max_points)
+        }
+        "minmax" if !whole => {
+            check_max_points("minmax", 4, max_points)?;
+            minmax_picks(&times, &values, max_points)
+        }
+        "m4" => m4(&times, &values, max_points)?,
+        "minmax" => minmax(&times, &values, max_points)?,
+        "lttb" => lttb(&times, &values, max_points)?,
+        other => {
+            return Err(DownsampleError::NoCandidates {
+                mode: other.to_owned(),
+            })
+        }
+    };
+    Ok(kept.into_iter().map(|i| candidates[i]).collect())
 }
 
 /// Bucket means: `max_points` equal time slices; each non-empty one becomes one point at its mean time
@@ -325,6 +378,27 @@ pub fn series_from_pg(times: &[u8], values: &[u8], experiments: Option<&[u8]>) -
         values: gather(values, 8),
         experiments: experiments.map(|x| gather(x, 4)),
     })
+}
+
+/// Points packed as PostgreSQL sends them (`timestamptz_send` times since 2000, `float8send` values) as
+/// (µs since 1970, value) pairs.
+pub fn points_from_pg(times: &[u8], values: &[u8]) -> Result<Vec<(i64, f64)>> {
+    let times = unpack_i64_be(times)?;
+    let values = unpack_f64_be(values)?;
+    check_series(&times, &values).or_else(|e| match e {
+        DownsampleError::Unsorted { .. } => Ok(()),
+        other => Err(other),
+    })?;
+    times
+        .iter()
+        .enumerate()
+        .map(|(index, t)| {
+            t.checked_add(crate::pg::PG_EPOCH_US)
+                .ok_or(DownsampleError::TimeOutOfRange { index })
+        })
+        .zip(values)
+        .map(|(t, v)| Ok((t?, v)))
+        .collect()
 }
 
 /// A series as packed big-endian arrays: times (µs since 1970), values, experiment ids (0 = none).

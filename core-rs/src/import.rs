@@ -25,6 +25,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use thiserror::Error;
 
+use crate::cells;
 use crate::frame::{check_time, Reject};
 use crate::pg::{self, Failure, PgClient, COPY_SIGNATURE, PG_EPOCH_US};
 use crate::writer::{encode, Row};
@@ -47,7 +48,26 @@ const STAGING_SQL: &str =
 const STAGING_COPY_SQL: &str =
     "COPY import_staging (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)";
 const STAGING_INSERT_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, value)
-    SELECT time, event_id, experiment_id, value FROM import_staging ON CONFLICT DO NOTHING";
+    SELECT time, event_id, experiment_id, value FROM import_staging ON CONFLICT DO NOTHING
+    RETURNING time, event_id, value";
+/// Rows as one transaction writes them: their binary COPY stream and that of their cell summaries.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub data: Bytes,
+    pub rows: u64,
+    pub cells: Bytes,
+}
+
+impl Encoded {
+    pub fn of(rows: &[Row]) -> Self {
+        Encoded {
+            data: encode(rows),
+            rows: rows.len() as u64,
+            cells: cells::encode(&cells::of_rows(rows)),
+        }
+    }
+}
+
 /// The checkpoint (sql/0040_import_runs.sql), advanced in the batch's own transaction. Only a run still
 /// streaming datapoints moves: a finished or vanished run makes the batch roll back.
 const CHECKPOINT_SQL: &str = "UPDATE import_runs SET position_us = $2, position_id = $3,
@@ -405,12 +425,12 @@ fn count(n: u64) -> i64 {
 
 async fn try_write(
     client: &mut PgClient,
-    data: &Bytes,
-    rows: u64,
+    batch: &Encoded,
     counts: &Counts,
     checkpoint: Option<&Checkpoint>,
     dedup: bool,
 ) -> std::result::Result<u64, WriteError> {
+    let rows = batch.rows;
     let tx = client.transaction().await?;
     let inserted = if rows == 0 {
         0
@@ -418,14 +438,17 @@ async fn try_write(
         tx.batch_execute(STAGING_SQL).await?;
         let sink = tx.copy_in(STAGING_COPY_SQL).await?;
         let mut sink = pin!(sink);
-        sink.send(data.clone()).await?;
+        sink.send(batch.data.clone()).await?;
         sink.finish().await?;
-        tx.execute(STAGING_INSERT_SQL, &[]).await?
+        // The cells of what was new: those of the batch would count the duplicates again.
+        cells::insert_returning(&tx, STAGING_INSERT_SQL, &[]).await?
     } else {
         let sink = tx.copy_in(COPY_SQL).await?;
         let mut sink = pin!(sink);
-        sink.send(data.clone()).await?;
-        sink.finish().await?.min(rows)
+        sink.send(batch.data.clone()).await?;
+        let n = sink.finish().await?.min(rows);
+        cells::copy(&tx, batch.cells.clone()).await?;
+        n
     };
     if let Some(cp) = checkpoint {
         let (events, times): (Vec<i32>, Vec<i64>) = cp.carry.iter().copied().unzip();
@@ -458,23 +481,23 @@ async fn try_write(
     Ok(inserted)
 }
 
-/// Write one encoded batch of `rows` rows (and move `checkpoint`, with `counts`, when given) in one
-/// transaction: a plain COPY, or, when the unique key refuses it, the staged duplicate-tolerant insert.
-/// Returns (inserted, duplicates).
+/// Write one encoded batch (and move `checkpoint`, with `counts`, when given) in one transaction, with the
+/// cell summaries of what it inserts: a plain COPY, or, when the unique key refuses it, the staged
+/// duplicate-tolerant insert. Returns (inserted, duplicates).
 pub async fn write_batch(
     client: &mut PgClient,
-    data: &Bytes,
-    rows: u64,
+    batch: &Encoded,
     counts: &Counts,
     checkpoint: Option<&Checkpoint>,
 ) -> Result<(u64, u64)> {
-    let plain = try_write(client, data, rows, counts, checkpoint, false);
+    let rows = batch.rows;
+    let plain = try_write(client, batch, counts, checkpoint, false);
     let first = tokio::time::timeout(WRITE_TIMEOUT, plain).await;
     let outcome = match first {
         Err(_) => return Err(timeout()),
         Ok(Err(WriteError::Pg(e))) if pg::classify(&e) == Failure::Duplicate => {
             // try_write's transaction was rolled back when it was dropped with the error.
-            let attempt = try_write(client, data, rows, counts, checkpoint, true);
+            let attempt = try_write(client, batch, counts, checkpoint, true);
             tokio::time::timeout(WRITE_TIMEOUT, attempt)
                 .await
                 .map_err(|_| timeout())?
@@ -548,8 +571,7 @@ pub struct Outcome {
 }
 
 struct Batch {
-    data: Bytes,
-    rows: u64,
+    data: Encoded,
     counts: Counts,
     checkpoint: Checkpoint,
 }
@@ -657,8 +679,7 @@ impl SourceBatcher {
         let (position_us, position_id) =
             self.position.expect("rows read, so a timestamp converted");
         let batch = Batch {
-            data: encode(&self.rows),
-            rows: self.rows.len() as u64,
+            data: Encoded::of(&self.rows),
             counts: std::mem::take(&mut self.counts),
             checkpoint: Checkpoint {
                 run_id: self.run_id,
@@ -749,7 +770,6 @@ pub async fn transfer(
         let (inserted, duplicates) = write_batch(
             &mut target,
             &batch.data,
-            batch.rows,
             &batch.counts,
             Some(&batch.checkpoint),
         )
@@ -1086,7 +1106,7 @@ mod tests {
     /// Rows of a batch (the writer's COPY: time, event_id, experiment_id, value) as (event, time, value).
     fn batch_rows(batch: &Batch) -> Vec<(i32, i64, f64)> {
         let mut c = Cursor {
-            data: &batch.data,
+            data: &batch.data.data,
             at: 0,
         };
         skip_header(&mut c).unwrap();

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod batch;
 pub mod catalog;
+pub mod cells;
 pub mod downsample;
 pub mod engine;
 pub mod error;

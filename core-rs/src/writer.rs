@@ -11,6 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
 
 use crate::batch::Refusal;
+use crate::cells;
 use crate::error::CoreError;
 use crate::pg::{self, Failure, PgClient, COPY_SIGNATURE, PG_EPOCH_US};
 
@@ -43,7 +44,8 @@ const STAGING_SQL: &str =
 const STAGING_COPY_SQL: &str =
     "COPY datapoints_staging (time, event_id, experiment_id, value) FROM STDIN (FORMAT binary)";
 const STAGING_INSERT_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, value)
-    SELECT time, event_id, experiment_id, value FROM datapoints_staging ON CONFLICT DO NOTHING";
+    SELECT time, event_id, experiment_id, value FROM datapoints_staging ON CONFLICT DO NOTHING
+    RETURNING time, event_id, value";
 /// Staged rows the unique key kept out although they are not what is stored: same event and time, another
 /// value. Only server-timed rows qualify (a client's timestamp is its identity: first write wins).
 const COLLISIONS_SQL: &str =
@@ -55,7 +57,7 @@ const MOVE_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, v
     SELECT t, $2, $3, $4 FROM generate_series($1::timestamptz, $1::timestamptz + interval '1 second',
         interval '1 microsecond') AS t
     WHERE NOT EXISTS (SELECT 1 FROM datapoints d WHERE d.event_id = $2 AND d.time = t)
-    LIMIT 1 ON CONFLICT DO NOTHING";
+    LIMIT 1 ON CONFLICT DO NOTHING RETURNING time, event_id, value";
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -104,19 +106,26 @@ pub struct Written {
     pub bisections: u64,
 }
 
-async fn copy(client: &mut PgClient, data: Bytes, rows: u64) -> Result<u64, tokio_postgres::Error> {
+/// The rows and the cell summaries (`cells`) of what they insert, in one transaction.
+async fn copy(
+    client: &mut PgClient,
+    data: Bytes,
+    slice: &[Row],
+) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let sink = tx.copy_in(COPY_SQL).await?;
     let mut sink = pin!(sink);
     sink.send(data).await?;
     let n = sink.finish().await?;
+    cells::copy(&tx, cells::encode(&cells::of_rows(slice))).await?;
     tx.commit().await?;
-    Ok(n.min(rows))
+    Ok(n.min(slice.len() as u64))
 }
 
 /// The unique key refused the batch (a retry after a lost commit, a client resending timestamps, or another
 /// server process that chose the same microsecond for the same event): stage it, insert what is new, and move
 /// server-timed rows that collided with a different value to a free microsecond. What is left is duplicates.
+/// The cells summarise what the inserts RETURN: exactly the rows stored.
 async fn copy_dedup(
     client: &mut PgClient,
     data: Bytes,
@@ -128,7 +137,7 @@ async fn copy_dedup(
     let mut sink = pin!(sink);
     sink.send(data).await?;
     sink.finish().await?;
-    let mut n = tx.execute(STAGING_INSERT_SQL, &[]).await?;
+    let mut n = cells::insert_returning(&tx, STAGING_INSERT_SQL, &[]).await?;
     if !server_times.is_empty() {
         for r in tx.query(COLLISIONS_SQL, &[&server_times]).await? {
             let time: std::time::SystemTime = r.try_get(0)?;
@@ -136,9 +145,9 @@ async fn copy_dedup(
                 (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
             // Another process may take the free microsecond first: look again (rarely more than once).
             for _ in 0..5 {
-                let moved = tx
-                    .execute(MOVE_SQL, &[&time, &event, &experiment, &value])
-                    .await?;
+                let moved =
+                    cells::insert_returning(&tx, MOVE_SQL, &[&time, &event, &experiment, &value])
+                        .await?;
                 if moved > 0 {
                     n += moved;
                     break;
@@ -318,7 +327,6 @@ impl Writer {
     }
 
     async fn try_once(&mut self, data: Bytes, slice: &[Row], dedup: bool) -> Result<u64, Failure> {
-        let rows = slice.len() as u64;
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             let c = pg::connect(&self.dsn, "webmacs-ingest-writer")
@@ -341,7 +349,7 @@ impl Writer {
                     .collect();
                 copy_dedup(client, data, &server_times).await
             } else {
-                copy(client, data, rows).await
+                copy(client, data, slice).await
             }
         };
         match tokio::time::timeout(self.attempt_timeout, run).await {

@@ -3,6 +3,7 @@
 from typing import Any, Final, final
 
 __all__ = [
+    "CELL_US",
     "DATAPOINT_COLUMNS",
     "MAX_FRAME_DATAPOINTS",
     "ConfigError",
@@ -30,6 +31,7 @@ __all__ = [
     "downsample_stride",
     "inspect_jwt",
     "parse_lines",
+    "series_from_candidates",
     "series_from_pg",
     "validate_frame",
 ]
@@ -38,6 +40,8 @@ __version__: str
 #: The datapoints hypertable's columns and types in binary COPY order.
 DATAPOINT_COLUMNS: Final[list[tuple[str, str]]]
 MAX_FRAME_DATAPOINTS: Final[int]
+#: Width of a datapoint cell (sql/0041_datapoint_cells.sql), µs.
+CELL_US: Final[int]
 
 class CoreException(Exception): ...
 
@@ -187,6 +191,9 @@ def downsample_avg(times: bytes, values: bytes, max_points: int) -> tuple[list[i
 def series_from_pg(
     times: bytes, values: bytes, experiments: bytes | None = None
 ) -> tuple[bytes, bytes, bytes | None]: ...
+def series_from_candidates(
+    mode: str, times: bytes, values: bytes, total: int, max_points: int
+) -> tuple[bytes, bytes]: ...
 
 # Binary COPY decoder (`core-rs/src/py/pgcopy.rs`): (time, event_id, value, experiment_id) tuples → native-endian
 # column buffers: (rows, time_us, event_id, value, experiment_id, experiment_validity, experiment_nulls, finished).

@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     #: network reading whole is faster (one event's 100,000 interleaved datapoints: 89 ms vs 101–115 ms), the
     #: aggregation costing PostgreSQL more than the transfer saves; on for a database behind a slow link.
     webmacs_series_preselect: bool = False
+    #: Long-range m4/minmax/lttb series from the datapoint cells (10-minute summaries the writers keep,
+    #: sql/0041): only the cells and the raw rows of the cells a slice edge cuts are read. Before
+    #: `webmacs_series_preselect` and reading whole; off only to compare.
+    webmacs_series_cells: bool = True
     #: A hypertable chunk that can hold at most this many rows (judged by its size on disk) is exported with an
     #: unordered COPY and sorted in Rust (≈ 28 bytes a row held per chunk, two chunks at a time); larger chunks
     #: are sorted by PostgreSQL. 0: PostgreSQL always sorts.

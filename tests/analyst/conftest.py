@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Server, unique
+from webmacs.repositories import series as series_repo
 
 
 @dataclass
@@ -52,7 +53,13 @@ def make_experiment(db: psycopg.Connection) -> Any:
 
 
 def load(db: psycopg.Connection, rows: Iterable[tuple[datetime, int, int | None, float]]) -> None:
-    """COPY (time, event_id, experiment_id, value) rows into the hypertable."""
+    """COPY (time, event_id, experiment_id, value) rows into the hypertable, and refresh the cells of what was
+    written, as every writer that bypasses the engine must (sql/0041)."""
+    spans: dict[int, tuple[datetime, datetime]] = {}
     with db.cursor() as cur, cur.copy("COPY datapoints (time, event_id, experiment_id, value) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
+            lo, hi = spans.get(row[1], (row[0], row[0]))
+            spans[row[1]] = (min(lo, row[0]), max(hi, row[0]))
+    for event_id, (lo, hi) in spans.items():
+        db.execute(series_repo.REFRESH_CELLS_SQL, ([event_id], lo, hi))

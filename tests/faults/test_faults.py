@@ -208,6 +208,10 @@ def reconcile(url: str, event_id: int, load: Load) -> dict[str, int]:
     assert not lost, f"{len(lost)} acknowledged rows lost, e.g. {lost[:5]}"
     assert not duplicated, f"{len(duplicated)} rows stored twice, e.g. {duplicated[:5]}"
     assert not unknown
+    # Retried and deduplicated batches put each stored row into the datapoint cells once (sql/0041).
+    with psycopg.connect(url) as db:
+        in_cells = db.execute("SELECT sum(n) FROM datapoint_cells WHERE event_id = %s", (event_id,)).fetchone()
+    assert in_cells is not None and (in_cells[0] or 0) == len(values)
     return {"acked": len(load.acked), "stored": len(values), "sent": len(load.sent)}
 
 

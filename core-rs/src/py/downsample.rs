@@ -108,6 +108,32 @@ fn series_from_pg<'py>(
     ))
 }
 
+/// m4, minmax or lttb of a long range from its candidates (`downsample::from_candidates`), which arrive
+/// packed as PostgreSQL sends them (times since 2000); returns the kept points packed as the downsamplers
+/// take them (µs since 1970, values).
+#[pyfunction]
+fn series_from_candidates<'py>(
+    py: Python<'py>,
+    mode: &str,
+    times: PyBackedBytes,
+    values: PyBackedBytes,
+    total: u64,
+    max_points: usize,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let kept = detached(py, || {
+        let candidates = downsample::points_from_pg(&times, &values)?;
+        downsample::from_candidates(mode, candidates, total, max_points)
+    })
+    .map_err(value_error)?;
+    let mut out_times = Vec::with_capacity(kept.len() * 8);
+    let mut out_values = Vec::with_capacity(kept.len() * 8);
+    for (t, v) in kept {
+        out_times.extend_from_slice(&t.to_be_bytes());
+        out_values.extend_from_slice(&v.to_be_bytes());
+    }
+    Ok((PyBytes::new(py, &out_times), PyBytes::new(py, &out_values)))
+}
+
 /// (times, values, experiment ids or None) as Python bytes.
 type PackedBytes<'py> = (
     Bound<'py, PyBytes>,
@@ -122,5 +148,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(downsample_m4, m)?)?;
     m.add_function(wrap_pyfunction!(downsample_avg, m)?)?;
     m.add_function(wrap_pyfunction!(series_from_pg, m)?)?;
+    m.add_function(wrap_pyfunction!(series_from_candidates, m)?)?;
     Ok(())
 }

@@ -185,11 +185,9 @@ impl DatapointWriter {
             let client = guard
                 .as_mut()
                 .ok_or_else(|| ImportError::Database("the writer is closed".into()))?;
-            let data = crate::writer::encode(&rows);
             let (inserted, duplicates) = self.runtime.block_on(import::write_batch(
                 client,
-                &data,
-                rows.len() as u64,
+                &import::Encoded::of(&rows),
                 &import::Counts::default(),
                 None,
             ))?;

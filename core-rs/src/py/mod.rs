@@ -70,6 +70,7 @@ fn inspect_jwt(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
+    m.add("CELL_US", crate::cells::CELL_US)?;
     m.add_function(wrap_pyfunction!(validate_frame, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_jwt, m)?)?;
     errors::register(m)?;

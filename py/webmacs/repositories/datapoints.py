@@ -11,6 +11,7 @@ from psycopg.rows import dict_row
 
 from webmacs.epoch import from_micros, to_micros
 from webmacs.errors import NotFound
+from webmacs.repositories import series as series_repo
 
 _MICROS = re.compile(r"-?[0-9]{1,19}")
 
@@ -67,14 +68,14 @@ async def by_public_id(conn: AsyncConnection, *, public_id: str) -> dict[str, An
 
 async def delete(conn: AsyncConnection, *, public_id: str) -> None:
     key = parse_datapoint_public_id(public_id)
-    cur = None
+    removed = 0
     if key is not None:
-        cur = await conn.execute(
-            "DELETE FROM datapoints d USING events e WHERE e.id = d.event_id AND e.public_id = %(e)s"
-            " AND d.time = %(t)s",
+        removed = await series_repo.delete_datapoints(
+            conn,
+            "event_id = (SELECT id FROM events WHERE public_id = %(e)s) AND time = %(t)s",
             {"e": key[0], "t": key[1]},
         )
-    if cur is None or cur.rowcount == 0:
+    if removed == 0:
         raise NotFound.entity("Datapoint", public_id)
 
 

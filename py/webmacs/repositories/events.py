@@ -9,6 +9,7 @@ from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
 from webmacs.repositories import assignments, conflict_on_duplicate
+from webmacs.repositories import series as series_repo
 
 COLUMNS = "id, public_id, name, min_value, max_value, unit, type, user_public_id"
 UPDATABLE = ("name", "min_value", "max_value", "unit", "type")
@@ -120,6 +121,7 @@ async def delete_ids(conn: AsyncConnection, *, ids: list[int]) -> None:
     if not ids:
         return
     await conn.execute("DELETE FROM datapoints WHERE event_id = ANY(%(ids)s)", {"ids": ids})
+    await series_repo.delete_event_cells(conn, event_ids=ids)
     await conn.execute("DELETE FROM events WHERE id = ANY(%(ids)s)", {"ids": ids})
 
 

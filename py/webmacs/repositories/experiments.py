@@ -9,6 +9,7 @@ from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
 from webmacs.repositories import conflict_on_duplicate
+from webmacs.repositories import series as series_repo
 
 COLUMNS = "id, public_id, name, started_on, stopped_on, user_public_id"
 
@@ -80,5 +81,5 @@ async def delete(conn: AsyncConnection, *, public_id: str) -> None:
         if row is None:
             raise NotFound.entity("Experiment", public_id)
         # No FK on the hypertable: the experiment's datapoints are removed explicitly (spec §1: deleted, not orphaned).
-        await conn.execute("DELETE FROM datapoints WHERE experiment_id = %(id)s", {"id": row[0]})
+        await series_repo.delete_datapoints(conn, "experiment_id = %(id)s", {"id": row[0]})
         await conn.execute("DELETE FROM experiments WHERE id = %(id)s", {"id": row[0]})

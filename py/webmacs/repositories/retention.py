@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -33,6 +34,19 @@ async def drop_chunks_older_than(conn: AsyncConnection, *, days: int) -> int:
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def drop_cells_without_chunks(conn: AsyncConnection, *, width: timedelta) -> int:
+    """Delete the datapoint cells (`width` wide) that end before the oldest chunk starts (their datapoints
+    were dropped: by our job or by a retention policy inside the database); how many. One snapshot: a chunk
+    and cells committed after it are not seen, so not deleted."""
+    cur = await conn.execute(
+        "DELETE FROM datapoint_cells WHERE cell + %s::interval <= coalesce((SELECT min(range_start)"
+        " FROM timescaledb_information.chunks WHERE hypertable_schema = current_schema()"
+        " AND hypertable_name = 'datapoints'), 'infinity')",
+        (width,),
+    )
+    return cur.rowcount
 
 
 async def policy_config(conn: AsyncConnection, *, proc_name: str) -> tuple[int, str] | None:

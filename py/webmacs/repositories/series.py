@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, LiteralString
 
 from psycopg import AsyncConnection, errors, sql
@@ -65,6 +65,31 @@ PRESELECT_SQL = (
     " GROUP BY width_bucket(time, %(edges)s::timestamptz[])"
 )
 
+# A long range from the datapoint cells (sql/0041): the candidates of the cells strictly between the range's
+# two end cells that no slice edge cuts — each partial row's first, minimum, maximum and last (a point
+# standing in for an all-NaN cell's extremes is its first) — and every datapoint of the cut cells (the end
+# cells among them) within [first, last]; how many datapoints each part holds. One round trip, packed like
+# RANGE_SQL: ≈ 1 row per cell and the cut cells' rows instead of every row.
+CELL_CANDIDATES_SQL = (
+    "SELECT c.n, c.times, c.vals, r.n, r.times, r.vals FROM"
+    " (SELECT coalesce(sum(n), 0)::int8 AS n,"
+    " string_agg(timestamptz_send(first_time) || timestamptz_send(coalesce(min_time, first_time))"
+    " || timestamptz_send(coalesce(max_time, first_time)) || timestamptz_send(last_time), ''::bytea) AS times,"
+    " string_agg(float8send(first_value) || float8send(coalesce(min_value, first_value))"
+    " || float8send(coalesce(max_value, first_value)) || float8send(last_value), ''::bytea) AS vals"
+    " FROM datapoint_cells WHERE event_id = %(event)s AND cell > %(first_cell)s AND cell < %(last_cell)s"
+    " AND cell <> ALL(%(cut)s::timestamptz[])) c,"
+    " (SELECT count(*) AS n, string_agg(timestamptz_send(d.time), ''::bytea) AS times,"
+    " string_agg(float8send(d.value), ''::bytea) AS vals"
+    " FROM unnest(%(cut)s::timestamptz[]) AS k(cell) CROSS JOIN LATERAL"
+    " (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= k.cell"
+    " AND time < k.cell + %(width)s::interval AND time >= %(first)s AND time <= %(last)s) d) r"
+)
+# Writers that bypass the engine (plain SQL, COPY by hand) refresh the cells of what they wrote; so does the
+# deletion of some of a cell's datapoints.
+REFRESH_CELLS_SQL = "SELECT refresh_datapoint_cells(%s::int[], %s, %s)"
+COMPACT_CELLS_SQL = "SELECT compact_datapoint_cells(%s::timestamptz, %s)"
+
 #: Errors of a request's range, bucket or time zone that PostgreSQL finds first: the request's fault (422).
 _BAD_PARAMETERS = (errors.InvalidParameterValue, errors.IntervalFieldOverflow, errors.DatetimeFieldOverflow)
 
@@ -119,6 +144,74 @@ async def ends(
     await cur.execute(ENDS_SQL, {"event": event_id, "start": start, "end": end})
     row = await cur.fetchone()
     return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+async def cell_candidates(
+    conn: AsyncConnection,
+    *,
+    event_id: int,
+    first: datetime,
+    last: datetime,
+    cut: list[datetime],
+    width: timedelta,
+) -> tuple[int, bytes, bytes]:
+    """(datapoints in [first, last], candidate times, candidate values) of CELL_CANDIDATES_SQL; `cut` holds
+    the starts of the cells read raw, among them those of `first` and `last`; times packed since 2000."""
+    cur = conn.cursor(binary=True)
+    params = {
+        "event": event_id,
+        "first": first,
+        "last": last,
+        "first_cell": min(cut),
+        "last_cell": max(cut),
+        "cut": cut,
+        "width": width,
+    }
+    await cur.execute(CELL_CANDIDATES_SQL, params)
+    row = await cur.fetchone()
+    assert row is not None  # two aggregates without GROUP BY: always one row
+    n_cells, cell_times, cell_values, n_raw, raw_times, raw_values = row
+    return (
+        int(n_cells) + int(n_raw),
+        bytes(raw_times or b"") + bytes(cell_times or b""),
+        bytes(raw_values or b"") + bytes(cell_values or b""),
+    )
+
+
+async def refresh_cells(conn: AsyncConnection, *, event_ids: list[int], lo: datetime, hi: datetime) -> int:
+    """Recompute the cells of `event_ids` touching [lo, hi] from their datapoints; returns the cells kept."""
+    cur = await conn.execute(REFRESH_CELLS_SQL, (event_ids, lo, hi))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def delete_datapoints(conn: AsyncConnection, where: LiteralString, params: dict[str, Any]) -> int:
+    """DELETE FROM datapoints WHERE `where` (a fixed condition, values in `params`), then refresh the cells
+    of what it removed, per event over the span it removed (in the caller's transaction). Returns the rows
+    removed."""
+    removed = 0
+    async with conn.transaction():
+        cur = await conn.execute(
+            "WITH gone AS (DELETE FROM datapoints WHERE " + where + " RETURNING event_id, time)"
+            " SELECT event_id, count(*), min(time), max(time) FROM gone GROUP BY event_id",
+            params,
+        )
+        for event_id, n, lo, hi in await cur.fetchall():
+            removed += n
+            await refresh_cells(conn, event_ids=[event_id], lo=lo, hi=hi)
+    return removed
+
+
+async def delete_event_cells(conn: AsyncConnection, *, event_ids: list[int]) -> None:
+    """The cells of events whose datapoints are all being deleted."""
+    await conn.execute("DELETE FROM datapoint_cells WHERE event_id = ANY(%(ids)s)", {"ids": event_ids})
+
+
+async def compact_cells(conn: AsyncConnection, *, since: datetime | None, max_cells: int) -> int:
+    """Merge the partial rows of up to `max_cells` cells from `since` on (None: all); returns how many."""
+    cur = await conn.execute(COMPACT_CELLS_SQL, (since or "-infinity", max_cells))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def slice_extremes(

@@ -10,6 +10,7 @@ from psycopg.rows import dict_row
 
 from webmacs.errors import NotFound
 from webmacs.repositories import assignments, conflict_on_duplicate
+from webmacs.repositories import series as series_repo
 
 USER_COLUMNS = "id, public_id, email, username, password_hash, role, registered_on, sso_provider"
 
@@ -88,8 +89,9 @@ async def delete(conn: AsyncConnection, *, public_id: str) -> None:
             raise NotFound.entity("User", public_id)
         uid = row[0]
         # The user's events and experiments go with the user; so do their datapoints (no FK on the hypertable).
-        await conn.execute(
-            "DELETE FROM datapoints WHERE event_id IN (SELECT id FROM events WHERE user_public_id = %(p)s)"
+        await series_repo.delete_datapoints(
+            conn,
+            "event_id IN (SELECT id FROM events WHERE user_public_id = %(p)s)"
             " OR experiment_id IN (SELECT id FROM experiments WHERE user_public_id = %(p)s)",
             {"p": public_id},
         )

@@ -1,4 +1,5 @@
-"""Datapoint retention (policy or our own drop_chunks job) and the storage report of `GET /admin/storage`."""
+"""Datapoint retention (policy or our own drop_chunks job), the upkeep of the datapoint cells, and the storage
+report of `GET /admin/storage`."""
 
 from __future__ import annotations
 
@@ -6,20 +7,32 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
+from webmacs import _core
 from webmacs.repositories import retention as retention_repo
+from webmacs.repositories import series as series_repo
 from webmacs.runtime import Runtime
 from webmacs.settings import Settings
 
 log = logging.getLogger("webmacs.retention")
 
 JOB_INTERVAL_S = 3600
+#: The cells' upkeep (sql/0041) runs this often: it merges the partial rows of the cells of the last
+#: CELLS_RECENT (one per transaction that wrote into a cell, so a busy cell gains one a batch); every
+#: CELLS_FULL_EVERY runs, and at start, it merges every cell and drops the cells that retention left without
+#: datapoints. Every process runs it; two runs wait for each other (an advisory lock) and merge each
+#: partial row once.
+CELLS_INTERVAL_S = 60
+CELLS_RECENT = timedelta(hours=2)
+CELLS_FULL_EVERY = 60
+#: Cells merged per transaction.
+CELLS_BATCH = 20_000
 
 
 @dataclass
@@ -30,6 +43,7 @@ class RetentionState:
     last_run: datetime | None = None
     last_dropped: int | None = None
     task: asyncio.Task[None] | None = None
+    cells_task: asyncio.Task[None] | None = None
 
 
 async def drop_expired(pool: AsyncConnectionPool, *, days: int) -> int | None:
@@ -56,6 +70,34 @@ async def _job(rt: Runtime, days: int) -> None:
         await asyncio.sleep(JOB_INTERVAL_S)
 
 
+async def maintain_cells(pool: AsyncConnectionPool, *, full: bool) -> int:
+    """Merge the cells' partial rows (of the recent cells, or of all when `full`; then also drop the cells
+    older than the oldest chunk); returns how many cells were merged."""
+    since = None if full else datetime.now(UTC) - CELLS_RECENT
+    merged = 0
+    while True:
+        async with pool.connection() as conn, conn.transaction():
+            n = await series_repo.compact_cells(conn, since=since, max_cells=CELLS_BATCH)
+        merged += n
+        if n < CELLS_BATCH:
+            break
+    if full:
+        async with pool.connection() as conn:
+            await retention_repo.drop_cells_without_chunks(conn, width=timedelta(microseconds=_core.CELL_US))
+    return merged
+
+
+async def _cells_job(rt: Runtime) -> None:
+    runs = 0
+    while True:
+        try:
+            await maintain_cells(rt.pool, full=runs % CELLS_FULL_EVERY == 0)
+        except Exception:
+            log.exception("datapoint cells upkeep failed")
+        runs += 1
+        await asyncio.sleep(CELLS_INTERVAL_S)
+
+
 async def apply_policies(conn: AsyncConnection, *, retention_days: int | None, compress_after_days: int | None) -> None:
     """Timescale-License edition: make the retention and compression policies match the settings (created or
     replaced when their interval differs; left alone when unset)."""
@@ -80,6 +122,7 @@ def install(rt: Runtime) -> None:
     async def start(rt: Runtime) -> None:
         settings = rt.settings
         state = rt.retention
+        state.cells_task = asyncio.create_task(_cells_job(rt), name="webmacs-cells")
         async with rt.pool.connection() as conn:
             state.license = await retention_repo.license_of(conn)
             if state.license == "timescale":
@@ -97,11 +140,11 @@ def install(rt: Runtime) -> None:
             state.task = asyncio.create_task(_job(rt, settings.webmacs_retention_days), name="webmacs-retention")
 
     async def stop(rt: Runtime) -> None:
-        task = rt.retention.task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (rt.retention.task, rt.retention.cells_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     rt.lifecycle.append((start, stop))
 

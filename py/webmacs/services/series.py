@@ -135,20 +135,22 @@ async def event_points(
     mode: Mode | None,
     max_points: int | None,
     preselect: bool,
+    cells: bool = True,
 ) -> list[list[Any]]:
     """One event's `GET /series` answer as [time in `zone`, value] pairs: its datapoints in [start, end), or `agg`
     per `bucket` (aligned in `tz`); thinned to at most `max_points` (default 1000) by `mode` (default stride)
-    when either is given. `preselect`: a long range's m4/minmax/lttb input is pre-selected in SQL. Unprocessable
-    (naming the event by `label`) for more than MAX_BUCKETS points unthinned, or a range, bucket or time zone
-    PostgreSQL refuses."""
+    when either is given. A long range's m4/minmax/lttb input comes from the datapoint cells (`cells`), else
+    is pre-selected in SQL (`preselect`), else read whole. Unprocessable (naming the event by `label`) for more
+    than MAX_BUCKETS points unthinned, or a range, bucket or time zone PostgreSQL refuses."""
     thin = max_points is not None or mode is not None
     count = agg == "count" and bucket is not None
-    if bucket is None and thin and preselect:
-        picked = await preselected(
-            conn, event_id=event_id, start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
-        )
-        if picked is not None:
-            return [[p.time.astimezone(zone), p.value] for p in picked]
+    for use, select in ((cells, from_cells), (preselect, preselected)):
+        if bucket is None and thin and use:
+            picked = await select(
+                conn, event_id=event_id, start=start, end=end, max_points=max_points or 1000, mode=mode or "stride"
+            )
+            if picked is not None:
+                return [[p.time.astimezone(zone), p.value] for p in picked]
     rows: list[tuple[datetime, float]] | None = None
     if bucket is None:
         series = await in_range(conn, event_id=event_id, start=start, end=end)
@@ -229,6 +231,54 @@ async def preselected(
         picked[ends[2]] = v_last
     rows = sorted(picked.items())
     return downsample(packed(rows), max_points, mode)
+
+
+# --- long ranges: the datapoint cells -------------------------------------------------------------------------
+
+#: Width of a datapoint cell (sql/0041: one event's 10 minutes, aligned to the Unix epoch).
+CELL_US: int = _core.CELL_US
+#: m4 and minmax use the cells when a slice spans at least this many: each slice edge cuts one cell, whose
+#: rows are read raw, so narrower slices save little.
+CELLS_PER_SLICE = 4
+
+
+def cell_of(micros: int) -> int:
+    """Start (µs) of the cell holding `micros`."""
+    return micros - micros % CELL_US
+
+
+async def from_cells(
+    conn: AsyncConnection, *, event_id: int, start: datetime, end: datetime, max_points: int, mode: Mode
+) -> list[Point] | None:
+    """`downsample(in_range(…), max_points, mode)` for m4, minmax and lttb from the datapoint cells: the
+    cells no slice edge cuts give their first, minimum, maximum and last datapoint, the cut cells (and the
+    two at the range's ends) every datapoint, and the downsampler runs on these candidates — for m4 and
+    minmax exactly the answer from every row, for lttb LTTB over the candidates. None when it would not pay
+    (slices narrower than CELLS_PER_SLICE cells; for lttb, fewer cells than max_points or fewer than
+    LTTB_LONG × max_points datapoints) or the range holds at most max_points: the caller reads otherwise."""
+    if mode not in PRESELECTED:
+        return None
+    ends = await series_repo.ends(conn, event_id=event_id, start=start, end=end)
+    if ends is None:
+        return []
+    t_first, t_last = to_micros(ends[0]), to_micros(ends[2])
+    span = t_last - t_first
+    if mode == "lttb":
+        if span < max_points * CELL_US:
+            return None
+        edges: list[int] = []
+    else:
+        slices = max_points // 4 if mode == "m4" else (max_points - 2) // 2
+        if slices < 1 or span < slices * CELLS_PER_SLICE * CELL_US:
+            return None
+        edges = slice_edges(t_first, t_last, slices)
+    cut = [from_micros(c) for c in sorted({cell_of(t) for t in (t_first, t_last, *edges)})]
+    total, times, values = await series_repo.cell_candidates(
+        conn, event_id=event_id, first=ends[0], last=ends[2], cut=cut, width=timedelta(microseconds=CELL_US)
+    )
+    if total <= max_points or (mode == "lttb" and total < LTTB_LONG * max_points):
+        return None
+    return all_points(PackedSeries(*_core.series_from_candidates(mode, times, values, total, max_points)))
 
 
 def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:

@@ -170,6 +170,7 @@ async def series(
             mode=mode,
             max_points=max_points,
             preselect=settings.webmacs_series_preselect,
+            cells=settings.webmacs_series_cells,
         )
         out[public_id] = {"name": event["name"], "unit": event["unit"], "points": pairs}
     return _json(
