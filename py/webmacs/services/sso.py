@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
-import jwt
 from psycopg import AsyncConnection
 from pydantic.networks import validate_email
 
@@ -24,6 +23,9 @@ from webmacs.repositories import sso as sso_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
 from webmacs.settings import Settings
+
+# pyjwt (which loads cryptography, ~10 MB of every server's memory) is imported where SSO signs and checks its
+# state: most servers never talk to an identity provider.
 
 STATE_ISSUER = "webmacs-sso"
 STATE_TTL_S = 600
@@ -155,6 +157,8 @@ def _pkce_pair() -> tuple[str, str]:
 
 
 def sign_state(settings: Settings, verifier: str) -> str:
+    import jwt
+
     now = datetime.now(UTC)
     claims = {
         "iss": STATE_ISSUER,
@@ -168,6 +172,8 @@ def sign_state(settings: Settings, verifier: str) -> str:
 
 def verify_state(settings: Settings, state: str) -> str:
     """The PKCE verifier carried by a valid state, or 400."""
+    import jwt
+
     try:
         claims = jwt.decode(
             state,
