@@ -1,14 +1,16 @@
-"""Password hashing (bcrypt), JWTs (HS256 via pyjwt) and `wm_` API tokens."""
+"""Password hashing (bcrypt), JWTs (HMAC: HS256/384/512) and `wm_` API tokens."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import json
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import bcrypt
-import jwt
 
 from webmacs._core import inspect_jwt
 from webmacs.exceptions import ConfigError
@@ -18,6 +20,8 @@ API_TOKEN_PREFIX = "wm_"  # noqa: S105 - a prefix, not a secret
 MAX_TOKEN_CHARS = 4096
 # bcrypt only reads 72 bytes; bcrypt>=5 raises instead of truncating, so truncate explicitly.
 _BCRYPT_MAX = 72
+#: The algorithms tokens are signed with: the HMAC ones, the only ones the engine's check (`inspect_jwt`) knows.
+_HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
 
 
 def hash_password(password: str, rounds: int = 12) -> str:
@@ -31,18 +35,33 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
+def _b64url(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
 def create_access_token(*, user_id: int, role: str, key: str, algorithm: str, minutes: int) -> str:
-    now = datetime.now(UTC)
+    """A signed JWT, byte for byte what `jwt.encode(claims, key, algorithm)` of pyjwt writes (sorted compact
+    header, compact claims, integer times). Signed here with the standard library: pyjwt imports cryptography
+    (~10 MB of the server's memory) for algorithms the product does not accept."""
+    digest = _HMAC_DIGESTS.get(algorithm)
+    if digest is None:
+        raise ConfigError(f"JWT algorithm {algorithm!r} is not supported (HS256, HS384, HS512)")
+    # Whole seconds, as pyjwt writes datetimes (the fraction is dropped).
+    now = int(datetime.now(UTC).timestamp())
     # `jti` makes every login's token distinct: without it two logins of one user within the same second
     # get the same string, and logging out one session (blacklisting that string) would end the other.
     claims = {
         "sub": str(user_id),
-        "exp": now + timedelta(minutes=minutes),
+        "exp": now + minutes * 60,
         "iat": now,
         "role": role,
         "jti": secrets.token_urlsafe(12),
     }
-    return jwt.encode(claims, key, algorithm=algorithm)
+    header = json.dumps({"alg": algorithm, "typ": "JWT"}, separators=(",", ":")).encode()
+    payload = json.dumps(claims, separators=(",", ":")).encode()
+    signing_input = _b64url(header) + b"." + _b64url(payload)
+    signature = hmac.new(key.encode(), signing_input, digest).digest()
+    return (signing_input + b"." + _b64url(signature)).decode()
 
 
 @dataclass(frozen=True)

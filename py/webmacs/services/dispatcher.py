@@ -9,9 +9,8 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
@@ -19,6 +18,9 @@ from webmacs.repositories import webhooks as webhooks_repo
 from webmacs.runtime import Runtime
 from webmacs.services import ssrf
 from webmacs.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("webmacs.dispatcher")
 
@@ -48,13 +50,9 @@ class Dispatcher:
         self.database_url = database_url
         self.wake = asyncio.Event()
         self.inflight: dict[asyncio.Task[None], tuple[int, int]] = {}
-        self.client = httpx.AsyncClient(
-            timeout=settings.webmacs_webhook_timeout_s,
-            follow_redirects=False,
-            # An environment proxy would both defeat address pinning and leak deliveries elsewhere.
-            trust_env=False,
-            limits=httpx.Limits(max_connections=settings.webmacs_webhook_concurrency),
-        )
+        #: Made for the first delivery: httpx and a client's TLS context cost ~7 MB, which a server that sends no
+        #: webhooks need not carry.
+        self.client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -81,7 +79,21 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     async with self.pool.connection() as conn:
                         await webhooks_repo.release_delivery(conn, delivery_id=row_id, attempts=attempts)
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self.client is None:
+            import httpx
+
+            self.client = httpx.AsyncClient(
+                timeout=self.settings.webmacs_webhook_timeout_s,
+                follow_redirects=False,
+                # An environment proxy would both defeat address pinning and leak deliveries elsewhere.
+                trust_env=False,
+                limits=httpx.Limits(max_connections=self.settings.webmacs_webhook_concurrency),
+            )
+        return self.client
 
     # --- the outbox loop ---
 
@@ -192,6 +204,8 @@ class Dispatcher:
 
     async def attempt(self, url: str, secret: str | None, body: str) -> Outcome:
         """POST `body` to `url` once (spec §9 headers), after vetting the address it will connect to."""
+        import httpx
+
         try:
             target = await ssrf.vet(url, self.settings.webmacs_webhook_allow_hosts)
         except ssrf.Refused as e:
@@ -206,14 +220,15 @@ class Dispatcher:
         if secret:
             headers["X-Webhook-Signature"] = sign(secret, timestamp, body)
         cap = self.settings.webmacs_webhook_max_response_bytes
-        request = self.client.build_request(
+        client = self._http()
+        request = client.build_request(
             "POST", pinned_url, content=body.encode(), headers=headers, extensions=extensions
         )
         try:
             # httpx's timeout bounds each read; this bounds the attempt, so a trickling receiver cannot hold
             # a delivery slot forever.
             async with asyncio.timeout(self.settings.webmacs_webhook_timeout_s):
-                response = await self.client.send(request, stream=True)
+                response = await client.send(request, stream=True)
                 try:
                     read = 0
                     # Read (and drop) a bounded amount of the body so the connection can be reused.

@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote, urljoin
 
-import httpx
-
 from webmacs.errors import BadRequest, Conflict, DomainError, TooLarge, Unprocessable
 from webmacs.services import ssrf
 from webmacs.settings import Settings
@@ -103,6 +101,8 @@ async def download(url: str, dest: Path, settings: Settings, expected_sha256: st
     `expected_sha256`, a mismatch fails and leaves no file.
     Every hop (redirects are followed, at most 5) goes through the SSRF guard and is dialled at the
     address that was vetted."""
+    import httpx  # here, not at the top: ~7 MB of every server's memory for what only OTA downloads use
+
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
     cap = settings.webmacs_ota_max_bundle_bytes
     try:
@@ -237,6 +237,8 @@ async def github_latest(settings: Settings) -> GithubRelease:
     if not base:
         return GithubRelease(error="GitHub lookup disabled (WEBMACS_OTA_GITHUB_API is empty)")
     url = f"{base}/repos/{quote(repo, safe='/')}/releases/latest"
+    import httpx
+
     try:
         async with httpx.AsyncClient(timeout=settings.webmacs_ota_github_timeout_s) as client:
             r = await client.get(url, headers={"Accept": "application/vnd.github+json"})

@@ -10,11 +10,9 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-import httpx
-import jwt
 from psycopg import AsyncConnection
 from pydantic.networks import validate_email
 
@@ -24,6 +22,11 @@ from webmacs.repositories import sso as sso_repo
 from webmacs.repositories import users as users_repo
 from webmacs.security import hash_password
 from webmacs.settings import Settings
+
+# httpx and pyjwt (which loads cryptography) are imported where SSO uses them: together ~15 MB of every server's
+# memory, and most servers never talk to an identity provider.
+if TYPE_CHECKING:
+    import httpx
 
 STATE_ISSUER = "webmacs-sso"
 STATE_TTL_S = 600
@@ -108,6 +111,8 @@ def frontend_url(settings: Settings) -> str:
 
 
 def _client() -> httpx.AsyncClient:
+    import httpx
+
     # The issuer is operator-configured (no SSRF guard), but redirects are never followed: every endpoint
     # must answer where the discovery document says it does.
     return httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, follow_redirects=False)
@@ -135,6 +140,8 @@ async def discovery(state: SsoState, settings: Settings) -> dict[str, Any]:
     cached = state.discovery.get(issuer)
     if cached is not None and now - cached[0] < state.discovery_ttl_s:
         return cached[1]
+    import httpx
+
     failed = BadGateway("Failed to load the identity provider's OpenID configuration.")
     try:
         async with _client() as client:
@@ -155,6 +162,8 @@ def _pkce_pair() -> tuple[str, str]:
 
 
 def sign_state(settings: Settings, verifier: str) -> str:
+    import jwt
+
     now = datetime.now(UTC)
     claims = {
         "iss": STATE_ISSUER,
@@ -168,6 +177,8 @@ def sign_state(settings: Settings, verifier: str) -> str:
 
 def verify_state(settings: Settings, state: str) -> str:
     """The PKCE verifier carried by a valid state, or 400."""
+    import jwt
+
     try:
         claims = jwt.decode(
             state,
@@ -207,6 +218,8 @@ async def authorization_url(state: SsoState, settings: Settings) -> str:
 
 async def fetch_userinfo(state: SsoState, settings: Settings, code: str, verifier: str) -> dict[str, Any]:
     """Exchange the authorization code (with the PKCE verifier) and read the user's claims."""
+    import httpx
+
     doc = await discovery(state, settings)
     token_endpoint = _endpoint(doc, "token_endpoint")
     assert token_endpoint is not None  # discovery() only caches documents that have it
