@@ -20,7 +20,7 @@ from webmacs.api.lineproto import router as lineproto_router
 from webmacs.api.metrics import Metrics, MetricsMiddleware
 from webmacs.api.metrics import router as metrics_router
 from webmacs.api.v1 import api_router
-from webmacs.db import migrate
+from webmacs.db import POOL_OPTIONS, migrate
 from webmacs.db.replicas import ReadRouter
 from webmacs.errors import install_handlers
 from webmacs.middleware import (
@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 min_size=1,
                 max_size=settings.webmacs_pool_size,
                 open=False,
-                kwargs={"options": "-c timezone=UTC", "application_name": "webmacs-api"},
+                kwargs={"options": POOL_OPTIONS, "application_name": "webmacs-api"},
                 timeout=settings.webmacs_db_timeout_s,
                 name="webmacs-api",
             )

@@ -25,6 +25,8 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from webmacs.db import POOL_OPTIONS
+
 log = logging.getLogger(__name__)
 
 #: How long a read waits for a replica connection before it goes to the primary instead.
@@ -87,7 +89,7 @@ class ReadRouter:
                     min_size=1,
                     max_size=pool_size,
                     open=False,
-                    kwargs={"options": "-c timezone=UTC", "application_name": "webmacs-read"},
+                    kwargs={"options": POOL_OPTIONS, "application_name": "webmacs-read"},
                     timeout=REPLICA_CONNECT_WAIT_S,
                     # A replica restarts independently of the primary: a pooled connection it has since dropped
                     # is found at checkout (one round trip), not by the request's query.

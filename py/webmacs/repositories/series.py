@@ -167,7 +167,9 @@ async def cell_candidates(
         "cut": cut,
         "width": width,
     }
-    await cur.execute(CELL_CANDIDATES_SQL, params)
+    # Never prepared: a generic plan knows neither the range nor the cut cells, and reads them through every
+    # chunk (minmax over 30 days: 2 s instead of 36 ms once psycopg prepares the statement, on the 6th run).
+    await cur.execute(CELL_CANDIDATES_SQL, params, prepare=False)
     row = await cur.fetchone()
     assert row is not None  # two aggregates without GROUP BY: always one row
     n_cells, cell_times, cell_values, n_raw, raw_times, raw_values = row
