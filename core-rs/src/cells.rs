@@ -1,6 +1,6 @@
 //! Cell summaries (`datapoint_cells`, sql/0041): per event and 10 minutes, how many rows one transaction
-//! inserted and the first, minimum, maximum and last of them. Long-range series read these instead of
-//! every row (`services/series.py`). Every transaction that inserts datapoints appends the summaries of
+//! inserted, the first, minimum, maximum and last of them, and the rows themselves packed (16 bytes each).
+//! Long-range series read these instead of the hypertable (`services/series.py`). Every transaction that inserts datapoints appends the summaries of
 //! exactly what it inserted, in the same transaction: from the rows it COPYs, or from what its
 //! duplicate-tolerant insert RETURNs — so a row is summarised once, by the transaction that stored it.
 
@@ -20,13 +20,13 @@ pub const CELL_US: i64 = 600_000_000;
 
 const COPY_SQL: &str =
     "COPY datapoint_cells (event_id, cell, n, first_time, first_value, min_time, \
-    min_value, max_time, max_value, last_time, last_value) FROM STDIN (FORMAT binary)";
+    min_value, max_time, max_value, last_time, last_value, packed) FROM STDIN (FORMAT binary)";
 
 /// A point: (µs since the Unix epoch, value).
 pub type Point = (i64, f64);
 
 /// The summary of some rows of one event in one cell.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
     pub event_id: i32,
     /// Start of the cell, µs since the Unix epoch.
@@ -39,6 +39,9 @@ pub struct Cell {
     /// The largest value that is not NaN, the earliest of equal ones.
     pub max: Option<Point>,
     pub last: Point,
+    /// The rows, in the order taken: `timestamptz_send(time) || float8send(value)` each (big-endian, µs
+    /// since PostgreSQL's epoch), as `refresh_datapoint_cells` packs them.
+    pub rows: Vec<u8>,
 }
 
 /// Start of the cell holding `time_us`. Every timestamptz PostgreSQL stores is at least its minimum
@@ -51,7 +54,7 @@ impl Cell {
     fn new(event_id: i32, time_us: i64, value: f64) -> Self {
         let point = (time_us, value);
         let extreme = (!value.is_nan()).then_some(point);
-        Cell {
+        let mut cell = Cell {
             event_id,
             cell_us: cell_of(time_us),
             n: 1,
@@ -59,12 +62,22 @@ impl Cell {
             min: extreme,
             max: extreme,
             last: point,
-        }
+            rows: Vec::with_capacity(16),
+        };
+        cell.pack(time_us, value);
+        cell
+    }
+
+    fn pack(&mut self, time_us: i64, value: f64) {
+        self.rows
+            .extend_from_slice(&time_us.saturating_sub(PG_EPOCH_US).to_be_bytes());
+        self.rows.extend_from_slice(&value.to_be_bytes());
     }
 
     /// Take one more row of the same event and cell (in any order: the result does not depend on it).
     fn add(&mut self, time_us: i64, value: f64) {
         self.n += 1;
+        self.pack(time_us, value);
         if time_us < self.first.0 {
             self.first = (time_us, value);
         }
@@ -127,12 +140,14 @@ fn put_point(buf: &mut BytesMut, point: Option<Point>) {
 
 /// `cells` as a binary COPY stream into `datapoint_cells`.
 pub fn encode(cells: &[Cell]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(21 + cells.len() * 144);
+    let mut buf = BytesMut::with_capacity(
+        21 + cells.iter().map(|c| 150 + c.rows.len()).sum::<usize>(),
+    );
     buf.put_slice(COPY_SIGNATURE);
     buf.put_i32(0);
     buf.put_i32(0);
     for c in cells {
-        buf.put_i16(11);
+        buf.put_i16(12);
         buf.put_i32(4);
         buf.put_i32(c.event_id);
         put_time(&mut buf, c.cell_us);
@@ -142,6 +157,9 @@ pub fn encode(cells: &[Cell]) -> Bytes {
         put_point(&mut buf, c.min);
         put_point(&mut buf, c.max);
         put_point(&mut buf, Some(c.last));
+        // A cell's rows fit i32 lengths: a batch is bounded far below 2 GiB (the engine's byte cap).
+        buf.put_i32(i32::try_from(c.rows.len()).unwrap_or(i32::MAX));
+        buf.put_slice(&c.rows);
     }
     buf.put_i16(-1);
     buf.freeze()
@@ -217,14 +235,14 @@ mod tests {
         ];
         let expect = |cells: Vec<Cell>| {
             assert_eq!(cells.len(), 2);
-            let a = cells[0];
+            let a = &cells[0];
             assert_eq!((a.event_id, a.n), (1, 6));
             assert_eq!(a.first.0, 10);
             assert!(a.first.1.is_nan());
             assert_eq!(a.min, Some((30, -1.0)));
             assert_eq!(a.max, Some((20, 5.0)));
             assert_eq!(a.last, (60, 5.0));
-            let b = cells[1];
+            let b = &cells[1];
             assert_eq!((b.event_id, b.n, b.min, b.max), (2, 1, None, None));
         };
         expect(summarize(rows));
@@ -248,12 +266,17 @@ mod tests {
     }
 
     #[test]
-    fn encodes_eleven_fields_with_nulls_for_all_nan_cells() {
+    fn encodes_twelve_fields_with_nulls_for_all_nan_cells_and_the_rows_packed() {
+        let cells = summarize([(7, 0, f64::NAN), (7, 5, 1.5)]);
+        assert_eq!(cells[0].rows.len(), 32);
+        assert_eq!(cells[0].rows[..8], (-PG_EPOCH_US).to_be_bytes());
+        assert_eq!(cells[0].rows[24..], 1.5f64.to_be_bytes());
         let b = encode(&summarize([(7, 0, f64::NAN)]));
         assert_eq!(&b[..11], COPY_SIGNATURE);
-        assert_eq!(&b[19..21], &11i16.to_be_bytes());
-        // event(4+4) cell(4+8) n(4+8) first(4+8+4+8) min and max NULL (4+4 each) last(4+8+4+8) + trailer
-        assert_eq!(b.len(), 21 + 8 + 12 + 12 + 24 + 8 + 8 + 24 + 2);
+        assert_eq!(&b[19..21], &12i16.to_be_bytes());
+        // event(4+4) cell(4+8) n(4+8) first(4+8+4+8) min and max NULL (4+4 each) last(4+8+4+8) rows(4+16)
+        // + trailer
+        assert_eq!(b.len(), 21 + 8 + 12 + 12 + 24 + 8 + 8 + 24 + 20 + 2);
         assert_eq!(micros(UNIX_EPOCH - std::time::Duration::from_micros(5)), -5);
     }
 }

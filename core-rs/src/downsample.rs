@@ -240,7 +240,8 @@ fn m4_picks(times: &[i64], values: &[f64], max_points: usize) -> Vec<usize> {
 /// row of the cells a slice edge or an end of the range cuts (`services/series.py`). Such candidates hold
 /// the first, the last, the earliest minimum and the earliest maximum of every slice m4 and minmax cut,
 /// and the downsampler picks only those, so for `total` > `max_points` this is m4's or minmax's answer on
-/// every row — although the candidates alone may be fewer than `max_points`. lttb runs on the candidates
+/// every row — although the candidates alone may be fewer than `max_points`.
+/// (The cut cells' rows come from their packed copy in the cells: `packed_rows_in`.) lttb runs on the candidates
 /// themselves (an approximation, like any pre-selection for it). Returns the kept points in time order.
 pub fn from_candidates(
     mode: &str,
@@ -399,6 +400,31 @@ pub fn points_from_pg(times: &[u8], values: &[u8]) -> Result<Vec<(i64, f64)>> {
         .zip(values)
         .map(|(t, v)| Ok((t?, v)))
         .collect()
+}
+
+/// The rows of cells' `packed` column (`timestamptz_send(time) || float8send(value)` each) whose time (µs
+/// since PostgreSQL's epoch) lies in [lo, hi], split into packed times and packed values as PostgreSQL's
+/// send functions lay them out; with how many there are.
+pub fn packed_rows_in(packed: &[u8], lo: i64, hi: i64) -> Result<(u64, Vec<u8>, Vec<u8>)> {
+    if !packed.len().is_multiple_of(16) {
+        return Err(DownsampleError::BadPacking {
+            width: 16,
+            len: packed.len(),
+        });
+    }
+    let mut times = Vec::with_capacity(packed.len() / 2);
+    let mut values = Vec::with_capacity(packed.len() / 2);
+    let mut n = 0;
+    for row in packed.chunks_exact(16) {
+        // chunks_exact yields 16 bytes: both halves convert.
+        let t = i64::from_be_bytes(row[..8].try_into().expect("8 bytes"));
+        if (lo..=hi).contains(&t) {
+            times.extend_from_slice(&row[..8]);
+            values.extend_from_slice(&row[8..]);
+            n += 1;
+        }
+    }
+    Ok((n, times, values))
 }
 
 /// A series as packed big-endian arrays: times (µs since 1970), values, experiment ids (0 = none).

@@ -23,6 +23,7 @@ __all__ = [
     "Receipt",
     "WebmacsTransfer",
     "__version__",
+    "cell_rows_in",
     "decode_datapoints",
     "downsample_avg",
     "downsample_lttb",
@@ -191,6 +192,7 @@ def downsample_avg(times: bytes, values: bytes, max_points: int) -> tuple[list[i
 def series_from_pg(
     times: bytes, values: bytes, experiments: bytes | None = None
 ) -> tuple[bytes, bytes, bytes | None]: ...
+def cell_rows_in(packed: bytes, lo: int, hi: int) -> tuple[int, bytes, bytes]: ...
 def series_from_candidates(
     mode: str, times: bytes, values: bytes, total: int, max_points: int
 ) -> tuple[bytes, bytes]: ...

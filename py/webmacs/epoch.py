@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: PostgreSQL's epoch (2000-01-01) in µs after the Unix epoch: `timestamptz_send` counts from it.
+PG_EPOCH_US = 946_684_800_000_000
 _MICROSECOND = timedelta(microseconds=1)
 
 

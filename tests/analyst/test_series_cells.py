@@ -68,10 +68,13 @@ def ingested(
 
 
 def _cells(db: psycopg.Connection, event_id: int) -> list[tuple[Any, ...]]:
-    return db.execute(
-        f"SELECT {CELL_COLUMNS} FROM datapoint_cells WHERE event_id = %s ORDER BY cell",
+    """The event's cell rows, each with its packed rows as a sorted list of 16-byte rows (their order is the
+    writers')."""
+    rows = db.execute(
+        f"SELECT {CELL_COLUMNS}, packed FROM datapoint_cells WHERE event_id = %s ORDER BY cell",
         (event_id,),
     ).fetchall()
+    return [(*r[:-1], sorted(bytes(r[-1])[i : i + 16] for i in range(0, len(r[-1]), 16))) for r in rows]
 
 
 def _recomputed(db: psycopg.Connection, event_id: int) -> list[tuple[Any, ...]]:

@@ -134,6 +134,20 @@ fn series_from_candidates<'py>(
     Ok((PyBytes::new(py, &out_times), PyBytes::new(py, &out_values)))
 }
 
+/// The rows of cells' packed copies with times (µs since 2000) in [lo, hi]: (how many, packed times, packed
+/// values), laid out as PostgreSQL's send functions lay them out.
+#[pyfunction]
+fn cell_rows_in<'py>(
+    py: Python<'py>,
+    packed: PyBackedBytes,
+    lo: i64,
+    hi: i64,
+) -> PyResult<(u64, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let (n, times, values) =
+        detached(py, || downsample::packed_rows_in(&packed, lo, hi)).map_err(value_error)?;
+    Ok((n, PyBytes::new(py, &times), PyBytes::new(py, &values)))
+}
+
 /// (times, values, experiment ids or None) as Python bytes.
 type PackedBytes<'py> = (
     Bound<'py, PyBytes>,
@@ -149,5 +163,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(downsample_avg, m)?)?;
     m.add_function(wrap_pyfunction!(series_from_pg, m)?)?;
     m.add_function(wrap_pyfunction!(series_from_candidates, m)?)?;
+    m.add_function(wrap_pyfunction!(cell_rows_in, m)?)?;
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal, LiteralString
 
 from psycopg import AsyncConnection, errors, sql
@@ -65,25 +65,21 @@ PRESELECT_SQL = (
     " GROUP BY width_bucket(time, %(edges)s::timestamptz[])"
 )
 
-# A long range from the datapoint cells (sql/0041): the candidates of the cells strictly between the range's
-# two end cells that no slice edge cuts — each partial row's first, minimum, maximum and last (a point
-# standing in for an all-NaN cell's extremes is its first) — and every datapoint of the cut cells (the end
-# cells among them) within [first, last]; how many datapoints each part holds. One round trip, packed like
-# RANGE_SQL: ≈ 1 row per cell and the cut cells' rows instead of every row.
+# A long range from the datapoint cells (sql/0041), never from the hypertable: of the cells strictly between
+# the range's two end cells that no slice edge cuts, each partial row's first, minimum, maximum and last (a
+# point standing in for an all-NaN cell's extremes is its first) and how many datapoints they hold; of the
+# cut cells (the end cells among them), their packed rows, which the caller keeps within [first, last]. One
+# round trip, one index range scan of the cells: ≈ 1 row per cell instead of every datapoint.
 CELL_CANDIDATES_SQL = (
-    "SELECT c.n, c.times, c.vals, r.n, r.times, r.vals FROM"
-    " (SELECT coalesce(sum(n), 0)::int8 AS n,"
+    "SELECT coalesce(sum(n) FILTER (WHERE NOT cut), 0)::int8,"
     " string_agg(timestamptz_send(first_time) || timestamptz_send(coalesce(min_time, first_time))"
-    " || timestamptz_send(coalesce(max_time, first_time)) || timestamptz_send(last_time), ''::bytea) AS times,"
+    " || timestamptz_send(coalesce(max_time, first_time)) || timestamptz_send(last_time), ''::bytea)"
+    " FILTER (WHERE NOT cut),"
     " string_agg(float8send(first_value) || float8send(coalesce(min_value, first_value))"
-    " || float8send(coalesce(max_value, first_value)) || float8send(last_value), ''::bytea) AS vals"
-    " FROM datapoint_cells WHERE event_id = %(event)s AND cell > %(first_cell)s AND cell < %(last_cell)s"
-    " AND cell <> ALL(%(cut)s::timestamptz[])) c,"
-    " (SELECT count(*) AS n, string_agg(timestamptz_send(d.time), ''::bytea) AS times,"
-    " string_agg(float8send(d.value), ''::bytea) AS vals"
-    " FROM unnest(%(cut)s::timestamptz[]) AS k(cell) CROSS JOIN LATERAL"
-    " (SELECT time, value FROM datapoints WHERE event_id = %(event)s AND time >= k.cell"
-    " AND time < k.cell + %(width)s::interval AND time >= %(first)s AND time <= %(last)s) d) r"
+    " || float8send(coalesce(max_value, first_value)) || float8send(last_value), ''::bytea) FILTER (WHERE NOT cut),"
+    " string_agg(packed, ''::bytea) FILTER (WHERE cut)"
+    " FROM (SELECT *, cell = ANY(%(cut)s::timestamptz[]) AS cut FROM datapoint_cells"
+    " WHERE event_id = %(event)s AND cell >= %(first_cell)s AND cell <= %(last_cell)s) c"
 )
 # Writers that bypass the engine (plain SQL, COPY by hand) refresh the cells of what they wrote; so does the
 # deletion of some of a cell's datapoints.
@@ -147,37 +143,21 @@ async def ends(
 
 
 async def cell_candidates(
-    conn: AsyncConnection,
-    *,
-    event_id: int,
-    first: datetime,
-    last: datetime,
-    cut: list[datetime],
-    width: timedelta,
-) -> tuple[int, bytes, bytes]:
-    """(datapoints in [first, last], candidate times, candidate values) of CELL_CANDIDATES_SQL; `cut` holds
-    the starts of the cells read raw, among them those of `first` and `last`; times packed since 2000."""
+    conn: AsyncConnection, *, event_id: int, cut: list[datetime]
+) -> tuple[int, bytes, bytes, bytes]:
+    """CELL_CANDIDATES_SQL's (datapoints in the uncut cells, their candidates' packed times and values, the cut
+    cells' packed rows); `cut` holds the starts of the cells whose rows are wanted, the range's end cells the
+    first and the last of them."""
     cur = conn.cursor(binary=True)
-    params = {
-        "event": event_id,
-        "first": first,
-        "last": last,
-        "first_cell": min(cut),
-        "last_cell": max(cut),
-        "cut": cut,
-        "width": width,
-    }
-    # Never prepared: a generic plan knows neither the range nor the cut cells, and reads them through every
-    # chunk (minmax over 30 days: 2 s instead of 36 ms once psycopg prepares the statement, on the 6th run).
+    params = {"event": event_id, "first_cell": min(cut), "last_cell": max(cut), "cut": cut}
+    # Never prepared: a generic plan does not know the range (measured with the cut cells read from the
+    # hypertable: minmax over 30 days took 2 s instead of 36 ms once psycopg prepared the statement).
     await cur.execute(CELL_CANDIDATES_SQL, params, prepare=False)
     row = await cur.fetchone()
-    assert row is not None  # two aggregates without GROUP BY: always one row
-    n_cells, cell_times, cell_values, n_raw, raw_times, raw_values = row
-    return (
-        int(n_cells) + int(n_raw),
-        bytes(raw_times or b"") + bytes(cell_times or b""),
-        bytes(raw_values or b"") + bytes(cell_values or b""),
-    )
+    if row is None:  # an aggregate without GROUP BY returns one row
+        return 0, b"", b"", b""
+    n, times, values, packed = row
+    return int(n), bytes(times or b""), bytes(values or b""), bytes(packed or b"")
 
 
 async def refresh_cells(conn: AsyncConnection, *, event_ids: list[int], lo: datetime, hi: datetime) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from psycopg import AsyncConnection
 
 from webmacs import _core
-from webmacs.epoch import from_micros, to_micros
+from webmacs.epoch import PG_EPOCH_US, from_micros, to_micros
 from webmacs.errors import Unprocessable
 from webmacs.repositories import series as series_repo
 from webmacs.repositories.series import Agg as Agg
@@ -252,7 +252,8 @@ async def from_cells(
 ) -> list[Point] | None:
     """`downsample(in_range(…), max_points, mode)` for m4, minmax and lttb from the datapoint cells: the
     cells no slice edge cuts give their first, minimum, maximum and last datapoint, the cut cells (and the
-    two at the range's ends) every datapoint, and the downsampler runs on these candidates — for m4 and
+    two at the range's ends) every datapoint, from their packed copy, and the downsampler runs on these
+    candidates — for m4 and
     minmax exactly the answer from every row, for lttb LTTB over the candidates. None when it would not pay
     (slices narrower than CELLS_PER_SLICE cells; for lttb, fewer cells than max_points or fewer than
     LTTB_LONG × max_points datapoints) or the range holds at most max_points: the caller reads otherwise."""
@@ -273,12 +274,13 @@ async def from_cells(
             return None
         edges = slice_edges(t_first, t_last, slices)
     cut = [from_micros(c) for c in sorted({cell_of(t) for t in (t_first, t_last, *edges)})]
-    total, times, values = await series_repo.cell_candidates(
-        conn, event_id=event_id, first=ends[0], last=ends[2], cut=cut, width=timedelta(microseconds=CELL_US)
-    )
+    n_uncut, times, values, rows = await series_repo.cell_candidates(conn, event_id=event_id, cut=cut)
+    n_cut, cut_times, cut_values = _core.cell_rows_in(rows, t_first - PG_EPOCH_US, t_last - PG_EPOCH_US)
+    total = n_uncut + n_cut
     if total <= max_points or (mode == "lttb" and total < LTTB_LONG * max_points):
         return None
-    return all_points(PackedSeries(*_core.series_from_candidates(mode, times, values, total, max_points)))
+    picked = _core.series_from_candidates(mode, times + cut_times, values + cut_values, total, max_points)
+    return all_points(PackedSeries(*picked))
 
 
 def packed(rows: Sequence[tuple[datetime, float]]) -> PackedSeries:
