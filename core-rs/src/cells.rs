@@ -140,9 +140,8 @@ fn put_point(buf: &mut BytesMut, point: Option<Point>) {
 
 /// `cells` as a binary COPY stream into `datapoint_cells`.
 pub fn encode(cells: &[Cell]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(
-        21 + cells.iter().map(|c| 150 + c.rows.len()).sum::<usize>(),
-    );
+    let mut buf =
+        BytesMut::with_capacity(21 + cells.iter().map(|c| 150 + c.rows.len()).sum::<usize>());
     buf.put_slice(COPY_SIGNATURE);
     buf.put_i32(0);
     buf.put_i32(0);
