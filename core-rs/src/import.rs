@@ -28,7 +28,7 @@ use thiserror::Error;
 use crate::cells;
 use crate::frame::{check_time, Reject};
 use crate::pg::{self, Failure, PgClient, COPY_SIGNATURE, PG_EPOCH_US};
-use crate::writer::{encode, Row};
+use crate::writer::{Encoded, Row};
 
 /// Source rows per batch (one target transaction) unless the caller says otherwise.
 pub const DEFAULT_BATCH_ROWS: usize = 50_000;
@@ -50,24 +50,6 @@ const STAGING_COPY_SQL: &str =
 const STAGING_INSERT_SQL: &str = "INSERT INTO datapoints (time, event_id, experiment_id, value)
     SELECT time, event_id, experiment_id, value FROM import_staging ON CONFLICT DO NOTHING
     RETURNING time, event_id, value";
-/// Rows as one transaction writes them: their binary COPY stream and that of their cell summaries.
-#[derive(Debug, Clone)]
-pub struct Encoded {
-    pub data: Bytes,
-    pub rows: u64,
-    pub cells: Bytes,
-}
-
-impl Encoded {
-    pub fn of(rows: &[Row]) -> Self {
-        Encoded {
-            data: encode(rows),
-            rows: rows.len() as u64,
-            cells: cells::encode(&cells::of_rows(rows)),
-        }
-    }
-}
-
 /// The checkpoint (sql/0040_import_runs.sql), advanced in the batch's own transaction. Only a run still
 /// streaming datapoints moves: a finished or vanished run makes the batch roll back.
 const CHECKPOINT_SQL: &str = "UPDATE import_runs SET position_us = $2, position_id = $3,

@@ -95,6 +95,25 @@ pub fn encode(rows: &[Row]) -> Bytes {
     buf.freeze()
 }
 
+/// Rows as one transaction writes them: their binary COPY stream and that of their cell summaries, made
+/// once per batch (not per attempt of a retried transaction).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub data: Bytes,
+    pub rows: u64,
+    pub cells: Bytes,
+}
+
+impl Encoded {
+    pub fn of(rows: &[Row]) -> Self {
+        Encoded {
+            data: encode(rows),
+            rows: rows.len() as u64,
+            cells: cells::encode(&cells::of_rows(rows)),
+        }
+    }
+}
+
 /// Outcome of writing one batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
@@ -106,20 +125,16 @@ pub struct Written {
     pub bisections: u64,
 }
 
-/// The rows and the cell summaries (`cells`) of what they insert, in one transaction.
-async fn copy(
-    client: &mut PgClient,
-    data: Bytes,
-    slice: &[Row],
-) -> Result<u64, tokio_postgres::Error> {
+/// The rows and the cell summaries of what they insert, in one transaction.
+async fn copy(client: &mut PgClient, batch: &Encoded) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let sink = tx.copy_in(COPY_SQL).await?;
     let mut sink = pin!(sink);
-    sink.send(data).await?;
+    sink.send(batch.data.clone()).await?;
     let n = sink.finish().await?;
-    cells::copy(&tx, cells::encode(&cells::of_rows(slice))).await?;
+    cells::copy(&tx, batch.cells.clone()).await?;
     tx.commit().await?;
-    Ok(n.min(slice.len() as u64))
+    Ok(n.min(batch.rows))
 }
 
 /// The unique key refused the batch (a retry after a lost commit, a client resending timestamps, or another
@@ -264,9 +279,9 @@ impl Writer {
             }
             first = false;
             let slice = &rows[range.clone()];
-            let data = encode(slice);
+            let batch = Encoded::of(slice);
             let n = range.len() as u64;
-            match self.attempt(data, slice, &give_up).await? {
+            match self.attempt(&batch, slice, &give_up).await? {
                 Attempt::Done(inserted) => {
                     out.inserted += inserted;
                     out.duplicates += n - inserted;
@@ -289,7 +304,7 @@ impl Writer {
     /// One transaction for `data`, retried across transient faults.
     async fn attempt(
         &mut self,
-        data: Bytes,
+        batch: &Encoded,
         slice: &[Row],
         give_up: &impl Fn() -> bool,
     ) -> Result<Attempt, CoreError> {
@@ -297,7 +312,7 @@ impl Writer {
         let mut dedup = false;
         let mut failing = false;
         let result = loop {
-            let fault = match self.try_once(data.clone(), slice, dedup).await {
+            let fault = match self.try_once(batch, slice, dedup).await {
                 Ok(n) => break Ok(Attempt::Done(n)),
                 Err(Failure::Duplicate) if !dedup => {
                     dedup = true;
@@ -326,7 +341,12 @@ impl Writer {
         result
     }
 
-    async fn try_once(&mut self, data: Bytes, slice: &[Row], dedup: bool) -> Result<u64, Failure> {
+    async fn try_once(
+        &mut self,
+        batch: &Encoded,
+        slice: &[Row],
+        dedup: bool,
+    ) -> Result<u64, Failure> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             let c = pg::connect(&self.dsn, "webmacs-ingest-writer")
@@ -347,9 +367,9 @@ impl Writer {
                     .filter(|r| r.server_time)
                     .map(|r| system_time(r.time_us))
                     .collect();
-                copy_dedup(client, data, &server_times).await
+                copy_dedup(client, batch.data.clone(), &server_times).await
             } else {
-                copy(client, data, slice).await
+                copy(client, batch).await
             }
         };
         match tokio::time::timeout(self.attempt_timeout, run).await {

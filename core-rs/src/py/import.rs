@@ -187,7 +187,7 @@ impl DatapointWriter {
                 .ok_or_else(|| ImportError::Database("the writer is closed".into()))?;
             let (inserted, duplicates) = self.runtime.block_on(import::write_batch(
                 client,
-                &import::Encoded::of(&rows),
+                &crate::writer::Encoded::of(&rows),
                 &import::Counts::default(),
                 None,
             ))?;
