@@ -7,20 +7,21 @@ import asyncio
 import random
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from tests.analyst.conftest import LONG_START, long_range, series_points, whole_downsample
 from tests.conftest import ActiveEvent, unique
 from webmacs.repositories import retention as retention_repo
 from webmacs.repositories import series as series_repo
 from webmacs.repositories.datapoints import datapoint_public_id
 from webmacs.services import series as series_service
 
-T0 = datetime(2026, 7, 1, tzinfo=UTC)
+T0 = LONG_START
 DAYS = 30
 CELL_COLUMNS = "cell, n, first_time, first_value, min_time, min_value, max_time, max_value, last_time, last_value"
 
@@ -99,30 +100,6 @@ def _count(db: psycopg.Connection, event_id: int) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _series(client: httpx.Client, headers: dict[str, str], public_id: str, **params: Any) -> list[Any]:
-    query = {"events": public_id, "start": T0.isoformat(), "end": (T0 + timedelta(days=DAYS)).isoformat()} | params
-    r = client.get("/api/v1/series", headers=headers, params=query)
-    assert r.status_code == 200, r.text
-    return [(datetime.fromisoformat(t), v) for t, v in r.json()["events"][public_id]["points"]]
-
-
-def _whole(db: psycopg.Connection, event_id: int, max_points: int, mode: series_service.Mode) -> list[Any]:
-    row = db.cursor(binary=True).execute(series_repo.RANGE_SQL, (event_id, T0, T0 + timedelta(days=DAYS))).fetchone()
-    assert row is not None
-    packed = series_service.from_pg((bytes(row[0] or b""), bytes(row[1] or b""), None))
-    return [(p.time, p.value) for p in series_service.downsample(packed, max_points, mode)]
-
-
-def _from_cells(db_url: str, event_id: int, max_points: int, mode: series_service.Mode) -> Any:
-    async def run() -> Any:
-        async with await psycopg.AsyncConnection.connect(db_url, options="-c timezone=UTC") as conn:
-            return await series_service.from_cells(
-                conn, event_id=event_id, start=T0, end=T0 + timedelta(days=DAYS), max_points=max_points, mode=mode
-            )
-
-    return asyncio.run(run())
-
-
 def test_the_engine_writes_each_row_into_the_cells_once(
     db: psycopg.Connection, ingested: tuple[ActiveEvent, list[tuple[datetime, float]]]
 ) -> None:
@@ -150,10 +127,10 @@ def test_long_ranges_from_the_cells_are_the_downsample_of_every_row(
     ev, rows = ingested
     if max_points == 1000:
         _compact(db)  # answers do not depend on how the cells are split
-    picked = _from_cells(db_url, ev.id, max_points, mode)
+    picked = long_range(db_url, series_service.from_cells, ev.id, max_points, mode)
     assert picked is not None  # the cells' path, not a fallback
-    got = _series(client, viewer, ev.public_id, mode=mode, max_points=max_points)
-    assert got == [(p.time, p.value) for p in picked] == _whole(db, ev.id, max_points, mode)
+    got = series_points(client, viewer, ev.public_id, mode=mode, max_points=max_points)
+    assert got == [(p.time, p.value) for p in picked] == whole_downsample(db, ev.id, max_points, mode)
     assert len(got) <= max_points
     assert got[0] == rows[0] and got[-1] == rows[-1]
     assert {v for _, v in got} >= {0.0, 100.0}
@@ -166,8 +143,8 @@ def test_lttb_from_the_cells_keeps_the_ends_and_picks_datapoints(
     ingested: tuple[ActiveEvent, list[tuple[datetime, float]]],
 ) -> None:
     ev, rows = ingested
-    assert _from_cells(db_url, ev.id, 40, "lttb") is not None
-    got = _series(client, viewer, ev.public_id, mode="lttb", max_points=40)
+    assert long_range(db_url, series_service.from_cells, ev.id, 40, "lttb") is not None
+    got = series_points(client, viewer, ev.public_id, mode="lttb", max_points=40)
     assert len(got) == 40 and got[0] == rows[0] and got[-1] == rows[-1]
     assert [t for t, _ in got] == sorted({t for t, _ in got})
     assert set(got) <= set(rows)
@@ -182,11 +159,11 @@ def test_short_or_sparse_ranges_are_not_read_from_the_cells(
     ev = make_active_event()
     # 41 datapoints: at most max_points once the range is known.
     _post(client, operator, ev, [(T0 + timedelta(days=i / 2), float(i)) for i in range(41)])
-    assert _from_cells(db_url, ev.id, 41, "m4") is None
+    assert long_range(db_url, series_service.from_cells, ev.id, 41, "m4") is None
     # Slices narrower than CELLS_PER_SLICE cells (one hour of data, 250 slices).
     dense = make_active_event()
     _post(client, operator, dense, [(T0 + timedelta(seconds=i), float(i % 7)) for i in range(3600)])
-    assert _from_cells(db_url, dense.id, 1000, "m4") is None
+    assert long_range(db_url, series_service.from_cells, dense.id, 1000, "m4") is None
 
 
 def test_deleting_an_experiment_or_a_datapoint_refreshes_the_cells(
@@ -213,15 +190,15 @@ def test_deleting_an_experiment_or_a_datapoint_refreshes_the_cells(
     assert _count(db, ev.id) == (len(kept), len(kept))
     _compact(db)
     assert _cells(db, ev.id) == _recomputed(db, ev.id)
-    got = _series(client, viewer, ev.public_id, mode="m4", max_points=40)
-    assert got == _whole(db, ev.id, 40, "m4") and 100.0 not in {v for _, v in got}
+    got = series_points(client, viewer, ev.public_id, mode="m4", max_points=40)
+    assert got == whole_downsample(db, ev.id, 40, "m4") and 100.0 not in {v for _, v in got}
     # The global minimum, deleted on its own.
     t_min = next(t for t, v in kept if v == 0.0)
     r = client.delete(f"/api/v1/datapoints/{datapoint_public_id(ev.public_id, t_min)}", headers=admin)
     assert r.status_code == 200, r.text
     assert _count(db, ev.id) == (len(kept) - 1, len(kept) - 1)
-    got = _series(client, viewer, ev.public_id, mode="minmax", max_points=40)
-    assert got == _whole(db, ev.id, 40, "minmax") and 0.0 not in {v for _, v in got}
+    got = series_points(client, viewer, ev.public_id, mode="minmax", max_points=40)
+    assert got == whole_downsample(db, ev.id, 40, "minmax") and 0.0 not in {v for _, v in got}
 
 
 def test_deleting_the_event_deletes_its_cells(
@@ -251,18 +228,11 @@ def test_chunks_dropped_under_the_cells_do_not_reach_the_answer(
     db.execute("SELECT drop_chunks('datapoints', older_than => %s::timestamptz)", (T0 - timedelta(days=300),))
     after = _count(db, ev.id)
     assert after[0] < before[0] and after[1] == before[1]  # rows gone, their cells still there
-    params = {"start": (T0 - timedelta(days=500)).isoformat(), "end": (T0 + timedelta(days=DAYS)).isoformat()}
+    span = {"start": T0 - timedelta(days=500), "end": T0 + timedelta(days=DAYS)}
     for mode in ("m4", "minmax"):
-        got = _series(client, viewer, ev.public_id, mode=mode, max_points=40, **params)
+        got = series_points(client, viewer, ev.public_id, mode=mode, max_points=40, **span)
         assert min(t for t, _ in got) >= T0
-        row = (
-            db.cursor(binary=True)
-            .execute(series_repo.RANGE_SQL, (ev.id, T0 - timedelta(days=500), T0 + timedelta(days=DAYS)))
-            .fetchone()
-        )
-        assert row is not None
-        packed = series_service.from_pg((bytes(row[0] or b""), bytes(row[1] or b""), None))
-        assert got == [(p.time, p.value) for p in series_service.downsample(packed, 40, mode)]
+        assert got == whole_downsample(db, ev.id, 40, mode, **span)
 
     async def drop_stale() -> int:
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from tests.analyst.conftest import load
+from tests.analyst.conftest import LONG_START, load, long_range, series_points, whole_downsample
 from tests.conftest import Server
-from webmacs.repositories import series as series_repo
 from webmacs.services import series as series_service
 
-T0 = datetime(2026, 7, 1, tzinfo=UTC)
+T0 = LONG_START
 MAX_POINTS = 40
 
 
@@ -30,33 +28,6 @@ def preselect(server: Server) -> Iterator[None]:
     server.rt.settings = before.model_copy(update={"webmacs_series_preselect": True})
     yield
     server.rt.settings = before
-
-
-def _series(
-    client: httpx.Client, headers: dict[str, str], public_id: str, **params: Any
-) -> list[tuple[datetime, float]]:
-    query = {"events": public_id, "start": T0.isoformat(), "end": (T0 + timedelta(days=30)).isoformat()} | params
-    r = client.get("/api/v1/series", headers=headers, params=query)
-    assert r.status_code == 200, r.text
-    return [(datetime.fromisoformat(t), v) for t, v in r.json()["events"][public_id]["points"]]
-
-
-def _whole(db: psycopg.Connection, event_id: int, max_points: int, mode: series_service.Mode) -> list[Any]:
-    """The downsample of every datapoint of the range, read with the unselected query."""
-    row = db.cursor(binary=True).execute(series_repo.RANGE_SQL, (event_id, T0, T0 + timedelta(days=30))).fetchone()
-    assert row is not None
-    packed = series_service.from_pg((bytes(row[0] or b""), bytes(row[1] or b""), None))
-    return [(p.time, p.value) for p in series_service.downsample(packed, max_points, mode)]
-
-
-def _preselected(db_url: str, event_id: int, max_points: int, mode: series_service.Mode) -> Any:
-    async def run() -> Any:
-        async with await psycopg.AsyncConnection.connect(db_url, options="-c timezone=UTC") as conn:
-            return await series_service.preselected(
-                conn, event_id=event_id, start=T0, end=T0 + timedelta(days=30), max_points=max_points, mode=mode
-            )
-
-    return asyncio.run(run())
 
 
 @pytest.fixture
@@ -103,9 +74,11 @@ def test_preselection_equals_the_downsample_of_every_row(
     max_points: int,
 ) -> None:
     ev, rows = long_event
-    assert _preselected(db_url, ev.id, max_points, mode) is not None  # the long-range path, not a fallback
-    got = _series(client, viewer, ev.public_id, mode=mode, max_points=max_points)
-    assert got == _whole(db, ev.id, max_points, mode)
+    assert (
+        long_range(db_url, series_service.preselected, ev.id, max_points, mode) is not None
+    )  # the long-range path, not a fallback
+    got = series_points(client, viewer, ev.public_id, mode=mode, max_points=max_points)
+    assert got == whole_downsample(db, ev.id, max_points, mode)
     assert len(got) <= max_points
     # The global extremes and both ends survive.
     assert got[0] == rows[0] and got[-1] == rows[-1]
@@ -122,10 +95,10 @@ def test_reading_whole_answers_as_preselecting_does(
     mode: series_service.Mode,
 ) -> None:
     ev, _ = long_event
-    preselected = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    preselected = series_points(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
     server.rt.settings = server.rt.settings.model_copy(update={"webmacs_series_preselect": False})
-    whole = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
-    assert whole == preselected == _whole(db, ev.id, MAX_POINTS, mode)
+    whole = series_points(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    assert whole == preselected == whole_downsample(db, ev.id, MAX_POINTS, mode)
     assert len(whole) > 4
 
 
@@ -133,8 +106,8 @@ def test_lttb_on_preselected_points_keeps_the_ends_and_stays_within_max_points(
     client: httpx.Client, viewer: dict[str, str], db_url: str, long_event: tuple[Any, list[tuple[datetime, float]]]
 ) -> None:
     ev, rows = long_event
-    assert _preselected(db_url, ev.id, MAX_POINTS, "lttb") is not None
-    got = _series(client, viewer, ev.public_id, mode="lttb", max_points=MAX_POINTS)
+    assert long_range(db_url, series_service.preselected, ev.id, MAX_POINTS, "lttb") is not None
+    got = series_points(client, viewer, ev.public_id, mode="lttb", max_points=MAX_POINTS)
     assert len(got) == MAX_POINTS
     assert got[0] == rows[0] and got[-1] == rows[-1]
     assert [t for t, _ in got] == sorted({t for t, _ in got})
@@ -150,20 +123,20 @@ def test_short_ranges_are_read_whole(
     ev = make_event()
     n = MAX_POINTS if mode != "lttb" else MAX_POINTS * series_service.LTTB_LONG - 1
     load(db, [(T0 + timedelta(minutes=i), ev.id, None, float(i % 5)) for i in range(n)])
-    assert _preselected(db_url, ev.id, MAX_POINTS, mode) is None
-    got = _series(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
-    assert got == _whole(db, ev.id, MAX_POINTS, mode)
+    assert long_range(db_url, series_service.preselected, ev.id, MAX_POINTS, mode) is None
+    got = series_points(client, viewer, ev.public_id, mode=mode, max_points=MAX_POINTS)
+    assert got == whole_downsample(db, ev.id, MAX_POINTS, mode)
 
 
 def test_empty_and_single_time_ranges(
     client: httpx.Client, viewer: dict[str, str], db: psycopg.Connection, db_url: str, make_event: Any
 ) -> None:
     ev = make_event()
-    assert _preselected(db_url, ev.id, MAX_POINTS, "m4") == []
-    assert _series(client, viewer, ev.public_id, mode="m4", max_points=MAX_POINTS) == []
+    assert long_range(db_url, series_service.preselected, ev.id, MAX_POINTS, "m4") == []
+    assert series_points(client, viewer, ev.public_id, mode="m4", max_points=MAX_POINTS) == []
     load(db, [(T0 + timedelta(days=1), ev.id, None, 2.5)])
-    assert _preselected(db_url, ev.id, MAX_POINTS, "m4") is None
-    assert _series(client, viewer, ev.public_id, mode="minmax") == [(T0 + timedelta(days=1), 2.5)]
+    assert long_range(db_url, series_service.preselected, ev.id, MAX_POINTS, "m4") is None
+    assert series_points(client, viewer, ev.public_id, mode="minmax") == [(T0 + timedelta(days=1), 2.5)]
 
 
 def test_hostile_values_and_the_widest_range(
