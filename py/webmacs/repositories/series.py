@@ -169,8 +169,8 @@ async def refresh_cells(conn: AsyncConnection, *, event_ids: list[int], lo: date
 
 async def delete_datapoints(conn: AsyncConnection, where: LiteralString, params: dict[str, Any]) -> int:
     """DELETE FROM datapoints WHERE `where` (a fixed condition, values in `params`), then refresh the cells
-    of what it removed, per event over the span it removed (in the caller's transaction). Returns the rows
-    removed."""
+    of what it removed, per event over the span it removed, in one transaction (a savepoint inside the
+    caller's). Returns the rows removed."""
     removed = 0
     async with conn.transaction():
         cur = await conn.execute(

@@ -135,7 +135,7 @@ async def event_points(
     mode: Mode | None,
     max_points: int | None,
     preselect: bool,
-    cells: bool = True,
+    cells: bool,
 ) -> list[list[Any]]:
     """One event's `GET /series` answer as [time in `zone`, value] pairs: its datapoints in [start, end), or `agg`
     per `bucket` (aligned in `tz`); thinned to at most `max_points` (default 1000) by `mode` (default stride)
@@ -238,7 +238,7 @@ async def preselected(
 #: Width of a datapoint cell (sql/0041: one event's 10 minutes, aligned to the Unix epoch).
 CELL_US: int = _core.CELL_US
 #: m4 and minmax use the cells when a slice spans at least this many: each slice edge cuts one cell, whose
-#: rows are read raw, so narrower slices save little.
+#: packed rows are read whole, so narrower slices save little.
 CELLS_PER_SLICE = 4
 
 
@@ -253,8 +253,8 @@ async def from_cells(
     """`downsample(in_range(…), max_points, mode)` for m4, minmax and lttb from the datapoint cells: the
     cells no slice edge cuts give their first, minimum, maximum and last datapoint, the cut cells (and the
     two at the range's ends) every datapoint, from their packed copy, and the downsampler runs on these
-    candidates — for m4 and
-    minmax exactly the answer from every row, for lttb LTTB over the candidates. None when it would not pay
+    candidates — for m4 and minmax exactly the answer from every row, for lttb LTTB over the candidates.
+    The hypertable is not read. None when it would not pay
     (slices narrower than CELLS_PER_SLICE cells; for lttb, fewer cells than max_points or fewer than
     LTTB_LONG × max_points datapoints) or the range holds at most max_points: the caller reads otherwise."""
     if mode not in PRESELECTED:
